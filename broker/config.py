@@ -1,0 +1,221 @@
+"""Settings: API keys, the SSH key, defaults and guards.
+
+Sources, highest priority first: arguments passed to :class:`Settings`, environment variables, a
+``.env`` file in the working directory, then the TOML config file (``broker init`` writes one in the
+platform config dir; ``BROKER_CONFIG`` points elsewhere). Keys are :class:`SecretStr`: they print as
+``**********`` in reprs, logs and errors.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from broker.errors import ConfigError
+
+APP_NAME = "broker"
+
+
+def config_dir() -> Path:
+    """The platform config dir (``~/.config/broker`` on Linux)."""
+    return Path(platformdirs.user_config_dir(APP_NAME))
+
+
+def default_config_path() -> Path:
+    """Where the config file is read from: ``$BROKER_CONFIG`` or ``<config dir>/config.toml``."""
+    env = os.environ.get("BROKER_CONFIG")
+    return Path(env).expanduser() if env else config_dir() / "config.toml"
+
+
+def default_state_dir() -> Path:
+    """Where the journal and other state live: ``$BROKER_STATE_DIR`` or the platform state dir."""
+    env = os.environ.get("BROKER_STATE_DIR")
+    return Path(env).expanduser() if env else Path(platformdirs.user_state_dir(APP_NAME))
+
+
+def _default_ssh_key() -> Path | None:
+    for name in ("id_ed25519", "id_ecdsa", "id_rsa"):
+        p = Path.home() / ".ssh" / name
+        if p.exists():
+            return p
+    return None
+
+
+def _alias(*names: str) -> AliasChoices:
+    return AliasChoices(*names)
+
+
+class Settings(BaseSettings):
+    """Everything the broker reads from the environment and the config file."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+        hide_input_in_errors=True,
+    )
+
+    runpod_api_key: SecretStr | None = Field(
+        default=None, validation_alias=_alias("RUNPOD_API_KEY", "runpod_api_key")
+    )
+    prime_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=_alias("PRIME_API_KEY", "PRIME_INTELLECT_API_KEY", "prime_api_key"),
+    )
+    lambda_api_key: SecretStr | None = Field(
+        default=None, validation_alias=_alias("LAMBDA_API_KEY", "lambda_api_key")
+    )
+    vast_api_key: SecretStr | None = Field(
+        default=None, validation_alias=_alias("VAST_API_KEY", "vast_api_key")
+    )
+    ssh_key_path: Path | None = Field(
+        default_factory=_default_ssh_key,
+        validation_alias=_alias("SSH_KEY_PATH", "BROKER_SSH_KEY_PATH", "ssh_key_path"),
+        description="Private key used to log in; its .pub is given to providers.",
+    )
+    providers: list[str] | None = Field(
+        default=None,
+        validation_alias=_alias("BROKER_PROVIDERS", "providers"),
+        description="Providers to use; default: every configured one.",
+    )
+    max_price_per_hour: float | None = Field(
+        default=None,
+        ge=0,
+        validation_alias=_alias("BROKER_MAX_PRICE_PER_HOUR", "max_price_per_hour"),
+    )
+    budget_total: float | None = Field(
+        default=None,
+        ge=0,
+        validation_alias=_alias("BROKER_BUDGET", "budget_total"),
+        description="US$ ceiling on the summed estimated spend of instances this journal knows.",
+    )
+    search_timeout_s: float = Field(
+        default=20.0, gt=0, validation_alias=_alias("BROKER_SEARCH_TIMEOUT", "search_timeout_s")
+    )
+    ssh_hosts: list[str] = Field(
+        default_factory=list,
+        validation_alias=_alias("BROKER_SSH_HOSTS", "ssh_hosts"),
+        description="Your own machines for the `ssh` provider, as user@host:port.",
+    )
+    state_dir: Path = Field(
+        default_factory=default_state_dir, validation_alias=_alias("BROKER_STATE_DIR", "state_dir")
+    )
+    default_image: str = Field(
+        default="runpod/pytorch:2.4.0-py3.11-cuda12.4.1-devel-ubuntu22.04",
+        validation_alias=_alias("BROKER_DEFAULT_IMAGE", "default_image"),
+    )
+
+    @field_validator("providers", "ssh_hosts", mode="before")
+    @classmethod
+    def _split_csv(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = default_config_path()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
+        if path.exists():
+            _check_config_file(path)
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    def api_key(self, provider: str) -> SecretStr | None:
+        """The key for a provider by registry name, or None."""
+        field = {
+            "runpod": "runpod_api_key",
+            "primeintellect": "prime_api_key",
+            "lambdalabs": "lambda_api_key",
+            "vast": "vast_api_key",
+        }.get(provider)
+        value = getattr(self, field) if field else None
+        return value if isinstance(value, SecretStr) else None
+
+    def ssh_public_key(self) -> str | None:
+        """The public half of the configured SSH key (``<key>.pub``), if it exists."""
+        if self.ssh_key_path is None:
+            return None
+        pub = Path(str(self.ssh_key_path) + ".pub")
+        if not pub.exists():
+            return None
+        return pub.read_text().strip()
+
+
+def _check_config_file(path: Path) -> None:
+    try:
+        with path.open("rb") as f:
+            tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build :class:`Settings`, turning validation failures into a readable :class:`ConfigError`."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
+        )
+        raise ConfigError(f"invalid settings ({default_config_path()}): {problems}") from None
+
+
+CONFIG_TEMPLATE = """\
+# broker configuration. Environment variables and a .env file override these values.
+# Keys are secrets: this file is created with mode 0600; keep it that way.
+
+# runpod_api_key = ""
+# prime_api_key = ""
+# lambda_api_key = ""
+# vast_api_key = ""
+
+# Private key used to log in to instances; its .pub is handed to providers.
+# ssh_key_path = "~/.ssh/id_ed25519"
+
+# Only use these providers (default: every configured one).
+# providers = ["runpod", "lambdalabs"]
+
+# Guards: refuse any instance above this price, and stop creating once the estimated
+# spend of the instances in the journal reaches the budget.
+# max_price_per_hour = 6.0
+# budget_total = 100.0
+
+# Your own machines for the `ssh` provider.
+# ssh_hosts = ["ubuntu@gpu-box.example.org:22"]
+"""
+
+
+def write_config_template(path: Path | None = None) -> Path:
+    """Create the config file with mode 0600. Never overwrites an existing file."""
+    path = path or default_config_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
+    except FileExistsError:
+        raise ConfigError(f"{path} already exists; edit it instead (not overwritten)") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(CONFIG_TEMPLATE)
+    return path

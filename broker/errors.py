@@ -1,0 +1,162 @@
+"""One exception tree for everything the broker raises.
+
+Every provider error carries the provider's name, the HTTP status when there was one, and a short
+message meant for a human. Messages never contain API keys: the HTTP layer redacts them before an
+exception is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from broker.types import ProvisionAttempt
+
+
+class BrokerError(Exception):
+    """Base class of every error the broker raises on purpose."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str | None = None,
+        status_code: int | None = None,
+    ) -> None:
+        self.message = message
+        self.provider = provider
+        self.status_code = status_code
+        super().__init__(self.__str__())
+
+    def __str__(self) -> str:
+        parts = []
+        if self.provider:
+            parts.append(self.provider)
+        if self.status_code is not None:
+            parts.append(f"HTTP {self.status_code}")
+        prefix = f"[{' '.join(parts)}] " if parts else ""
+        return f"{prefix}{self.message}"
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(message={self.message!r}, provider={self.provider!r}, "
+            f"status_code={self.status_code!r})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (used by `--json` output and provider reports)."""
+        return {
+            "type": type(self).__name__,
+            "provider": self.provider,
+            "status_code": self.status_code,
+            "message": self.message,
+        }
+
+
+class ConfigError(BrokerError):
+    """The configuration is missing or invalid (a key, a path, a setting)."""
+
+
+class QueryError(BrokerError, ValueError):
+    """A query string or builder expression is malformed.
+
+    ``column`` is 1-based and points at the offending token in the query text, when there is one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        text: str | None = None,
+        column: int | None = None,
+        suggestion: str | None = None,
+    ) -> None:
+        self.text = text
+        self.column = column
+        self.suggestion = suggestion
+        full = message
+        if column is not None:
+            full += f" at column {column}"
+        if suggestion:
+            full += f"; did you mean {suggestion!r}?"
+        super().__init__(full)
+
+    def caret(self) -> str:
+        """The query text with a caret under the offending column (for terminals)."""
+        if self.text is None or self.column is None:
+            return ""
+        return f"{self.text}\n{' ' * (self.column - 1)}^"
+
+
+class ProviderError(BrokerError):
+    """Base class of errors that come from a provider's API."""
+
+
+class AuthError(ProviderError):
+    """The API key is missing, wrong, or lacks permission (401/403)."""
+
+
+class NoCapacityError(ProviderError):
+    """The provider has no machine matching the request right now: try another offer."""
+
+
+class RateLimitedError(ProviderError):
+    """The provider asked us to slow down (429)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str | None = None,
+        status_code: int | None = 429,
+        retry_after: float | None = None,
+    ) -> None:
+        self.retry_after = retry_after
+        super().__init__(message, provider=provider, status_code=status_code)
+
+
+class InvalidRequestError(ProviderError):
+    """The provider rejected the request as malformed (4xx other than auth/limits)."""
+
+
+class ProviderUnavailableError(ProviderError):
+    """The provider's API is down, timing out, or answered with something unreadable."""
+
+
+class StaleOfferError(ProviderError):
+    """The offer changed or vanished between search and create (price, stock, or id)."""
+
+
+class NotFoundError(ProviderError):
+    """The instance (or other object) does not exist at the provider."""
+
+
+class ProvisionError(BrokerError):
+    """Every offer tried during a create failed; ``attempts`` lists each one with its error."""
+
+    def __init__(self, message: str, attempts: Sequence[ProvisionAttempt] = ()) -> None:
+        self.attempts = list(attempts)
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        lines = [self.message]
+        for a in self.attempts:
+            lines.append(f"  - {a.provider} {a.offer_id}: {a.error_type}: {a.error}")
+        return "\n".join(lines)
+
+
+__all__ = [
+    "AuthError",
+    "BrokerError",
+    "ConfigError",
+    "InvalidRequestError",
+    "NoCapacityError",
+    "NotFoundError",
+    "ProviderError",
+    "ProviderUnavailableError",
+    "ProvisionError",
+    "QueryError",
+    "RateLimitedError",
+    "StaleOfferError",
+]

@@ -1,0 +1,1 @@
+"""Helpers shared by the experiments (atomic writes, sweep harness, plotting style)."""
