@@ -75,6 +75,7 @@ class QueryError(BrokerError, ValueError):
         self.text = text
         self.column = column
         self.suggestion = suggestion
+        self.detail = message
         full = message
         if column is not None:
             full += f" at column {column}"
