@@ -1,0 +1,431 @@
+"""Router adapters: put the BH selector (or top-k) in place of a transformers 5.x MoE router.
+
+transformers 5.x MoE blocks call ``mlp.gate`` (``mlp.router`` for GPT-OSS), which returns
+``(router_logits, weights (T, k), indices (T, k))``, and hand weights and indices to ``mlp.experts``.
+Replacing the router's ``forward`` on the instance is therefore the one place that changes expert
+selection without touching attention, shared experts or the experts kernels. Patch right after loading,
+before any wrapping (torch.compile, nnsight, PEFT): wrappers capture ``forward`` when they are built.
+If accelerate already hooked the router (``device_map``), its hook calls ``_old_forward``, so that is
+the attribute replaced there.
+
+Unused slots carry index ``E`` (the sentinel) with weight 0. The eager experts loop skips index E. The
+``grouped_mm`` and ``batched_mm`` kernels only mask sentinels when ``experts._is_expert_parallel`` is
+set, so the adapter sets it. GPT-OSS eager cannot take the sentinel (one_hot over E classes), so there
+the slot is padded with the token's best expert and weight 0.
+
+What the p-values are computed on (per family, always at temperature 1):
+- softmax routers (OLMoE, Qwen3-MoE, Qwen3-Next, Mixtral, GPT-OSS): centred logits ``l - mean(l)``.
+  Softmax ignores a per-token shift, so centring removes a nuisance without changing the ranking.
+- GLM-4.5 (sigmoid router): ``sigmoid(l) + e_score_correction_bias``, the score GLM itself ranks by;
+  experts outside the token's selected groups get p = 1 (group-limited routing is kept).
+Temperature only rescales the logits that build the mixing weights. Because both p-value methods are
+computed on untempered scores (the z-score is invariant to it anyway), temperature never changes which
+experts are selected for a given hidden state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from experiments.bh_routing.selector import (
+    EmpiricalNull,
+    RoutingConfig,
+    Selection,
+    select_from_scores,
+    select_topk,
+)
+
+RouterOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Scored:
+    """Router quantities a family computes once per call."""
+
+    logits: torch.Tensor  # what the router returns as router_logits
+    sort_key: torch.Tensor  # what the native router ranks experts by (higher = better)
+    pscores: torch.Tensor  # float32 scores the p-values are computed on
+    excluded: torch.Tensor | None  # bool (T, E): experts that may not be chosen (GLM groups)
+
+
+class Family:
+    """How one architecture's router scores experts and turns a selection into mixing weights."""
+
+    name = "base"
+    router_attr = "gate"
+    #: whether the eager experts loop of this family skips sentinel index E
+    eager_takes_sentinel = True
+
+    def num_experts(self, router: nn.Module) -> int:
+        """Number of routed experts E."""
+        return int(router.num_experts)
+
+    def native_k(self, router: nn.Module) -> int:
+        """The model's own top-k."""
+        return int(router.top_k)
+
+    def native_renormalize(self, router: nn.Module) -> bool:
+        """Whether the native router renormalises the selected weights."""
+        return bool(getattr(router, "norm_topk_prob", False))
+
+    def score(self, router: nn.Module, hidden: torch.Tensor) -> Scored:
+        """Compute logits, ranking key and p-value scores for ``hidden`` (any leading shape)."""
+        raise NotImplementedError
+
+    def weights(self, router: nn.Module, scored: Scored, indices: torch.Tensor, mask: torch.Tensor,
+                temperature: float, renormalize: bool) -> torch.Tensor:
+        """Mixing weights ``(T, width)`` for the selected slots, 0 in empty slots."""
+        raise NotImplementedError
+
+
+class SoftmaxFamily(Family):
+    """Softmax over all experts, top-k, optional renormalisation (OLMoE, Qwen3-MoE, Qwen3-Next)."""
+
+    name = "softmax"
+    #: OLMoE/Qwen3 cast weights back to the logits dtype; Mixtral keeps float32.
+    cast_to_logits_dtype = True
+
+    def score(self, router: nn.Module, hidden: torch.Tensor) -> Scored:
+        """Same linear and softmax as the native router, so top-k ranks identically."""
+        hidden = hidden.reshape(-1, router.hidden_dim)
+        logits = F.linear(hidden, router.weight)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+        lf = logits.float()
+        return Scored(logits=logits, sort_key=probs, pscores=lf - lf.mean(dim=-1, keepdim=True),
+                      excluded=None)
+
+    def weights(self, router: nn.Module, scored: Scored, indices: torch.Tensor, mask: torch.Tensor,
+                temperature: float, renormalize: bool) -> torch.Tensor:
+        """softmax(logits / T) over all E, gathered at the selected experts."""
+        if temperature == 1.0:
+            probs = scored.sort_key  # identical to the native probabilities, saves a softmax
+        else:
+            probs = torch.softmax(scored.logits / temperature, dim=-1, dtype=torch.float)
+        safe = indices.clamp(max=probs.shape[-1] - 1)
+        w = probs.gather(-1, safe) * mask
+        if renormalize:
+            w = w / w.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        return w.to(scored.logits.dtype) if self.cast_to_logits_dtype else w
+
+
+class MixtralFamily(SoftmaxFamily):
+    """Mixtral: softmax, top-k, always renormalised, weights stay float32."""
+
+    name = "mixtral"
+    cast_to_logits_dtype = False
+
+    def native_renormalize(self, router: nn.Module) -> bool:
+        """Mixtral always renormalises."""
+        return True
+
+
+class GptOssFamily(Family):
+    """GPT-OSS: top-k on biased logits, softmax over the k selected logits only."""
+
+    name = "gpt_oss"
+    router_attr = "router"
+    eager_takes_sentinel = False
+
+    def native_renormalize(self, router: nn.Module) -> bool:
+        """The softmax over the selected logits always sums to one."""
+        return True
+
+    def score(self, router: nn.Module, hidden: torch.Tensor) -> Scored:
+        """Biased logits, as the native router."""
+        hidden = hidden.reshape(-1, router.hidden_dim)
+        logits = F.linear(hidden, router.weight, router.bias)
+        lf = logits.float()
+        return Scored(logits=logits, sort_key=logits, pscores=lf - lf.mean(dim=-1, keepdim=True),
+                      excluded=None)
+
+    def weights(self, router: nn.Module, scored: Scored, indices: torch.Tensor, mask: torch.Tensor,
+                temperature: float, renormalize: bool) -> torch.Tensor:
+        """Softmax over the selected logits / T; renormalisation is inherent, the flag is ignored."""
+        safe = indices.clamp(max=scored.logits.shape[-1] - 1)
+        vals = scored.logits.gather(-1, safe)
+        if temperature != 1.0:
+            vals = vals / temperature
+        vals = vals.masked_fill(~mask, float("-inf"))
+        w = torch.softmax(vals, dim=1, dtype=vals.dtype)
+        # A token with k = 0 has all -inf and softmax gives NaN; it contributes nothing instead.
+        return torch.where(mask, w, torch.zeros_like(w))
+
+
+class GlmFamily(Family):
+    """GLM-4.5 (Air): sigmoid scores + correction bias, group-limited, scaled."""
+
+    name = "glm4_moe"
+
+    def score(self, router: nn.Module, hidden: torch.Tensor) -> Scored:
+        """Native GLM scoring including the group limit; excluded experts are marked."""
+        hidden = hidden.reshape(-1, router.hidden_dim)
+        logits = F.linear(hidden.float(), router.weight.float())
+        scores = logits.sigmoid()
+        choice = scores + router.e_score_correction_bias
+        e, g = router.num_experts, router.num_group
+        group_scores = choice.view(-1, g, e // g).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
+        allowed = group_mask.unsqueeze(-1).expand(-1, g, e // g).reshape(-1, e).bool()
+        key = choice.masked_fill(~allowed, float("-inf"))
+        return Scored(logits=logits, sort_key=key, pscores=choice, excluded=~allowed)
+
+    def weights(self, router: nn.Module, scored: Scored, indices: torch.Tensor, mask: torch.Tensor,
+                temperature: float, renormalize: bool) -> torch.Tensor:
+        """sigmoid(logits / T) at the selected experts, optional normalisation, routed scaling."""
+        scores = (scored.logits / temperature).sigmoid() if temperature != 1.0 else scored.logits.sigmoid()
+        w = scores.gather(-1, indices.clamp(max=scores.shape[-1] - 1)) * mask
+        if renormalize:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return w * router.routed_scaling_factor
+
+
+#: router class name -> family; the class names are those of transformers 5.23.
+FAMILIES: dict[str, Family] = {
+    "OlmoeTopKRouter": SoftmaxFamily(),
+    "Qwen3MoeTopKRouter": SoftmaxFamily(),
+    "Qwen3NextTopKRouter": SoftmaxFamily(),
+    "MixtralTopKRouter": MixtralFamily(),
+    "GptOssTopKRouter": GptOssFamily(),
+    "Glm4MoeTopkRouter": GlmFamily(),
+}
+
+
+@dataclass
+class RoutingRecord:
+    """Per-layer routing statistics accumulated on device while recording is on."""
+
+    k_hist: dict[int, torch.Tensor] = field(default_factory=dict)
+    expert_counts: dict[int, torch.Tensor] = field(default_factory=dict)
+    first_call_k: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def to_plain(self) -> dict[str, Any]:
+        """Move everything to CPU lists (one sync at the end instead of one per step)."""
+        return {
+            "k_hist": {str(k): v.cpu().tolist() for k, v in sorted(self.k_hist.items())},
+            "expert_counts": {str(k): v.cpu().tolist() for k, v in sorted(self.expert_counts.items())},
+            "first_call_k": {str(k): v.cpu().tolist() for k, v in sorted(self.first_call_k.items())},
+        }
+
+
+@dataclass
+class PatchedLayer:
+    """One patched MoE layer."""
+
+    layer: int
+    router: nn.Module
+    experts: nn.Module | None
+    family: Family
+    original_forward: Callable[..., RouterOutput]
+    attr: str  # "forward" or "_old_forward"
+
+
+class RoutingController:
+    """Holds the active routing config and shared state for every patched router of one model.
+
+    ``config=None`` runs the untouched native router (used as the benchmark baseline).
+    """
+
+    def __init__(self, experts_implementation: str) -> None:
+        self.config: RoutingConfig | None = None
+        self.null: EmpiricalNull | None = None
+        self.experts_implementation = experts_implementation
+        self.recording = False
+        self.record = RoutingRecord()
+        self.calibrating = False
+        self.calibration: dict[int, list[torch.Tensor]] = {}
+        self.layers: list[PatchedLayer] = []
+
+    # -- state switches -------------------------------------------------------------------------
+    def set_config(self, config: RoutingConfig | None) -> None:
+        """Switch all layers to ``config`` (no re-patching needed)."""
+        if config is not None and config.method == "bh" and config.p_value == "empirical" \
+                and self.null is None:
+            raise ValueError(f"config {config.name!r} uses the empirical null but none is calibrated")
+        self.config = config
+
+    def start_recording(self) -> None:
+        """Reset and start accumulating per-layer k histograms and expert counts."""
+        self.record = RoutingRecord()
+        self.recording = True
+
+    def stop_recording(self) -> dict[str, Any]:
+        """Stop recording and return the statistics as plain lists."""
+        self.recording = False
+        return self.record.to_plain()
+
+    # -- the patched forward --------------------------------------------------------------------
+    def route(self, pl: PatchedLayer, hidden_states: torch.Tensor) -> RouterOutput:
+        """Replacement for the router's forward."""
+        cfg = self.config
+        if self.calibrating:
+            scored = pl.family.score(pl.router, hidden_states)
+            ps = scored.pscores if scored.excluded is None else scored.pscores[~scored.excluded]
+            self.calibration.setdefault(pl.layer, []).append(ps.detach().reshape(-1).float().cpu())
+            return pl.original_forward(hidden_states)
+        if cfg is None:
+            out = pl.original_forward(hidden_states)
+            if self.recording:
+                idx = out[2]
+                self._record(pl, torch.full(idx.shape[:-1], idx.shape[-1], device=idx.device),
+                             idx, idx.shape[-1])
+            return out
+        fam = pl.family
+        router = pl.router
+        e = fam.num_experts(router)
+        scored = fam.score(router, hidden_states)
+        if cfg.method == "topk":
+            sel: Selection = select_topk(scored.sort_key, cfg.k)
+        else:
+            sel = self._bh(pl, scored, cfg, e)
+        renorm = fam.native_renormalize(router) if cfg.renormalize is None else cfg.renormalize
+        weights = fam.weights(router, scored, sel.indices, sel.mask, cfg.temperature, renorm)
+        indices = sel.indices
+        if not sel.mask.all() and not (fam.eager_takes_sentinel or self.experts_implementation != "eager"):
+            # GPT-OSS eager one_hot has no sentinel class: pad with the best expert at weight 0.
+            best = scored.sort_key.argmax(dim=-1, keepdim=True)
+            indices = torch.where(sel.mask, indices, best.expand_as(indices))
+        if self.recording:
+            self._record(pl, sel.k, sel.indices, sel.indices.shape[-1])
+        return scored.logits, weights, indices
+
+    def _bh(self, pl: PatchedLayer, scored: Scored, cfg: RoutingConfig, e: int) -> Selection:
+        pscores = scored.pscores
+        if scored.excluded is not None:
+            # Excluded experts sort last (key -inf); give them a score no null exceeds -> p = 1.
+            pscores = pscores.masked_fill(scored.excluded, float("-inf"))
+        sel = select_from_scores(pscores, alpha=cfg.alpha, min_k=cfg.min_k, max_k=cfg.max_k,
+                                 method=cfg.p_value, null=self.null, layer=pl.layer,
+                                 correction=cfg.correction, sentinel=e, sort_key=scored.sort_key)
+        return sel
+
+    def _record(self, pl: PatchedLayer, k: torch.Tensor, indices: torch.Tensor, width: int) -> None:
+        e = pl.family.num_experts(pl.router)
+        kh = torch.bincount(k.reshape(-1), minlength=width + 1)
+        ec = torch.bincount(indices.reshape(-1), minlength=e + 1)[:e]
+        rec = self.record
+        if pl.layer in rec.k_hist:
+            prev = rec.k_hist[pl.layer]
+            if prev.numel() < kh.numel():
+                prev = F.pad(prev, (0, kh.numel() - prev.numel()))
+            elif kh.numel() < prev.numel():
+                kh = F.pad(kh, (0, prev.numel() - kh.numel()))
+            rec.k_hist[pl.layer] = prev + kh
+            rec.expert_counts[pl.layer] += ec
+        else:
+            rec.k_hist[pl.layer] = kh
+            rec.expert_counts[pl.layer] = ec
+            rec.first_call_k[pl.layer] = k.reshape(-1).detach().clone()
+
+    # -- calibration ----------------------------------------------------------------------------
+    def begin_calibration(self) -> None:
+        """Collect p-value scores under native routing until :meth:`end_calibration`."""
+        self.calibration = {}
+        self.calibrating = True
+
+    def end_calibration(self, max_samples_per_layer: int = 400_000, seed: int = 0) -> EmpiricalNull:
+        """Build (and install) the per-layer empirical null from the collected scores."""
+        self.calibrating = False
+        if not self.calibration:
+            raise ValueError("calibration collected no router scores (empty calibration text?)")
+        gen = torch.Generator().manual_seed(seed)
+        samples = {}
+        for layer, chunks in self.calibration.items():
+            flat = torch.cat(chunks)
+            if flat.numel() > max_samples_per_layer:
+                # Subsample to bound memory and searchsorted cost; fixed seed keeps runs repeatable.
+                keep = torch.randperm(flat.numel(), generator=gen)[:max_samples_per_layer]
+                flat = flat[keep]
+            samples[layer] = flat
+        self.calibration = {}
+        self.null = EmpiricalNull(samples)
+        return self.null
+
+
+def find_model_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a causal LM (``model.model.layers``)."""
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no model.layers; not a supported decoder model")
+    return list(layers)
+
+
+def experts_implementation_of(model: nn.Module) -> str:
+    """The experts implementation the model actually runs (``config._experts_implementation``)."""
+    cfg = getattr(model, "config", None)
+    impl = getattr(cfg, "_experts_implementation", None)
+    return str(impl) if impl else "eager"
+
+
+def patch_model(model: nn.Module) -> RoutingController:
+    """Patch every supported MoE router of ``model`` in place and return the shared controller.
+
+    Raises ``ValueError`` when no supported router is found or the model is already patched.
+    """
+    if getattr(model, "_bh_routing_controller", None) is not None:
+        raise ValueError("model is already patched for BH routing")
+    impl = experts_implementation_of(model)
+    ctl = RoutingController(impl)
+    for i, layer in enumerate(find_model_layers(model)):
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None:
+            continue
+        for attr in ("gate", "router"):
+            router = getattr(mlp, attr, None)
+            fam = FAMILIES.get(type(router).__name__) if router is not None else None
+            if fam is not None:
+                break
+        else:
+            continue  # dense layer (Qwen3-MoE sparse step, GLM first_k_dense_replace)
+        experts = getattr(mlp, "experts", None)
+        hook_attr = "_old_forward" if hasattr(router, "_old_forward") else "forward"
+        pl = PatchedLayer(layer=i, router=router, experts=experts, family=fam,
+                          original_forward=getattr(router, hook_attr), attr=hook_attr)
+
+        def _fwd(hidden_states: torch.Tensor, *_a: Any, _pl: PatchedLayer = pl, **_k: Any) -> RouterOutput:
+            return ctl.route(_pl, hidden_states)
+
+        setattr(router, hook_attr, _fwd)
+        if experts is not None and impl in ("grouped_mm", "batched_mm"):
+            # These kernels only mask the sentinel index E when running expert-parallel.
+            experts._is_expert_parallel = True
+        ctl.layers.append(pl)
+    if not ctl.layers:
+        raise ValueError(f"no supported MoE router found in {type(model).__name__}; supported router "
+                         f"classes: {', '.join(sorted(FAMILIES))}")
+    model._bh_routing_controller = ctl
+    return ctl
+
+
+def unpatch_model(model: nn.Module) -> None:
+    """Restore the original router forwards (and the experts' expert-parallel flag)."""
+    ctl: RoutingController | None = getattr(model, "_bh_routing_controller", None)
+    if ctl is None:
+        return
+    for pl in ctl.layers:
+        setattr(pl.router, pl.attr, pl.original_forward)
+        if pl.experts is not None and hasattr(pl.experts, "_is_expert_parallel"):
+            pl.experts._is_expert_parallel = False
+    model._bh_routing_controller = None
+
+
+def model_summary(model: nn.Module, ctl: RoutingController) -> dict[str, Any]:
+    """Facts recorded with every result: architecture, experts, native k, experts implementation."""
+    pl = ctl.layers[0]
+    return {
+        "architecture": type(model).__name__,
+        "router_family": pl.family.name,
+        "num_moe_layers": len(ctl.layers),
+        "moe_layers": [p.layer for p in ctl.layers],
+        "num_experts": pl.family.num_experts(pl.router),
+        "native_top_k": pl.family.native_k(pl.router),
+        "native_renormalize": pl.family.native_renormalize(pl.router),
+        "experts_implementation": ctl.experts_implementation,
+    }
