@@ -218,7 +218,9 @@ def search(
             )
         else:
             if result.offers:
-                out.print(offers_table(result.offers))
+                # Piped output gets a wide table rather than one truncated to 80 columns.
+                wide = out if out.is_terminal else Console(width=180)
+                wide.print(offers_table(result.offers))
             else:
                 out.print("no offers match" + (f": {result.query}" if result.query else ""))
             for line in _report_lines(result):

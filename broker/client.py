@@ -134,6 +134,9 @@ class GPUClient(QueryFields):
         account's searches are not topped by this machine at $0/h; name it to include it.
         """
         if self._selected is not None:
+            for p in self._selected:
+                if isinstance(p, str):
+                    get_provider_class(p)  # a typo fails here, with the closest name
             return [p if isinstance(p, str) else p.name for p in self._selected]
         if self.settings.providers:
             for n in self.settings.providers:

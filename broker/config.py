@@ -1,7 +1,7 @@
 """Settings: API keys, the SSH key, defaults and guards.
 
 Sources, highest priority first: arguments passed to :class:`Settings`, environment variables, a
-``.env`` file in the working directory, then the TOML config file (``broker init`` writes one in the
+``.env`` file in the working directory (``BROKER_ENV_FILE`` names another), then the TOML config file (``broker init`` writes one in the
 platform config dir; ``BROKER_CONFIG`` points elsewhere). Keys are :class:`SecretStr`: they print as
 ``**********`` in reprs, logs and errors.
 """
@@ -174,13 +174,24 @@ def load_settings(**overrides: Any) -> Settings:
     """Build :class:`Settings`, turning validation failures into a readable :class:`ConfigError`."""
     from pydantic import ValidationError
 
+    overrides.setdefault("_env_file", os.environ.get("BROKER_ENV_FILE", ".env"))
     try:
         return Settings(**overrides)
     except ValidationError as e:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
+            f"{_field_name(str(err['loc'][0])) if err['loc'] else 'settings'}: {err['msg']}"
+            for err in e.errors()
         )
         raise ConfigError(f"invalid settings ({default_config_path()}): {problems}") from None
+
+
+def _field_name(loc: str) -> str:
+    """The settings field an alias (``BROKER_BUDGET``) belongs to, for error messages."""
+    for name, f in Settings.model_fields.items():
+        alias = f.validation_alias
+        if loc == name or (isinstance(alias, AliasChoices) and loc in alias.choices):
+            return name
+    return loc
 
 
 CONFIG_TEMPLATE = """\

@@ -159,8 +159,10 @@ def sort_offers(offers: list[GPUOffer], keys: Iterable[SortKey]) -> list[GPUOffe
     return out
 
 
-def run_query(query: Query, offers: Iterable[GPUOffer]) -> list[GPUOffer]:
+def run_query(query: Query | Expr | None, offers: Iterable[GPUOffer]) -> list[GPUOffer]:
     """Filter, sort (by price when no order is given) and limit."""
+    if not isinstance(query, Query):
+        query = Query(query)
     kept = filter_offers(query.where, offers)
     kept = sort_offers(kept, query.sort or DEFAULT_SORT)
     return kept[: query.limit] if query.limit is not None else kept

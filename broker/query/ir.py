@@ -305,5 +305,5 @@ def between(spec: FieldSpec, lo: object, hi: object) -> Expr:
         raise QueryError(f"{spec.short} has no order; a range lo..hi needs a number or version")
     a, b = normalize_value(spec, lo), normalize_value(spec, hi)
     if spec.kind in NUMERIC and isinstance(a, int | float) and isinstance(b, int | float) and a > b:
-        raise QueryError(f"{spec.short} range is empty: {lo}..{hi} (low end above high end)")
+        raise QueryError(f"{spec.short} range is empty: {a:g}..{b:g} (low end above high end)")
     return Between(spec.name, a, b)
