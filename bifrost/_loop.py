@@ -1,0 +1,57 @@
+"""A private event loop in a daemon thread: bifrost's synchronous facade over asyncssh."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+_thread: threading.Thread | None = None
+
+
+def get_loop() -> asyncio.AbstractEventLoop:
+    """Return the shared background loop, starting it on first use."""
+    global _loop, _thread
+    with _lock:
+        if _loop is None or _thread is None or not _thread.is_alive():
+            loop = asyncio.new_event_loop()
+            ready = threading.Event()
+
+            def _run() -> None:
+                asyncio.set_event_loop(loop)
+                loop.call_soon(ready.set)
+                loop.run_forever()
+
+            thread = threading.Thread(target=_run, name="bifrost-loop", daemon=True)
+            thread.start()
+            ready.wait()
+            _loop, _thread = loop, thread
+        return _loop
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on the background loop and block until it finishes.
+
+    Ctrl-C in the calling thread cancels the coroutine, so remote cleanup in ``finally`` blocks
+    gets a chance to run.
+    """
+    loop = get_loop()
+    if threading.current_thread() is _thread:
+        coro.close()
+        raise RuntimeError("bifrost's synchronous API was called from its own event loop thread")
+    fut: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coro, loop)
+    try:
+        return fut.result()
+    except KeyboardInterrupt:
+        fut.cancel()
+        try:
+            fut.result(timeout=5)
+        except BaseException:  # noqa: S110 - we are already unwinding a Ctrl-C
+            pass
+        raise

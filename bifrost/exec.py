@@ -1,0 +1,194 @@
+"""Result objects, command wrapping (env, cwd, secrets, PATH), streaming and timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets as _secrets
+import shlex
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from bifrost.transport.base import OutputSink, StdinSource, Transport
+
+__all__ = ["Result", "build_command", "env_lines", "quote_path"]
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+BASE_PATH = 'export PATH="$HOME/.local/bin:$PATH" PYTHONUNBUFFERED=1'
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a finished command left behind (Fabric-style)."""
+
+    command: str
+    target: str
+    exit_code: int
+    stdout: str = field(repr=False)
+    stderr: str = field(repr=False)
+    duration: float
+
+    @property
+    def ok(self) -> bool:
+        """True when the exit code is 0."""
+        return self.exit_code == 0
+
+    @property
+    def failed(self) -> bool:
+        """True when the exit code is not 0."""
+        return self.exit_code != 0
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-friendly dict."""
+        return {
+            "target": self.target,
+            "command": self.command,
+            "exit_code": self.exit_code,
+            "stdout": self.stdout,
+            "stderr": self.stderr,
+            "duration": round(self.duration, 4),
+        }
+
+
+def quote_path(path: str) -> str:
+    """Shell-quote a remote path, keeping a leading ``~`` meaning the remote home."""
+    if path == "~":
+        return '"$HOME"'
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:])
+    return shlex.quote(path)
+
+
+def check_env_name(name: str) -> str:
+    """Reject names that cannot be shell variables (they would be an injection vector)."""
+    if not _ENV_NAME.match(name):
+        raise ValueError(
+            f"invalid environment variable name {name!r}: use letters, digits and _ "
+            "(not starting with a digit)"
+        )
+    return name
+
+
+def env_lines(env: Mapping[str, str]) -> str:
+    """``export K='v'`` lines, values quoted with shlex (sshd would drop ``env=`` anyway)."""
+    return "".join(f"export {check_env_name(k)}={shlex.quote(str(v))}\n" for k, v in env.items())
+
+
+def build_command(
+    command: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    pid_token: str | None = None,
+    secrets_token: str | None = None,
+) -> str:
+    """The wire command: ``exec bash -c '<script>'`` so the process group leader is known."""
+    lines = [BASE_PATH]
+    if pid_token:
+        f = f'"$HOME/.bifrost/run/{pid_token}"'
+        lines.append(f'mkdir -p "$HOME/.bifrost/run" && echo $$ > {f}; trap "rm -f {f}" EXIT')
+    if secrets_token:
+        f = f'"$HOME/.bifrost/secrets/{secrets_token}"'
+        lines.append(f"set -a; . {f}; set +a; rm -f {f}")
+    if env:
+        lines.append(env_lines(env).rstrip("\n"))
+    if cwd:
+        lines.append(f"cd -- {quote_path(cwd)} || exit 1")
+    lines.append(command)
+    return "exec bash --norc --noprofile -c " + shlex.quote("\n".join(lines))
+
+
+async def kill_remote_group(transport: Transport, token: str, grace: float = 2.0) -> None:
+    """TERM then KILL the process group whose leader wrote ``~/.bifrost/run/<token>``."""
+    f = f'"$HOME/.bifrost/run/{token}"'
+    steps = max(1, int(grace / 0.1))
+    script = (
+        f'p=$(cat {f} 2>/dev/null); if [ -n "$p" ]; then kill -TERM -- -"$p" 2>/dev/null; '
+        f"i=0; while [ $i -lt {steps} ] && kill -0 -- -\"$p\" 2>/dev/null; do sleep 0.1; i=$((i+1)); done; "
+        f'kill -KILL -- -"$p" 2>/dev/null; fi; rm -f {f}; true'
+    )
+    await transport.run(script)
+
+
+class _Collector:
+    def __init__(self, tee: OutputSink | None) -> None:
+        self.parts: list[bytes] = []
+        self.tee = tee
+
+    def __call__(self, chunk: bytes) -> None:
+        self.parts.append(chunk)
+        if self.tee is not None:
+            self.tee(chunk)
+
+    def text(self) -> str:
+        return b"".join(self.parts).decode("utf-8", errors="replace")
+
+
+def echo_sink(stream: str) -> OutputSink:
+    """A sink that writes raw bytes to this process's stdout or stderr."""
+    out = sys.stdout if stream == "stdout" else sys.stderr
+
+    def sink(chunk: bytes) -> None:
+        out.buffer.write(chunk)
+        out.flush()
+
+    return sink
+
+
+async def run_command(
+    transport: Transport,
+    command: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    secrets: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    timeout: float | None = None,
+    stdin: StdinSource = None,
+    merge_stderr: bool = False,
+    on_stdout: OutputSink | None = None,
+    on_stderr: OutputSink | None = None,
+    on_timeout: Callable[[], None] | None = None,
+) -> tuple[Result, bool]:
+    """Run one command; returns (Result, timed_out). Never raises on a non-zero exit."""
+    target = transport.target.display
+    started = time.monotonic()
+    secrets_token = None
+    if secrets:
+        secrets_token = _secrets.token_hex(8)
+        # Secrets travel on stdin into a 0600 file: never argv, never the environment of sshd.
+        write = (
+            'umask 077 && mkdir -p "$HOME/.bifrost/secrets" && '
+            f'cat > "$HOME/.bifrost/secrets/{secrets_token}"'
+        )
+        await transport.run(write, stdin=env_lines(secrets).encode())
+    pid_token = _secrets.token_hex(8) if timeout is not None else None
+    wire = build_command(
+        command, env=env, cwd=cwd, pid_token=pid_token, secrets_token=secrets_token
+    )
+    out, err = _Collector(on_stdout), _Collector(on_stderr)
+    timed_out = False
+    try:
+        rc = await asyncio.wait_for(
+            transport.run(
+                wire, stdin=stdin, on_stdout=out, on_stderr=err, merge_stderr=merge_stderr
+            ),
+            timeout,
+        )
+    except TimeoutError:
+        timed_out = True
+        rc = 124
+        if on_timeout is not None:
+            on_timeout()
+        assert pid_token is not None
+        await kill_remote_group(transport, pid_token)
+    result = Result(
+        command=command,
+        target=target,
+        exit_code=rc,
+        stdout=out.text(),
+        stderr=err.text(),
+        duration=time.monotonic() - started,
+    )
+    return result, timed_out

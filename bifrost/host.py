@@ -1,0 +1,298 @@
+"""``Host``: the synchronous facade users script against (one reused connection per host)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+from bifrost._loop import run_sync
+from bifrost.errors import CommandError, CommandTimeout, ConnectionLostError
+from bifrost.exec import Result, echo_sink, run_command
+from bifrost.hostkeys import KnownHosts
+from bifrost.target import Target, parse_target
+from bifrost.transport.base import OutputSink, StdinSource, Transport
+from bifrost.transport.ssh import open_transport
+
+if TYPE_CHECKING:
+    from bifrost.gpus import GPUReport
+    from bifrost.jobs import Job, JobStatus
+    from bifrost.sync import PushResult
+
+T = TypeVar("T")
+
+__all__ = ["Host", "connect"]
+
+
+class Host:
+    """A target plus a lazily opened, reused connection.
+
+    >>> with Host("root@1.2.3.4:22022") as box:          # doctest: +SKIP
+    ...     print(box.exec("nvidia-smi -L").stdout)
+
+    Every method has an ``a``-prefixed coroutine twin (``aexec``, ``arun`` ...) for asyncio code.
+    """
+
+    def __init__(
+        self,
+        target: str | Target,
+        *,
+        identity_file: str | Path | None = None,
+        connect_timeout: float = 15.0,
+        keepalive_interval: float = 15.0,
+        retries: int = 4,
+        known_hosts: KnownHosts | Path | None = None,
+    ) -> None:
+        self.spec = target if isinstance(target, str) else str(target)
+        parsed = parse_target(target)
+        if identity_file is not None:
+            parsed = parsed.with_identity(str(Path(identity_file).expanduser()))
+        self.target = parsed
+        self.connect_timeout = connect_timeout
+        self.keepalive_interval = keepalive_interval
+        self.retries = retries
+        self.known_hosts = known_hosts if isinstance(known_hosts, KnownHosts) else KnownHosts(known_hosts)
+        self._transport: Transport | None = None
+        self._lock: asyncio.Lock | None = None
+
+    def __repr__(self) -> str:
+        return f"Host({self.target.display!r})"
+
+    @property
+    def name(self) -> str:
+        """The display name used in prefixes and tables."""
+        return self.target.display
+
+    # -- connection -------------------------------------------------------------------------
+    async def atransport(self) -> Transport:
+        """The open transport, connecting (with retries) if needed."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._transport is None or self._transport.closed:
+                if self._transport is not None:
+                    await self._transport.close()
+                self._transport = await open_transport(
+                    self.target,
+                    known_hosts=self.known_hosts,
+                    connect_timeout=self.connect_timeout,
+                    keepalive_interval=self.keepalive_interval,
+                    retries=self.retries,
+                )
+            return self._transport
+
+    async def areconnect(self) -> Transport:
+        """Drop the current connection and open a new one."""
+        if self._transport is not None:
+            await self._transport.close()
+            self._transport = None
+        return await self.atransport()
+
+    async def aretrying(
+        self, fn: Callable[[Transport], Awaitable[T]], *, attempts: int = 3
+    ) -> T:
+        """Run an idempotent operation, reconnecting if the link drops mid-way."""
+        for i in range(attempts):
+            transport = await self.atransport()
+            try:
+                return await fn(transport)
+            except ConnectionLostError:
+                if i == attempts - 1:
+                    raise
+                await self.areconnect()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def connect(self) -> Host:
+        """Connect now (otherwise the first command connects). Returns self."""
+        run_sync(self.atransport())
+        return self
+
+    async def aclose(self) -> None:
+        """Close the connection."""
+        if self._transport is not None:
+            await self._transport.close()
+            self._transport = None
+
+    def close(self) -> None:
+        """Close the connection (a later call reconnects)."""
+        run_sync(self.aclose())
+
+    def __enter__(self) -> Host:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- exec -------------------------------------------------------------------------------
+    async def aexec(
+        self,
+        command: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        secrets: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        warn: bool = False,
+        stdin: StdinSource | str = None,
+        merge_stderr: bool = False,
+        echo: bool = False,
+        on_stdout: OutputSink | None = None,
+        on_stderr: OutputSink | None = None,
+    ) -> Result:
+        """Coroutine twin of :meth:`exec`."""
+        transport = await self.atransport()
+        if echo:
+            on_stdout = on_stdout or echo_sink("stdout")
+            on_stderr = on_stderr or echo_sink("stderr")
+        result, timed_out = await run_command(
+            transport,
+            command,
+            env=env,
+            secrets=secrets,
+            cwd=cwd,
+            timeout=timeout,
+            stdin=stdin.encode() if isinstance(stdin, str) else stdin,
+            merge_stderr=merge_stderr,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+        )
+        if timed_out:
+            assert timeout is not None
+            raise CommandTimeout(result, timeout)
+        if result.exit_code != 0 and not warn:
+            raise CommandError(result)
+        return result
+
+    def exec(
+        self,
+        command: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        secrets: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        warn: bool = False,
+        stdin: StdinSource | str = None,
+        merge_stderr: bool = False,
+        echo: bool = False,
+        on_stdout: OutputSink | None = None,
+        on_stderr: OutputSink | None = None,
+    ) -> Result:
+        """Run a shell command and wait for it.
+
+        Output is streamed to ``on_stdout``/``on_stderr`` (raw bytes) or to this terminal with
+        ``echo=True``, and collected in the returned :class:`Result`. ``env`` values are quoted
+        inline; ``secrets`` go through a 0600 file (never argv). ``cwd`` may start with ``~``.
+        On ``timeout`` the remote process group is killed and :class:`CommandTimeout` raised.
+        A non-zero exit raises :class:`CommandError` (carrying the Result) unless ``warn=True``.
+        """
+        return run_sync(
+            self.aexec(
+                command,
+                env=env,
+                secrets=secrets,
+                cwd=cwd,
+                timeout=timeout,
+                warn=warn,
+                stdin=stdin,
+                merge_stderr=merge_stderr,
+                echo=echo,
+                on_stdout=on_stdout,
+                on_stderr=on_stderr,
+            )
+        )
+
+    async def ahome(self) -> str:
+        """Coroutine twin of :meth:`home`."""
+        return await self.aretrying(lambda t: t.home())
+
+    def home(self) -> str:
+        """The remote user's absolute home directory (never assumed to be /root)."""
+        return run_sync(self.ahome())
+
+    # -- jobs -------------------------------------------------------------------------------
+    def run(
+        self,
+        command: str,
+        *,
+        name: str | None = None,
+        cwd: str | None = None,
+        workspace: str | None = None,
+        env: Mapping[str, str] | None = None,
+        secrets: Mapping[str, str] | None = None,
+        outputs: Sequence[str] = (),
+    ) -> Job:
+        """Start a detached job (survives disconnects) and return its :class:`Job` handle.
+
+        One round trip: a launcher script goes on stdin to ``bash -s``; no daemon on the box.
+        ``workspace`` runs inside a pushed workspace (and its venv); ``outputs`` are paths
+        (relative to the job's cwd) that :meth:`Job.pull_results` fetches later.
+        """
+        from bifrost.jobs import astart
+
+        return run_sync(
+            astart(
+                self,
+                command,
+                name=name,
+                cwd=cwd,
+                workspace=workspace,
+                env=env,
+                secrets=secrets,
+                outputs=outputs,
+            )
+        )
+
+    def job(self, job_id: str) -> Job:
+        """A handle on an existing job."""
+        from bifrost.jobs import Job, check_job_id
+
+        return Job(self, check_job_id(job_id))
+
+    def jobs(self) -> list[JobStatus]:
+        """Every job on this target, oldest first."""
+        from bifrost.jobs import astatuses
+
+        return run_sync(astatuses(self, None))
+
+    # -- files ------------------------------------------------------------------------------
+    def push(
+        self,
+        path: str | Path = ".",
+        *,
+        name: str | None = None,
+        bootstrap: bool = False,
+        extras: Sequence[str] = (),
+        progress: bool = False,
+    ) -> PushResult:
+        """Sync a local project to ``~/.bifrost/workspaces/<name>`` (see :func:`bifrost.sync.push`)."""
+        from bifrost.sync import apush
+
+        return run_sync(
+            apush(self, Path(path), name=name, bootstrap=bootstrap, extras=extras, progress=progress)
+        )
+
+    def pull(self, remote: str, local: str | Path, *, progress: bool = False) -> Path:
+        """Download a remote file or tree (``~`` is the remote home) to ``local``."""
+        from bifrost.transfer import apull
+
+        return run_sync(apull(self, remote, Path(local), progress=progress))
+
+    def upload(self, local: str | Path, remote: str, *, progress: bool = False) -> str:
+        """Upload a local file or tree to ``remote``; returns the absolute remote path."""
+        from bifrost.transfer import aupload
+
+        return run_sync(aupload(self, Path(local), remote, progress=progress))
+
+    def gpus(self) -> GPUReport:
+        """nvidia-smi's view of this box (``available`` is False when there is no NVIDIA GPU)."""
+        from bifrost.gpus import agpus
+
+        return run_sync(agpus(self))
+
+
+def connect(target: str | Target, **options: object) -> Host:
+    """Parse ``target``, connect now, and return the :class:`Host` (a context manager)."""
+    host = Host(target, **options)  # type: ignore[arg-type]
+    return host.connect()

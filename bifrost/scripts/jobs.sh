@@ -1,0 +1,134 @@
+# bifrost remote job helpers. Sent on stdin to `bash -s -- ARGS`; python appends the call line.
+# Needs only bash + coreutils on the box: no daemon, no python.
+__bf_root="$HOME/.bifrost/jobs"
+
+__bf_boot() { cat /proc/sys/kernel/random/boot_id 2>/dev/null || echo unknown; }
+
+# Start time of a pid (field 22 of /proc/PID/stat); empty when unknown.
+__bf_pid_start() {
+  local s rest
+  s=$(cat "/proc/$1/stat" 2>/dev/null) || return 0
+  rest=${s##*) }
+  # shellcheck disable=SC2086
+  set -- $rest
+  printf '%s' "${20}"
+}
+
+__bf_alive() {  # pid jobdir
+  local pid=$1 d=$2 s rest
+  [ -n "$pid" ] || return 1
+  if [ -d /proc ] && [ -r /proc/self/stat ]; then
+    s=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
+    rest=${s##*) }
+    # shellcheck disable=SC2086
+    set -- $rest
+    [ "$1" != Z ] || return 1
+    [ ! -s "$d/pid_start" ] || [ "$(cat "$d/pid_start")" = "${20}" ]
+  else
+    kill -0 "$pid" 2>/dev/null
+  fi
+}
+
+# The detached wrapper: copied verbatim into the job dir as run.sh by __bf_launch.
+__bf_wrapper() {
+  local d="$1" rc=0 cwd v
+  # A handled (not ignored) TERM: the child still dies by it, and we live to record its code.
+  trap ':' TERM INT HUP
+  export PATH="$HOME/.local/bin:$HOME/.cargo/bin:/usr/local/cuda/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin${PATH:+:$PATH}"
+  export PYTHONUNBUFFERED=1 BIFROST_JOB_DIR="$d" BIFROST_JOB_ID="${d##*/}"
+  set -a
+  # shellcheck disable=SC1091
+  . "$d/env"
+  set +a
+  if [ -s "$d/venv" ]; then
+    v=$(cat "$d/venv")
+    case "$v" in "~/"*) v="$HOME/${v#"~/"}" ;; esac
+    if [ -d "$v/bin" ]; then export VIRTUAL_ENV="$v" UV_PROJECT_ENVIRONMENT="$v" PATH="$v/bin:$PATH"; fi
+  fi
+  cwd=$(cat "$d/cwd")
+  case "$cwd" in "~") cwd=$HOME ;; "~/"*) cwd="$HOME/${cwd#"~/"}" ;; "") cwd=$HOME ;; esac
+  if cd -- "$cwd"; then
+    bash --norc --noprofile "$d/cmd"
+    rc=$?
+  else
+    echo "bifrost: cannot cd to $cwd" >&2
+    rc=126
+  fi
+  date -u +%Y-%m-%dT%H:%M:%SZ > "$d/ended_at"
+  printf '%s\n' "$rc" > "$d/exit_code.tmp" && mv -f "$d/exit_code.tmp" "$d/exit_code"
+}
+
+__bf_launch() {  # payload (lines "key base64") on stdin
+  local k v id="" d pid
+  local -A P=()
+  while IFS=' ' read -r k v; do
+    [ -n "$k" ] && P[$k]="$v"
+  done
+  id=$(printf '%s' "${P[id]:-}" | base64 -d)
+  case "$id" in ''|.*|*[!A-Za-z0-9._-]*) echo "bifrost: invalid job id" >&2; return 2 ;; esac
+  d="$__bf_root/$id"
+  mkdir -p "$__bf_root" && mkdir -- "$d" || { echo "bifrost: job $id already exists" >&2; return 3; }
+  printf '%s' "${P[cmd]:-}" | base64 -d > "$d/cmd"
+  printf '%s' "${P[meta]:-}" | base64 -d > "$d/meta.json"
+  printf '%s' "${P[cwd]:-}" | base64 -d > "$d/cwd"
+  printf '%s' "${P[venv]:-}" | base64 -d > "$d/venv"
+  (umask 077 && printf '%s' "${P[env]:-}" | base64 -d > "$d/env")
+  __bf_boot > "$d/boot_id"
+  { declare -f __bf_wrapper; echo '__bf_wrapper "$@"'; } > "$d/run.sh"
+  : > "$d/log"
+  date -u +%Y-%m-%dT%H:%M:%SZ > "$d/started_at"
+  # All three fds redirected, or sshd keeps the channel open until the job ends.
+  setsid bash --norc --noprofile "$d/run.sh" "$d" < /dev/null >> "$d/log" 2>&1 &
+  pid=$!
+  __bf_pid_start "$pid" > "$d/pid_start"
+  printf '%s\n' "$pid" > "$d/pid.tmp" && mv -f "$d/pid.tmp" "$d/pid"
+  if command -v tmux > /dev/null 2>&1; then echo tmux > "$d/tmux"; fi
+  printf 'BIFROST_STARTED %s %s\n' "$id" "$pid"
+}
+
+__bf_status_one() {
+  local id=$1 d="$__bf_root/$1" state rc="" pid="" boot
+  if [ ! -d "$d" ]; then printf '%s\tmissing\n' "$id"; return; fi
+  pid=$(cat "$d/pid" 2>/dev/null)
+  boot=$(__bf_boot)
+  [ -f "$d/exit_code" ] && rc=$(cat "$d/exit_code")
+  if [ -f "$d/cancelled" ]; then state=cancelled
+  elif [ -n "$rc" ]; then state=finished
+  elif [ "$(cat "$d/boot_id" 2>/dev/null)" != "$boot" ]; then state=lost
+  elif __bf_alive "$pid" "$d"; then state=running
+  elif [ -f "$d/exit_code" ]; then rc=$(cat "$d/exit_code"); state=finished  # it just ended
+  else state=died
+  fi
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$id" "$state" "$rc" "$pid" \
+    "$(cat "$d/started_at" 2>/dev/null)" "$(cat "$d/ended_at" 2>/dev/null)" \
+    "$(base64 -w0 < "$d/meta.json" 2>/dev/null)"
+}
+
+__bf_status() {  # job ids, or none for all
+  local id
+  if [ $# -eq 0 ]; then
+    [ -d "$__bf_root" ] || return 0
+    for id in $(ls -1tr "$__bf_root"); do __bf_status_one "$id"; done
+  else
+    for id in "$@"; do __bf_status_one "$id"; done
+  fi
+}
+
+__bf_kill() {  # id grace_tenths
+  local d="$__bf_root/$1" pid i=0
+  [ -d "$d" ] || { echo missing; return 3; }
+  if [ -f "$d/exit_code" ]; then echo finished; return 0; fi
+  # Marker first: killing the group may take the wrapper down before it records anything.
+  date -u +%Y-%m-%dT%H:%M:%SZ > "$d/cancelled"
+  pid=$(cat "$d/pid" 2>/dev/null)
+  if [ -n "$pid" ]; then
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null
+    while [ "$i" -lt "$2" ] && kill -0 -- "-$pid" 2>/dev/null; do sleep 0.1; i=$((i+1)); done
+    kill -KILL -- "-$pid" 2>/dev/null
+  fi
+  if [ ! -f "$d/exit_code" ]; then
+    date -u +%Y-%m-%dT%H:%M:%SZ > "$d/ended_at"
+    echo 137 > "$d/exit_code.tmp" && mv -f "$d/exit_code.tmp" "$d/exit_code"
+  fi
+  echo cancelled
+}

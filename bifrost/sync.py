@@ -1,0 +1,324 @@
+"""push: the local project → ``~/.bifrost/workspaces/<name>`` (git semantics, deletions, uv env)."""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import shlex
+import subprocess
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bifrost.errors import CommandError, TransferError
+from bifrost.exec import Result
+from bifrost.transport.base import Transport
+
+if TYPE_CHECKING:
+    from bifrost.host import Host
+
+__all__ = ["PushResult", "list_files"]
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,99}$")
+DEFAULT_IGNORES = (".git/", "__pycache__/", "*.pyc", ".venv/", ".mypy_cache/", ".pytest_cache/")
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What a push did."""
+
+    target: str
+    workspace: str
+    files: int
+    deleted: int
+    method: str
+    git_sha: str | None
+    dirty: bool | None
+    bootstrapped: str | None
+    duration: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly dict."""
+        return asdict(self)
+
+
+def check_workspace_name(name: str) -> str:
+    """Workspace names become remote path components: keep them boring."""
+    if not _NAME.match(name):
+        raise TransferError(
+            f"invalid workspace name {name!r}: use letters, digits, '.', '_', '-' (max 100)"
+        )
+    return name
+
+
+def workspace_path(name: str) -> str:
+    """Remote workspace path, relative to the remote home."""
+    return f"~/.bifrost/workspaces/{name}"
+
+
+def venv_path(name: str) -> str:
+    """Remote venv of a workspace: outside the synced tree, so a sync never clobbers it."""
+    return f"~/.bifrost/venvs/{name}"
+
+
+def _git(root: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["git", "-C", str(root), *args], capture_output=True, check=False)
+
+
+def _is_git(root: Path) -> bool:
+    r = _git(root, "rev-parse", "--is-inside-work-tree")
+    return r.returncode == 0 and r.stdout.strip() == b"true"
+
+
+def _read_ignore(root: Path) -> list[str]:
+    try:
+        text = (root / ".bifrostignore").read_text()
+    except OSError:
+        return list(DEFAULT_IGNORES)
+    pats = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    return list(DEFAULT_IGNORES) + pats
+
+
+def _ignored(rel: str, is_dir: bool, patterns: Sequence[str]) -> bool:
+    """gitignore-like: last matching pattern wins, ``!`` negates, ``/`` suffix = dirs only,
+    a pattern with a ``/`` inside is anchored at the root, others match any path component."""
+    verdict = False
+    name = rel.rsplit("/", 1)[-1]
+    for raw in patterns:
+        neg = raw.startswith("!")
+        pat = raw[1:] if neg else raw
+        dir_only = pat.endswith("/")
+        pat = pat.rstrip("/")
+        if dir_only and not is_dir:
+            continue
+        anchored = "/" in pat
+        pat = pat.lstrip("/")
+        hit = fnmatch.fnmatchcase(rel, pat) if anchored else fnmatch.fnmatchcase(name, pat)
+        if hit:
+            verdict = not neg
+    return verdict
+
+
+def list_files(root: str | Path) -> list[str]:
+    """Files to push, relative to ``root``, sorted.
+
+    In a git work tree: ``git ls-files --cached --others --exclude-standard -z`` (exact git
+    ignore semantics; uncommitted and untracked-but-not-ignored files included; files deleted
+    but not yet committed left out). Elsewhere: a walk honouring ``.bifrostignore``.
+    """
+    root = Path(root)
+    if _is_git(root):
+        r = _git(root, "ls-files", "--cached", "--others", "--exclude-standard", "-z")
+        if r.returncode != 0:
+            raise TransferError(f"git ls-files failed in {root}: {r.stderr.decode().strip()}")
+        names = {n for n in r.stdout.decode("utf-8", "surrogateescape").split("\0") if n}
+        return sorted(n for n in names if (root / n).is_file() or (root / n).is_symlink())
+    patterns = _read_ignore(root)
+    out: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        rel_dir = "" if rel_dir == "." else rel_dir + "/"
+        dirnames[:] = sorted(d for d in dirnames if not _ignored(rel_dir + d, True, patterns))
+        out += [rel_dir + f for f in filenames if not _ignored(rel_dir + f, False, patterns)]
+    return sorted(out)
+
+
+def _git_state(root: Path) -> tuple[str | None, bool | None]:
+    if not _is_git(root):
+        return None, None
+    sha = _git(root, "rev-parse", "HEAD")
+    dirty = _git(root, "status", "--porcelain")
+    return (sha.stdout.decode().strip() or None) if sha.returncode == 0 else None, bool(
+        dirty.stdout.strip()
+    )
+
+
+async def _run_checked(t: Transport, cmd: str, stdin: bytes | None = None) -> str:
+    out: list[bytes] = []
+    err: list[bytes] = []
+    started = time.monotonic()
+    rc = await t.run(cmd, stdin=stdin, on_stdout=out.append, on_stderr=err.append)
+    text = b"".join(out).decode(errors="replace")
+    if rc != 0:
+        raise CommandError(
+            Result(cmd, t.target.display, rc, text, b"".join(err).decode(errors="replace"),
+                   time.monotonic() - started)
+        )
+    return text
+
+
+async def _tar_stream(root: Path, files: list[str]) -> AsyncIterator[bytes]:
+    proc = await asyncio.create_subprocess_exec(
+        "tar", "--null", "-T", "-", "-cf", "-",
+        cwd=str(root), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+
+    async def feed() -> None:
+        assert proc.stdin is not None
+        proc.stdin.write(b"".join(f.encode("utf-8", "surrogateescape") + b"\0" for f in files))
+        await proc.stdin.drain()
+        proc.stdin.close()
+
+    feeder = asyncio.create_task(feed())
+    while chunk := await proc.stdout.read(1 << 16):
+        yield chunk
+    await feeder
+    if await proc.wait() != 0:
+        err = (await proc.stderr.read()).decode() if proc.stderr else ""
+        raise TransferError(f"local tar failed: {err.strip()}")
+
+
+async def _rsync(
+    t: Transport, root: Path, files: list[str], dest_abs: str, shell: tuple[list[str], str]
+) -> None:
+    ssh_args, prefix = shell
+    cmd = ["rsync", "-a", "--files-from=-", "--from0"]
+    if ssh_args:
+        cmd += ["-z", "-e", " ".join(shlex.quote(a) for a in ssh_args)]
+    cmd += [str(root) + "/", prefix + dest_abs + "/"]
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    listing = b"".join(f.encode("utf-8", "surrogateescape") + b"\0" for f in files)
+    _, err = await proc.communicate(listing)
+    if proc.returncode != 0:
+        raise TransferError(f"rsync to {t.target.display} failed: {err.decode().strip()}")
+
+
+def _env_stamp(root: Path, extras: Sequence[str]) -> str | None:
+    lock = root / "uv.lock"
+    if not lock.is_file():
+        return None
+    h = hashlib.sha256(lock.read_bytes())
+    for name in (".python-version", "pyproject.toml"):
+        p = root / name
+        if p.is_file():
+            h.update(p.read_bytes())
+    h.update(",".join(sorted(extras)).encode())
+    return h.hexdigest()[:32]
+
+
+_UV_INSTALL = (
+    'if ! command -v uv >/dev/null 2>&1; then '
+    'curl -LsSf https://astral.sh/uv/install.sh | '
+    'env UV_INSTALL_DIR="$HOME/.local/bin" INSTALLER_NO_MODIFY_PATH=1 sh >&2 || exit 5; fi; '
+)
+
+
+async def _bootstrap(
+    t: Transport, name: str, stamp: str, extras: Sequence[str], *, install_uv: bool
+) -> str:
+    venv = '"$HOME/.bifrost/venvs/' + name + '"'
+    stamp_file = f'"$HOME/.bifrost/state/{name}/env_stamp"'
+    extra_args = " ".join(f"--extra {shlex.quote(x)}" for x in extras)
+    script = (
+        'export PATH="$HOME/.local/bin:$PATH"; '
+        f'if [ "$(cat {stamp_file} 2>/dev/null)" = {stamp} ] && [ -d {venv} ]; '
+        "then echo skipped; exit 0; fi; "
+        + (_UV_INSTALL if install_uv else "command -v uv >/dev/null || { echo 'uv not found' >&2; exit 5; }; ")
+        + f'cd "$HOME/.bifrost/workspaces/{name}" && '
+        f"UV_PROJECT_ENVIRONMENT={venv} uv sync --locked {extra_args} >&2 && "
+        f"echo {stamp} > {stamp_file} && echo synced"
+    )
+    return (await _run_checked(t, script)).strip()
+
+
+async def apush(
+    host: Host,
+    root: Path,
+    *,
+    name: str | None = None,
+    bootstrap: bool = False,
+    extras: Sequence[str] = (),
+    progress: bool = False,
+) -> PushResult:
+    """Coroutine behind :meth:`bifrost.Host.push`.
+
+    rsync ``--files-from`` when both ends have rsync (tar over SSH otherwise); files removed
+    locally since the last push are removed remotely (manifest diff); git sha and dirty flag
+    are recorded in ``~/.bifrost/state/<name>/push.json``. With ``bootstrap`` and a uv.lock,
+    uv is installed if absent and ``uv sync --locked`` runs into ``~/.bifrost/venvs/<name>``,
+    skipped when lock, python pin and extras are unchanged.
+    """
+    started = time.monotonic()
+    root = root.expanduser().resolve()
+    if not root.is_dir():
+        raise TransferError(f"cannot push {root}: not a directory")
+    name = check_workspace_name(name or re.sub(r"[^A-Za-z0-9._-]+", "-", root.name).strip(".-"))
+    files = await asyncio.to_thread(list_files, root)
+    sha, dirty = await asyncio.to_thread(_git_state, root)
+    t = await host.atransport()
+    home = await t.home()
+    ws_abs = f"{home}/.bifrost/workspaces/{name}"
+    state = f'"$HOME/.bifrost/state/{name}"'
+    probe = await _run_checked(
+        t,
+        f'mkdir -p "$HOME/.bifrost/workspaces/{name}" {state} && '
+        "{ command -v rsync >/dev/null 2>&1 && echo rsync=yes || echo rsync=no; }; "
+        f"cat {state}/manifest.json 2>/dev/null || true",
+    )
+    first, _, old_manifest = probe.partition("\n")
+    try:
+        old_files = set(json.loads(old_manifest)["files"]) if old_manifest.strip() else set()
+    except (ValueError, KeyError, TypeError):
+        old_files = set()
+    shell = t.rsync_shell()
+    use_rsync = first.strip() == "rsync=yes" and shell is not None and _has_local("rsync")
+    if use_rsync:
+        assert shell is not None
+        await _rsync(t, root, files, ws_abs, shell)
+        method = "rsync"
+    else:
+        cmd = f'tar -xf - -C "$HOME/.bifrost/workspaces/{name}"'
+        out: list[bytes] = []
+        err: list[bytes] = []
+        rc = await t.run(cmd, stdin=_tar_stream(root, files), on_stdout=out.append,
+                         on_stderr=err.append)  # fmt: skip
+        if rc != 0:
+            raise TransferError(f"tar upload to {host.name} failed: {b''.join(err).decode()}")
+        method = "tar"
+    deleted = sorted(old_files - set(files))
+    safe_deleted = [p for p in deleted if not p.startswith("/") and ".." not in p.split("/")]
+    manifest = json.dumps(
+        {"files": files, "git_sha": sha, "dirty": dirty, "pushed_at": time.time(), "root": str(root)}
+    )
+    if safe_deleted:
+        listing = b"".join(p.encode("utf-8", "surrogateescape") + b"\0" for p in safe_deleted)
+        await _run_checked(
+            t, f'cd "$HOME/.bifrost/workspaces/{name}" && xargs -0 rm -f --', stdin=listing
+        )
+    await _run_checked(
+        t,
+        f"cat > {state}/manifest.json.tmp && mv -f {state}/manifest.json.tmp {state}/manifest.json",
+        stdin=manifest.encode(),
+    )
+    boot: str | None = None
+    stamp = _env_stamp(root, extras)
+    if bootstrap and stamp is not None:
+        boot = await _bootstrap(t, name, stamp, extras, install_uv=not t.target.is_local)
+    return PushResult(
+        target=host.name,
+        workspace=workspace_path(name),
+        files=len(files),
+        deleted=len(safe_deleted),
+        method=method,
+        git_sha=sha,
+        dirty=dirty,
+        bootstrapped=boot,
+        duration=time.monotonic() - started,
+    )
+
+
+def _has_local(prog: str) -> bool:
+    from shutil import which
+
+    return which(prog) is not None

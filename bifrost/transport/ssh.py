@@ -1,0 +1,384 @@
+"""SSH transport on asyncssh: TOFU host keys, timeouts on every phase, retries on transient errors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncssh
+from tenacity import (
+    AsyncRetrying,
+    RetryError,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from bifrost.errors import AuthError, ConnectError, ConnectionLostError, HostKeyChangedError
+from bifrost.hostkeys import KnownHosts, host_pattern
+from bifrost.target import Target
+from bifrost.transport.base import OutputSink, Progress, StdinSource, Transport
+from bifrost.transport.local import LocalTransport
+
+log = logging.getLogger("bifrost.ssh")
+
+CHUNK = 1 << 16
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors a retry can fix: refused/reset/timeout/banner trouble. Never auth or host keys."""
+    if isinstance(exc, asyncssh.PermissionDenied | asyncssh.HostKeyNotVerifiable):
+        return False
+    if isinstance(exc, socket.gaierror):
+        return False  # a typo in the host name does not heal
+    return isinstance(
+        exc,
+        OSError
+        | TimeoutError
+        | asyncio.TimeoutError
+        | asyncssh.ConnectionLost
+        | asyncssh.DisconnectError
+        | asyncssh.ProtocolError,
+    )
+
+
+class _Client(asyncssh.SSHClient):
+    def __init__(self) -> None:
+        self.lost = False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+
+async def _fingerprint_now(target: Target, tunnel: asyncssh.SSHClientConnection | None) -> str:
+    try:
+        key = await asyncio.wait_for(
+            asyncssh.get_server_host_key(target.host, target.port, tunnel=tunnel), 10
+        )
+    except Exception:
+        return "unknown"
+    return key.get_fingerprint() if key is not None else "unknown"
+
+
+async def _connect_once(
+    target: Target,
+    *,
+    known_hosts: KnownHosts,
+    connect_timeout: float,
+    keepalive_interval: float,
+    tunnel: asyncssh.SSHClientConnection | None,
+) -> tuple[asyncssh.SSHClientConnection, _Client]:
+    pinned = known_hosts.lookup(target.host, target.port)
+    kh = asyncssh.import_known_hosts("\n".join(pinned) + "\n") if pinned else None
+    try:
+        conn, client = await asyncio.wait_for(
+            asyncssh.create_connection(
+                _Client,
+                target.host,
+                target.port,
+                tunnel=tunnel,
+                username=target.user,
+                known_hosts=kh,
+                client_keys=list(target.identity_files) if target.identity_files else (),
+                config=None,
+                connect_timeout=connect_timeout,
+                login_timeout=connect_timeout,
+                keepalive_interval=keepalive_interval,
+                keepalive_count_max=3,
+            ),
+            connect_timeout + 5,
+        )
+    except asyncssh.HostKeyNotVerifiable:
+        if not pinned:
+            raise
+        pinned_fp = asyncssh.import_public_key(pinned[0].split(" ", 1)[1]).get_fingerprint()
+        new_fp = await _fingerprint_now(target, tunnel)
+        name = host_pattern(target.host, target.port)
+        raise HostKeyChangedError(
+            f"HOST KEY CHANGED for {name}: pinned {pinned_fp}, the server now offers {new_fp}. "
+            "This happens when a rented box is re-imaged, or under a man-in-the-middle attack. "
+            f"If you trust the new key, run: bifrost forget {target.host}:{target.port}"
+        ) from None
+    if not pinned:
+        key = conn.get_server_host_key()
+        if key is not None:
+            known_hosts.add(target.host, target.port, key)
+    return conn, client
+
+
+async def connect_ssh(
+    target: Target,
+    *,
+    known_hosts: KnownHosts | None = None,
+    connect_timeout: float = 15.0,
+    keepalive_interval: float = 15.0,
+    retries: int = 4,
+    tunnel: asyncssh.SSHClientConnection | None = None,
+) -> tuple[asyncssh.SSHClientConnection, _Client, list[asyncssh.SSHClientConnection]]:
+    """Open a connection (through ProxyJump hosts), retrying transient failures."""
+    kh = known_hosts or KnownHosts()
+    hops: list[asyncssh.SSHClientConnection] = []
+    for jump in target.proxy_jump:
+        conn, _client, more = await connect_ssh(
+            jump,
+            known_hosts=kh,
+            connect_timeout=connect_timeout,
+            keepalive_interval=keepalive_interval,
+            retries=retries,
+            tunnel=tunnel,
+        )
+        hops += [*more, conn]
+        tunnel = conn
+    attempts = 0
+    try:
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(max(1, retries)),
+            wait=wait_exponential_jitter(initial=0.2, max=4.0, jitter=0.2),
+            retry=retry_if_exception(is_transient),
+            reraise=True,
+        ):
+            with attempt:
+                attempts = attempt.retry_state.attempt_number
+                conn, client = await _connect_once(
+                    target,
+                    known_hosts=kh,
+                    connect_timeout=connect_timeout,
+                    keepalive_interval=keepalive_interval,
+                    tunnel=tunnel,
+                )
+                return conn, client, hops
+    except HostKeyChangedError:
+        raise
+    except asyncssh.PermissionDenied as exc:
+        raise AuthError(
+            f"authentication failed for {target.user}@{target.host}:{target.port} ({exc.reason}); "
+            "check the user name and that your key is in the box's authorized_keys",
+            attempts=attempts,
+        ) from None
+    except asyncssh.HostKeyNotVerifiable as exc:
+        raise ConnectError(f"host key not verifiable for {target}: {exc.reason}") from None
+    except (RetryError, Exception) as exc:
+        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise ConnectError(
+            f"could not connect to {target} after {attempts} attempt(s): {reason}",
+            attempts=attempts,
+        ) from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class SSHTransport(Transport):
+    """A transport over one asyncssh connection (plus any ProxyJump hops)."""
+
+    def __init__(
+        self,
+        target: Target,
+        conn: asyncssh.SSHClientConnection,
+        client: _Client,
+        hops: list[asyncssh.SSHClientConnection],
+        *,
+        open_timeout: float = 30.0,
+        known_hosts: KnownHosts | None = None,
+    ) -> None:
+        self.target = target
+        self._conn = conn
+        self._client = client
+        self._hops = hops
+        self._open_timeout = open_timeout
+        self._sftp: asyncssh.SFTPClient | None = None
+        self._home: str | None = None
+        self._known_hosts = known_hosts or KnownHosts()
+
+    @property
+    def closed(self) -> bool:
+        return self._client.lost
+
+    async def run(
+        self,
+        command: str,
+        *,
+        stdin: StdinSource = None,
+        on_stdout: OutputSink | None = None,
+        on_stderr: OutputSink | None = None,
+        merge_stderr: bool = False,
+    ) -> int:
+        try:
+            # Opening a channel has no timeout of its own; a dead link would hang here.
+            proc = await asyncio.wait_for(
+                self._conn.create_process(
+                    command,
+                    encoding=None,
+                    stderr=asyncssh.STDOUT if merge_stderr else asyncssh.PIPE,
+                ),
+                self._open_timeout,
+            )
+        except (OSError, TimeoutError, asyncssh.Error) as exc:
+            raise ConnectionLostError(f"connection to {self.target.display} lost: {exc}") from None
+        try:
+            return await self._drive(proc, stdin, on_stdout, on_stderr, merge_stderr)
+        finally:
+            proc.close()
+
+    async def _drive(
+        self,
+        proc: asyncssh.SSHClientProcess[bytes],
+        stdin: StdinSource,
+        on_stdout: OutputSink | None,
+        on_stderr: OutputSink | None,
+        merge_stderr: bool,
+    ) -> int:
+        async def pump(reader: asyncssh.SSHReader[bytes], sink: OutputSink | None) -> None:
+            while True:
+                chunk = await reader.read(CHUNK)
+                if not chunk:
+                    return
+                if sink is not None:
+                    sink(chunk)
+
+        async def feed() -> None:
+            try:
+                if isinstance(stdin, bytes):
+                    proc.stdin.write(stdin)
+                elif stdin is not None:
+                    async for chunk in stdin:
+                        proc.stdin.write(chunk)
+                        await proc.stdin.drain()
+                proc.stdin.write_eof()
+            except (BrokenPipeError, asyncssh.Error, OSError):
+                pass  # the remote side stopped reading; its exit status tells the story
+
+        tasks = [pump(proc.stdout, on_stdout), feed()]
+        if not merge_stderr:
+            tasks.append(pump(proc.stderr, on_stderr))
+        try:
+            await asyncio.gather(*tasks)
+            await proc.wait()
+        except (OSError, asyncssh.Error) as exc:
+            raise ConnectionLostError(f"connection to {self.target.display} lost: {exc}") from None
+        rc = proc.returncode
+        if rc is None:
+            raise ConnectionLostError(
+                f"connection to {self.target.display} lost before the command finished"
+            )
+        return 128 - rc if rc < 0 else rc
+
+    async def _sftp_client(self) -> asyncssh.SFTPClient:
+        if self._sftp is None:
+            try:
+                self._sftp = await asyncio.wait_for(
+                    self._conn.start_sftp_client(), self._open_timeout
+                )
+            except (OSError, TimeoutError, asyncssh.Error) as exc:
+                raise ConnectionLostError(f"SFTP to {self.target.display} failed: {exc}") from None
+        return self._sftp
+
+    async def home(self) -> str:
+        if self._home is None:
+            sftp = await self._sftp_client()
+            self._home = await sftp.realpath(".")
+        return self._home
+
+    @staticmethod
+    def _progress_handler(progress: Progress | None) -> asyncssh.SFTPProgressHandler | None:
+        if progress is None:
+            return None
+        seen: dict[bytes, int] = {}
+
+        def handler(src: bytes, dst: bytes, done: int, total: int) -> None:
+            delta = done - seen.get(src, 0)
+            seen[src] = done
+            if delta > 0:
+                progress(delta)
+
+        return handler
+
+    async def put(self, local: Path, remote: str, *, progress: Progress | None = None) -> None:
+        sftp = await self._sftp_client()
+        await sftp.put(
+            str(local),
+            remote,
+            recurse=True,
+            preserve=True,
+            progress_handler=self._progress_handler(progress),
+        )
+
+    async def get(self, remote: str, local: Path, *, progress: Progress | None = None) -> None:
+        sftp = await self._sftp_client()
+        await sftp.get(
+            remote,
+            str(local),
+            recurse=True,
+            preserve=True,
+            progress_handler=self._progress_handler(progress),
+        )
+
+    async def is_dir(self, remote: str) -> bool:
+        """Whether an absolute remote path is a directory."""
+        sftp = await self._sftp_client()
+        return bool(await sftp.isdir(remote))
+
+    def rsync_shell(self) -> tuple[list[str], str] | None:
+        if self.target.proxy_jump:
+            return None  # ssh -J would not use bifrost's known_hosts for the jump hop
+        ssh = [
+            "ssh",
+            "-p",
+            str(self.target.port),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            f"UserKnownHostsFile={self._known_hosts.path}",
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+            "-o",
+            "ConnectTimeout=15",
+            "-o",
+            "ServerAliveInterval=15",
+        ]
+        for key in self.target.identity_files:
+            ssh += ["-i", key]
+        return ssh, self.target.ssh_destination() + ":"
+
+    async def close(self) -> None:
+        if self._sftp is not None:
+            self._sftp.exit()
+            self._sftp = None
+        for conn in [self._conn, *reversed(self._hops)]:
+            conn.close()
+        for conn in [self._conn, *reversed(self._hops)]:
+            try:
+                await asyncio.wait_for(conn.wait_closed(), 5)
+            except (TimeoutError, OSError, asyncssh.Error):
+                pass
+
+
+async def open_transport(
+    target: Target,
+    *,
+    known_hosts: KnownHosts | None = None,
+    connect_timeout: float = 15.0,
+    keepalive_interval: float = 15.0,
+    retries: int = 4,
+) -> Transport:
+    """Open the right transport for ``target`` (local or SSH)."""
+    if target.is_local:
+        return LocalTransport()
+    kh = known_hosts or KnownHosts()
+    conn, client, hops = await connect_ssh(
+        target,
+        known_hosts=kh,
+        connect_timeout=connect_timeout,
+        keepalive_interval=keepalive_interval,
+        retries=retries,
+    )
+    return SSHTransport(target, conn, client, hops, known_hosts=kh)
+
+
+async def aiter_bytes(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    """Adapt a list of chunks to an async stdin source."""
+    for c in chunks:
+        yield c
