@@ -1,8 +1,8 @@
 """Canonical GPU identities and the many names providers give them.
 
-Providers spell the same card differently ("NVIDIA H100 80GB HBM3", "H100 SXM", "1x H100 (80 GB
-SXM5)", "H100_80GB" + socket "SXM5"). :func:`resolve` maps any of them, plus the VRAM and form factor
-the provider reports, to one :class:`GPUModel`. A name the catalog does not know keeps the
+Providers spell the same card differently ("NVIDIA H100 80GB HBM3", "H100 SXM",
+"1x H100 (80 GB SXM5)", "H100_80GB" + socket "SXM5"). :func:`resolve` maps any of them, plus
+the VRAM and form factor the provider reports, to one :class:`GPUModel`. A name the catalog does not know keeps the
 provider's string and is flagged (``known=False``); it is never dropped.
 
 Names are compared as *token sets* after normalisation (case, punctuation, vendor words, ``80 GB`` →
@@ -85,7 +85,7 @@ def tokens(name: str) -> frozenset[str]:
 
 
 def normalize_manufacturer(value: str | Manufacturer | None) -> Manufacturer:
-    """Map any provider spelling ("Nvidia", "NVIDIA Corporation", "AMD") to :class:`Manufacturer`."""
+    """Map a provider's spelling ("Nvidia", "NVIDIA Corporation", "AMD") to a Manufacturer."""
     if isinstance(value, Manufacturer):
         return value
     if not value:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -157,9 +157,7 @@ def search(
     spot: Annotated[
         bool | None, typer.Option("--spot/--on-demand", help="Only spot / only on-demand.")
     ] = None,
-    sort: Annotated[
-        str | None, typer.Option("--sort", help="Sort keys, e.g. price,-vram.")
-    ] = None,
+    sort: Annotated[str | None, typer.Option("--sort", help="Sort keys, e.g. price,-vram.")] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="At most N offers.")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     explain: Annotated[
@@ -236,7 +234,7 @@ def providers_cmd(
     """List providers, whether they are configured, and what they can do."""
     with _errors():
         settings = load_settings()
-        rows = []
+        rows: list[dict[str, Any]] = []
         for name, cls in provider_classes().items():
             caps = cls.capabilities
             rows.append(
@@ -277,8 +275,6 @@ def init(
         target = path or default_config_path()
         written = write_config_template(target)
         out.print(f"wrote {written} (mode 0600); put your API keys there or in the environment")
-
-
 
 
 def main() -> None:

@@ -152,7 +152,7 @@ class GPUClient(QueryFields):
             return clouds
         return [n for n, cls in classes.items() if cls.is_configured(self.settings)]
 
-    def provider(self, name: str) -> Provider:
+    def get_provider(self, name: str) -> Provider:
         """The adapter for ``name`` (built once, from settings)."""
         if name in self._providers:
             return self._providers[name]
@@ -264,7 +264,7 @@ class GPUClient(QueryFields):
         )
 
     def _search_one(self, name: str, q: Query) -> list[GPUOffer]:
-        return self.provider(name).search(q)
+        return self.get_provider(name).search(q)
 
     def explain(self, query: str | Expr | Query | None = None, **filters: Any) -> dict[str, Any]:
         """What a search would do: the parsed query and what each provider is asked."""

@@ -1,8 +1,9 @@
 """Settings: API keys, the SSH key, defaults and guards.
 
-Sources, highest priority first: arguments passed to :class:`Settings`, environment variables, a
-``.env`` file in the working directory (``BROKER_ENV_FILE`` names another), then the TOML config file (``broker init`` writes one in the
-platform config dir; ``BROKER_CONFIG`` points elsewhere). Keys are :class:`SecretStr`: they print as
+Sources, highest priority first: arguments passed to :class:`Settings`, environment variables,
+a ``.env`` file in the working directory (``BROKER_ENV_FILE`` names another), then the TOML
+config file (``broker init`` writes one in the platform config dir; ``BROKER_CONFIG`` points
+elsewhere). Keys are :class:`SecretStr`: they print as
 ``**********`` in reprs, logs and errors.
 """
 

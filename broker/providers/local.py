@@ -104,7 +104,7 @@ class LocalProvider(Provider):
             header = _run([self.nvidia_smi]) or ""
             m = _CUDA.search(header)
             return GPUOffer(
-                **common,  # type: ignore[arg-type]
+                **common,
                 gpu_type=res.name,
                 gpu_provider_name=first if len(set(names)) == 1 else ", ".join(names),
                 manufacturer=res.manufacturer,
@@ -118,7 +118,7 @@ class LocalProvider(Provider):
                 source="local:nvidia-smi",
             )
         return GPUOffer(
-            **common,  # type: ignore[arg-type]
+            **common,
             gpu_type="CPU only",
             gpu_provider_name="none",
             manufacturer=Manufacturer.NONE,

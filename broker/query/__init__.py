@@ -26,7 +26,7 @@ from broker.query.parser import parse, parse_expr, to_text
 from broker.query.pushdown import Hints, hints
 
 
-def as_query(q: "str | Expr | Query | None") -> Query:
+def as_query(q: str | Expr | Query | None) -> Query:
     """Accept a query string, an expression, or a Query; return a Query."""
     if q is None:
         return Query()

@@ -241,7 +241,9 @@ class _Parser:
             close = self.peek()
             if close.text != ")":
                 found = "end of query" if close.kind == "eof" else repr(close.text)
-                raise self.err(f"missing ')' to close the '(' at column {t.col}; found {found}", close)
+                raise self.err(
+                    f"missing ')' to close the '(' at column {t.col}; found {found}", close
+                )
             self.next()
             if inner is None:
                 raise self.err("empty parentheses", t)
@@ -301,8 +303,10 @@ class _Parser:
                 lo = self.value(spec, lo_s, vtok)
                 hi = self.value(spec, hi_s, vtok, offset=len(lo_s) + 2)
                 return ir.between(spec, lo, hi)
-            value = self.value(spec, self.raw_text(vtok), vtok) if vtok.kind == "word" else (
-                self.raw_text(vtok)
+            value = (
+                self.value(spec, self.raw_text(vtok), vtok)
+                if vtok.kind == "word"
+                else (self.raw_text(vtok))
             )
             norm_op: ir.Op = "==" if op == "=" else op  # type: ignore[assignment]
             return ir.cmp(spec, norm_op, value)
@@ -331,14 +335,20 @@ class _Parser:
                 raise self.err(f"{spec.short} in [] is empty; give at least one value", t)
             if t.kind not in ("word", "str"):
                 found = "end of query" if t.kind == "eof" else repr(t.text)
-                raise self.err(f"missing ']' to close the list at column {open_tok.col}; found {found}", t)
-            vals.append(self.value(spec, self.raw_text(t), t) if t.kind == "word" else self.raw_text(t))
+                raise self.err(
+                    f"missing ']' to close the list at column {open_tok.col}; found {found}", t
+                )
+            vals.append(
+                self.value(spec, self.raw_text(t), t) if t.kind == "word" else self.raw_text(t)
+            )
             sep = self.next()
             if sep.text == "]" and sep.kind == "punct":
                 return vals
             if sep.text != "," or sep.kind != "punct":
                 found = "end of query" if sep.kind == "eof" else repr(sep.text)
-                raise self.err(f"missing ']' to close the list at column {open_tok.col}; found {found}", sep)
+                raise self.err(
+                    f"missing ']' to close the list at column {open_tok.col}; found {found}", sep
+                )
 
     def value(self, spec: FieldSpec, text: str, tok: Token, offset: int = 0) -> object:
         """Interpret a bare word for ``spec``: numbers with units, booleans, or text."""
@@ -392,7 +402,9 @@ def _unit_factor(spec: FieldSpec, unit: str, text: str, col: int) -> float:
             right = "a price unit such as /h or $/h"
         else:
             right = "a plain number"
-        raise QueryError(f"unit {unit!r} does not apply to {spec.short} (use {right})", text=text, column=col)
+        raise QueryError(
+            f"unit {unit!r} does not apply to {spec.short} (use {right})", text=text, column=col
+        )
     close = difflib.get_close_matches(unit, _ALL_UNITS, n=1, cutoff=0.5)
     raise QueryError(
         f"unknown unit {unit!r} for {spec.short}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -21,10 +22,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     return path
 
@@ -35,7 +34,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int = 2) -> Path:
-    """Atomically write JSON (keys kept in insertion order, NaN refused so files stay valid JSON)."""
+    """Atomically write JSON (insertion order kept; NaN refused so files stay valid JSON)."""
     text = json.dumps(obj, indent=indent, allow_nan=False, default=_default) + "\n"
     return atomic_write_text(path, text)
 

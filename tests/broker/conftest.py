@@ -7,8 +7,15 @@ from pathlib import Path
 
 import pytest
 
-_KEYS = ("RUNPOD_API_KEY", "PRIME_API_KEY", "PRIME_INTELLECT_API_KEY", "LAMBDA_API_KEY",
-         "VAST_API_KEY", "BROKER_PROVIDERS", "SSH_KEY_PATH")
+_KEYS = (
+    "RUNPOD_API_KEY",
+    "PRIME_API_KEY",
+    "PRIME_INTELLECT_API_KEY",
+    "LAMBDA_API_KEY",
+    "VAST_API_KEY",
+    "BROKER_PROVIDERS",
+    "SSH_KEY_PATH",
+)
 
 
 @pytest.fixture(autouse=True)

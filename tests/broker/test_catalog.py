@@ -49,7 +49,9 @@ TABLE = [
 
 
 @pytest.mark.parametrize(("name", "vram", "socket", "canonical"), TABLE)
-def test_alias_resolution(name: str, vram: float | None, socket: str | None, canonical: str) -> None:
+def test_alias_resolution(
+    name: str, vram: float | None, socket: str | None, canonical: str
+) -> None:
     r = catalog.resolve(name, vram_gb=vram, form_factor=socket)
     assert r.known
     assert r.name == canonical
@@ -62,7 +64,11 @@ def test_family_without_variant_keeps_what_is_certain() -> None:
     r = catalog.resolve("A100_80GB")  # Prime without a socket: SXM or PCIe
     assert r.known and r.model is None
     assert (r.name, r.vram_gb, r.manufacturer, r.compute_capability) == (
-        "A100 80GB", 80.0, Manufacturer.NVIDIA, "8.0")
+        "A100 80GB",
+        80.0,
+        Manufacturer.NVIDIA,
+        "8.0",
+    )
 
 
 def test_unknown_names_are_kept_and_flagged() -> None:
@@ -76,9 +82,17 @@ def test_unknown_names_are_kept_and_flagged() -> None:
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
-    [("Nvidia", Manufacturer.NVIDIA), ("NVIDIA", Manufacturer.NVIDIA), ("nvidia", Manufacturer.NVIDIA),
-     ("NVIDIA Corporation", Manufacturer.NVIDIA), ("AMD", Manufacturer.AMD), ("amd", Manufacturer.AMD),
-     ("Intel", Manufacturer.INTEL), (None, Manufacturer.UNKNOWN), ("", Manufacturer.UNKNOWN)],
+    [
+        ("Nvidia", Manufacturer.NVIDIA),
+        ("NVIDIA", Manufacturer.NVIDIA),
+        ("nvidia", Manufacturer.NVIDIA),
+        ("NVIDIA Corporation", Manufacturer.NVIDIA),
+        ("AMD", Manufacturer.AMD),
+        ("amd", Manufacturer.AMD),
+        ("Intel", Manufacturer.INTEL),
+        (None, Manufacturer.UNKNOWN),
+        ("", Manufacturer.UNKNOWN),
+    ],
 )
 def test_manufacturer_normalisation(raw: str | None, expected: Manufacturer) -> None:
     assert catalog.normalize_manufacturer(raw) is expected

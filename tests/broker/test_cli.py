@@ -21,10 +21,28 @@ def test_search_local_json_schema() -> None:
     assert set(data) == {"query", "offers", "providers"}
     assert data["query"] == "limit=20"
     (offer,) = data["offers"]
-    for key in ("provider", "offer_id", "gpu_type", "gpu_provider_name", "manufacturer",
-                "gpu_known", "gpu_count", "vram_gb", "total_vram_gb", "vcpus", "ram_gb",
-                "disk_gb", "price_per_hour", "price_per_gpu_hour", "spot", "cloud_type",
-                "region", "stock", "observed_at", "source"):
+    for key in (
+        "provider",
+        "offer_id",
+        "gpu_type",
+        "gpu_provider_name",
+        "manufacturer",
+        "gpu_known",
+        "gpu_count",
+        "vram_gb",
+        "total_vram_gb",
+        "vcpus",
+        "ram_gb",
+        "disk_gb",
+        "price_per_hour",
+        "price_per_gpu_hour",
+        "spot",
+        "cloud_type",
+        "region",
+        "stock",
+        "observed_at",
+        "source",
+    ):
         assert key in offer
     assert offer["provider"] == "local" and offer["price_per_hour"] == 0.0
     (rep,) = data["providers"]
@@ -52,13 +70,34 @@ def test_search_no_match_exits_0() -> None:
 
 
 def test_search_flags_become_query() -> None:
-    r = runner.invoke(app, ["search", "--gpu-type", "H100", "--gpu-count", "2", "--min-vram", "80",
-                            "--max-price", "6", "--manufacturer", "nvidia", "--on-demand",
-                            "--sort", "price,-vram", "--limit", "5", "--explain", "--json"])
+    r = runner.invoke(
+        app,
+        [
+            "search",
+            "--gpu-type",
+            "H100",
+            "--gpu-count",
+            "2",
+            "--min-vram",
+            "80",
+            "--max-price",
+            "6",
+            "--manufacturer",
+            "nvidia",
+            "--on-demand",
+            "--sort",
+            "price,-vram",
+            "--limit",
+            "5",
+            "--explain",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     plan = json.loads(r.stdout)
-    assert plan["query"] == ("gpu~H100 gpus=2 vram>=80GB price<=6/h manufacturer=nvidia !spot "
-                             "sort=price,-vram limit=5")
+    assert plan["query"] == (
+        "gpu~H100 gpus=2 vram>=80GB price<=6/h manufacturer=nvidia !spot sort=price,-vram limit=5"
+    )
     assert plan["providers"][0]["provider"] == "local"
 
 

@@ -17,9 +17,18 @@ from broker.types import CreateRequest, GPUOffer, Instance, Manufacturer
 
 
 def mk(provider: str, gpu: str, n: int, price: float) -> GPUOffer:
-    return GPUOffer(provider=provider, offer_id=f"{gpu}-{n}", gpu_type=gpu, gpu_provider_name=gpu,
-                    manufacturer=Manufacturer.NVIDIA, gpu_known=True, gpu_count=n, vram_gb=80.0,
-                    price_per_hour=price, source="fake")
+    return GPUOffer(
+        provider=provider,
+        offer_id=f"{gpu}-{n}",
+        gpu_type=gpu,
+        gpu_provider_name=gpu,
+        manufacturer=Manufacturer.NVIDIA,
+        gpu_known=True,
+        gpu_count=n,
+        vram_gb=80.0,
+        price_per_hour=price,
+        source="fake",
+    )
 
 
 class Fake(Provider):
@@ -27,8 +36,14 @@ class Fake(Provider):
     display_name: ClassVar[str] = "Fake"
     capabilities: ClassVar[Capabilities] = Capabilities(pushdown=("gpu_count",))
 
-    def __init__(self, name: str, offers: list[GPUOffer] | None = None, *,
-                 error: Exception | None = None, block: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        offers: list[GPUOffer] | None = None,
+        *,
+        error: Exception | None = None,
+        block: threading.Event | None = None,
+    ) -> None:
         self.name = name  # type: ignore[misc]
         self.offers = offers or []
         self.error = error
@@ -86,8 +101,12 @@ def test_search_merges_filters_sorts_and_reports(release: threading.Event) -> No
     assert (by["a"].status, by["a"].offers, by["a"].matched) == ("ok", 2, 1)
     assert by["b"].status == "ok"
     assert by["bad"].status == "error"
-    assert by["bad"].error == {"type": "AuthError", "provider": "bad", "status_code": 401,
-                               "message": "invalid API key"}
+    assert by["bad"].error == {
+        "type": "AuthError",
+        "provider": "bad",
+        "status_code": 401,
+        "message": "invalid API key",
+    }
     assert by["slow"].status == "timeout"
     assert not res.all_failed and {r.provider for r in res.failed} == {"bad", "slow"}
     assert res.query == "gpu~A100 gpus=2 price<=4/h"

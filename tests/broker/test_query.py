@@ -92,8 +92,15 @@ def test_ir_shapes_and_normalisation() -> None:
 
 @pytest.mark.parametrize(
     ("text", "gb"),
-    [("vram>=80GB", 80), ("vram>=80", 80), ("vram>=1TB", 1000), ("vram>=512MB", 0.512),
-     ("vram>=80GiB", 85.89934592), ("ram>=2TiB", 2199.023255552), ("disk>=0.5tb", 500)],
+    [
+        ("vram>=80GB", 80),
+        ("vram>=80", 80),
+        ("vram>=1TB", 1000),
+        ("vram>=512MB", 0.512),
+        ("vram>=80GiB", 85.89934592),
+        ("ram>=2TiB", 2199.023255552),
+        ("disk>=0.5tb", 500),
+    ],
 )
 def test_size_units_normalise_to_gb(text: str, gb: float) -> None:
     where = parse(text).where
@@ -101,15 +108,18 @@ def test_size_units_normalise_to_gb(text: str, gb: float) -> None:
     assert where.value == pytest.approx(gb)
 
 
-@pytest.mark.parametrize("text", ["price<=6/h", "price<=$6", "price<=$6/h", "price<=6", "price<=6/hr"])
+@pytest.mark.parametrize(
+    "text", ["price<=6/h", "price<=$6", "price<=$6/h", "price<=6", "price<=6/hr"]
+)
 def test_price_units(text: str) -> None:
     assert parse(text).where == Cmp("price_per_hour", "<=", 6.0)
 
 
 def test_precedence_not_then_and_then_or() -> None:
     q = parse("!spot gpus=1 or gpus=8")
-    assert q.where == Or((And((Not(Flag("spot")), Cmp("gpu_count", "==", 1))),
-                          Cmp("gpu_count", "==", 8)))
+    assert q.where == Or(
+        (And((Not(Flag("spot")), Cmp("gpu_count", "==", 1))), Cmp("gpu_count", "==", 8))
+    )
 
 
 MALFORMED = [
@@ -124,25 +134,37 @@ MALFORMED = [
     ("gpu~H100)", "unbalanced ')' at column 9"),
     ("gpu in [A100", "missing ']' to close the list at column 8; found end of query"),
     ("gpu in []", "gpu in [] is empty; give at least one value"),
-    ("manufacturer=nvdia", "unknown manufacturer 'nvdia' (one of: nvidia, amd, intel, none, unknown) at column 14; did you mean 'nvidia'?"),
+    (
+        "manufacturer=nvdia",
+        "unknown manufacturer 'nvdia' (one of: nvidia, amd, intel, none, unknown) at column 14; did you mean 'nvidia'?",
+    ),
     ("vram=80..40", "vram range is empty: 80..40 (low end above high end) at column 6"),
     ("vram>=40..80", "a range lo..hi needs '=', not '>=' at column 5"),
     ("spot>=1", "spot is true or false; use spot or !spot at column 7"),
     ("gpus>=", "gpus>= needs a value, found end of query at column 7"),
-    ("gpus", "gpus needs an operator (= != < <= > >= ~ in) and a value; found end of query at column 5"),
+    (
+        "gpus",
+        "gpus needs an operator (= != < <= > >= ~ in) and a value; found end of query at column 5",
+    ),
     ("sort=prcie", "unknown sort field 'prcie' at column 6; did you mean 'price'?"),
     ("limit=0", "limit needs a positive whole number, got '0' at column 7"),
     ("limit=3 limit=4", "limit= given twice at column 9"),
     ("gpu~H100 or", "'or' needs a condition on both sides at column 10"),
     ("and gpus>=1", "'and' needs a condition on both sides at column 1"),
-    ("stock>=lots", "unknown stock 'lots' (one of: none, low, medium, high) at column 8; did you mean 'low'?"),
+    (
+        "stock>=lots",
+        "unknown stock 'lots' (one of: none, low, medium, high) at column 8; did you mean 'low'?",
+    ),
     ("gpu>H100", "gpu cannot be compared with '>'; use = != ~ or in [...] at column 5"),
     ('gpu="H100', "unclosed quote at column 5"),
     ("vram~80", "vram is not text; '~' works on gpu, provider, region, ... at column 6"),
     ("()", "empty parentheses at column 2"),
     ("(gpus=1 sort=price)", "sort= must be at the top level, not inside ( ) at column 9"),
     ("cuda>=twelve", "cuda needs a version like 12.4, got 'twelve' at column 7"),
-    ("cloud=secrue", "unknown cloud 'secrue' (one of: secure, community, local) at column 7; did you mean 'secure'?"),
+    (
+        "cloud=secrue",
+        "unknown cloud 'secrue' (one of: secure, community, local) at column 7; did you mean 'secure'?",
+    ),
 ]
 
 
@@ -185,8 +207,9 @@ def test_gpu_names_match_through_aliases_case_insensitively() -> None:
     h100 = offer()
     pcie = offer(gpu_type="H100 PCIe 80GB", gpu_provider_name="NVIDIA H100 PCIe", offer_id="p")
     a100 = offer(gpu_type="A100 SXM 80GB", gpu_provider_name="A100 SXM4", offer_id="a")
-    odd = offer(gpu_type="Mystery X1", gpu_provider_name="Mystery X1", gpu_known=False,
-                offer_id="m")
+    odd = offer(
+        gpu_type="Mystery X1", gpu_provider_name="Mystery X1", gpu_known=False, offer_id="m"
+    )
     offers = [h100, pcie, a100, odd]
     assert run_query(parse("gpu=h100"), offers) == [h100, pcie]
     assert run_query(parse("gpu='NVIDIA H100 80GB HBM3'"), offers) == [h100]
@@ -240,8 +263,12 @@ def test_pushdown_hints_only_from_top_level_conjuncts() -> None:
     h = hints(parse("gpu~A100 gpus>=2 vram>=80GB price<=4/h !spot"))
     assert (h.gpu_count_min, h.vram_gb_min, h.price_per_hour_max, h.spot) == (2, 80.0, 4.0, False)
     assert h.gpu_names == ("A100",)
-    assert set(h.canonical_gpus() or ()) == {"A100 SXM 80GB", "A100 PCIe 80GB", "A100 SXM 40GB",
-                                             "A100 PCIe 40GB"}
+    assert set(h.canonical_gpus() or ()) == {
+        "A100 SXM 80GB",
+        "A100 PCIe 80GB",
+        "A100 SXM 40GB",
+        "A100 PCIe 40GB",
+    }
     # Inside an 'or' nothing may be pushed down: each branch could match without it.
     h2 = hints(parse("gpus>=2 or vram>=80"))
     assert h2.gpu_count_min is None and h2.vram_gb_min is None

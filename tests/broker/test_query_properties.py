@@ -68,16 +68,26 @@ def atoms(draw: st.DrawFn) -> Expr:
         a, b = sorted([draw(NUM_FIELDS[f]), draw(NUM_FIELDS[f])])
         return Between(f, a, b)
     if kind == 4:
-        return Cmp("gpu_type", draw(st.sampled_from(["==", "!="])), draw(st.sampled_from(QUERY_GPU_NAMES)))
+        return Cmp(
+            "gpu_type", draw(st.sampled_from(["==", "!="])), draw(st.sampled_from(QUERY_GPU_NAMES))
+        )
     if kind == 5:
-        return Contains(draw(st.sampled_from(["gpu_type", "region"])), draw(st.sampled_from(["H1", "us", "rtx", "4090"])))
+        return Contains(
+            draw(st.sampled_from(["gpu_type", "region"])),
+            draw(st.sampled_from(["H1", "us", "rtx", "4090"])),
+        )
     if kind == 6:
-        return In("provider", tuple(draw(st.lists(st.sampled_from(PROVIDERS), min_size=1, max_size=3))))
+        return In(
+            "provider", tuple(draw(st.lists(st.sampled_from(PROVIDERS), min_size=1, max_size=3)))
+        )
     if kind == 7:
         return Cmp("manufacturer", "==", draw(st.sampled_from([m.value for m in Manufacturer])))
     if kind == 8:
-        return Cmp(draw(st.sampled_from(["cuda_version", "compute_capability"])), draw(OPS),
-                   draw(st.sampled_from(["8.0", "9.0", "12.4", "12.10"])))
+        return Cmp(
+            draw(st.sampled_from(["cuda_version", "compute_capability"])),
+            draw(OPS),
+            draw(st.sampled_from(["8.0", "9.0", "12.4", "12.10"])),
+        )
     return Flag("spot")
 
 
@@ -176,7 +186,9 @@ def test_evaluator_equals_plain_python_filter(expr: Expr, offers: list[GPUOffer]
     desc=st.booleans(),
     limit=st.none() | st.integers(1, 50),
 )
-def test_string_form_round_trips(expr: Expr, sort: list[str], desc: bool, limit: int | None) -> None:
+def test_string_form_round_trips(
+    expr: Expr, sort: list[str], desc: bool, limit: int | None
+) -> None:
     q = Query(expr, tuple(SortKey(f, desc) for f in sort), limit)
     text = to_text(q)
     again = parse(text)
