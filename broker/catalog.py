@@ -2,8 +2,8 @@
 
 Providers spell the same card differently ("NVIDIA H100 80GB HBM3", "H100 SXM",
 "1x H100 (80 GB SXM5)", "H100_80GB" + socket "SXM5"). :func:`resolve` maps any of them, plus
-the VRAM and form factor the provider reports, to one :class:`GPUModel`. A name the catalog does not know keeps the
-provider's string and is flagged (``known=False``); it is never dropped.
+the VRAM and form factor the provider reports, to one :class:`GPUModel`. A name the catalog
+does not know keeps the provider's string and is flagged (``known=False``); it is never dropped.
 
 Names are compared as *token sets* after normalisation (case, punctuation, vendor words, ``80 GB`` →
 ``80gb``, ``SXM5`` → ``sxm``), so word order and spacing never matter.
