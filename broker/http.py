@@ -54,9 +54,10 @@ T = TypeVar("T")
 
 _BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"',]+")
 _AUTH_HEADER = re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)[^\"'\n,}]+")
-_KEY_PARAM = re.compile(
-    r"(?i)((?:api_?key|apikey|access_token|token|key)[\"']?\s*[=:]\s*[\"']?)[^&\s\"',}]+"
-)
+# api_key=VALUE in URLs/forms and "api_key": "VALUE" in JSON; a bare "api_key: word" in prose is
+# left alone (the key itself is always replaced by value, whatever surrounds it).
+_KEY_PARAM = re.compile(r"(?i)\b((?:api_?key|apikey|access_token|token|key)=)[^&\s\"']+")
+_KEY_JSON = re.compile(r"(?i)(\"(?:api_?key|apikey|access_token|token|key)\"\s*:\s*\")[^\"]+")
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
@@ -66,6 +67,7 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
             text = text.replace(s, REDACTED)
     text = _BEARER.sub(rf"\g<1>{REDACTED}", text)
     text = _AUTH_HEADER.sub(rf"\g<1>{REDACTED}", text)
+    text = _KEY_JSON.sub(rf"\g<1>{REDACTED}", text)
     return _KEY_PARAM.sub(rf"\g<1>{REDACTED}", text)
 
 
@@ -124,13 +126,19 @@ def _error_text(response: httpx.Response) -> str:
     except (ValueError, UnicodeDecodeError):
         return response.text
     if isinstance(body, dict):
-        for k in ("error", "message", "detail", "msg", "errors", "error_description"):
+        # Providers pair a code with a sentence ({"error": "no_such_ask", "msg": "..."}): keep both.
+        parts: list[str] = []
+        for k in ("error", "message", "msg", "detail", "errors", "error_description"):
             v = body.get(k)
-            if v:
-                if isinstance(v, dict):
-                    inner = v.get("message") or v.get("code")
-                    return str(inner) if inner else json.dumps(v)
-                return v if isinstance(v, str) else json.dumps(v)
+            if not v:
+                continue
+            if isinstance(v, dict):
+                v = v.get("message") or v.get("code") or json.dumps(v)
+            text = v if isinstance(v, str) else json.dumps(v)
+            if text not in parts:
+                parts.append(text)
+        if parts:
+            return ": ".join(parts)
     return response.text
 
 
