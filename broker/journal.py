@@ -1,0 +1,302 @@
+"""The journal: a SQLite record of every instance we ever asked for.
+
+The intent is written *before* the provider is called, under a unique name (``broker-<id>``) that
+is also sent to the provider as the instance's name/label. So if the client dies at any point of a
+create, ``reconcile`` can still find the instance at the provider by that name. WAL mode and a busy
+timeout let several broker processes (a sweep) share one journal.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from broker.types import GPUOffer, InstanceStatus, utcnow
+
+NAME_PREFIX = "broker-"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    name            TEXT PRIMARY KEY,
+    provider        TEXT NOT NULL,
+    instance_id     TEXT,
+    status          TEXT NOT NULL,
+    gpu_type        TEXT,
+    gpu_count       INTEGER,
+    price_per_hour  REAL,
+    spot            INTEGER NOT NULL DEFAULT 0,
+    offer_json      TEXT,
+    ssh_target      TEXT,
+    ttl_seconds     INTEGER,
+    expires_at      TEXT,
+    sweep           TEXT,
+    tag             TEXT,
+    created_at      TEXT NOT NULL,
+    updated_at      TEXT NOT NULL,
+    running_at      TEXT,
+    ended_at        TEXT
+);
+CREATE INDEX IF NOT EXISTS instances_provider_id ON instances(provider, instance_id);
+CREATE INDEX IF NOT EXISTS instances_status ON instances(status);
+CREATE TABLE IF NOT EXISTS events (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    name    TEXT NOT NULL,
+    at      TEXT NOT NULL,
+    status  TEXT NOT NULL,
+    detail  TEXT
+);
+CREATE INDEX IF NOT EXISTS events_name ON events(name);
+"""
+
+#: Statuses after which an entry is closed (nothing can bill any more).
+CLOSED = {InstanceStatus.TERMINATED.value}
+
+
+class JournalEntry(BaseModel):
+    """One instance as the journal knows it."""
+
+    name: str
+    provider: str
+    instance_id: str | None
+    status: str  # an InstanceStatus value, or "intent" before the provider answered
+    gpu_type: str | None = None
+    gpu_count: int | None = None
+    price_per_hour: float | None = None
+    spot: bool = False
+    ssh_target: str | None = None
+    ttl_seconds: int | None = None
+    expires_at: datetime | None = None
+    sweep: str | None = None
+    tag: str | None = None
+    created_at: datetime
+    updated_at: datetime
+    running_at: datetime | None = None
+    ended_at: datetime | None = None
+
+    @property
+    def is_open(self) -> bool:
+        """True until the instance is confirmed gone."""
+        return self.status not in CLOSED
+
+    def cost_so_far(self, now: datetime | None = None) -> float:
+        """Estimated spend: price × time since creation (until it ended)."""
+        if self.price_per_hour is None:
+            return 0.0
+        end = self.ended_at or now or utcnow()
+        hours = max(0.0, (end - self.created_at).total_seconds() / 3600)
+        return self.price_per_hour * hours
+
+    def ttl_left(self, now: datetime | None = None) -> timedelta | None:
+        """Time until the TTL expires (negative when past), or None without a TTL."""
+        if self.expires_at is None:
+            return None
+        return self.expires_at - (now or utcnow())
+
+
+def new_name() -> str:
+    """A unique instance name: ``broker-`` and 10 random hex digits."""
+    return f"{NAME_PREFIX}{secrets.token_hex(5)}"
+
+
+def _ts(dt: datetime | None) -> str | None:
+    return dt.isoformat() if dt is not None else None
+
+
+class Journal:
+    """SQLite journal at ``<state dir>/journal.sqlite`` (thread-safe; process-safe via WAL)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves (see _tx).
+        self._conn = sqlite3.connect(
+            self.path, timeout=30.0, check_same_thread=False, isolation_level=None
+        )
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute("PRAGMA busy_timeout=30000")
+        with self._lock:
+            self._conn.executescript(_SCHEMA)
+
+    @classmethod
+    def default(cls, state_dir: str | Path) -> Journal:
+        """The journal in a state dir."""
+        return cls(Path(state_dir) / "journal.sqlite")
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        # BEGIN IMMEDIATE takes the write lock up front, so concurrent writers queue on
+        # busy_timeout instead of failing with "database is locked" on upgrade.
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    # -- writes ---------------------------------------------------------------------------------
+    def record_intent(
+        self,
+        offer: GPUOffer,
+        *,
+        name: str | None = None,
+        ttl_seconds: int | None = None,
+        sweep: str | None = None,
+        tag: str | None = None,
+    ) -> str:
+        """Record that we are about to create an instance from ``offer``; returns its name."""
+        name = name or new_name()
+        now = utcnow()
+        expires = now + timedelta(seconds=ttl_seconds) if ttl_seconds else None
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO instances (name, provider, status, gpu_type, gpu_count,"
+                " price_per_hour, spot, offer_json, ttl_seconds, expires_at, sweep, tag,"
+                " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    name,
+                    offer.provider,
+                    "intent",
+                    offer.gpu_type,
+                    offer.gpu_count,
+                    offer.price_per_hour,
+                    int(offer.spot),
+                    offer.model_dump_json(),
+                    ttl_seconds,
+                    _ts(expires),
+                    sweep,
+                    tag,
+                    _ts(now),
+                    _ts(now),
+                ),
+            )
+            self._event(c, name, "intent", f"{offer.provider} {offer.offer_id}")
+        return name
+
+    def record_created(self, name: str, instance_id: str, status: InstanceStatus) -> None:
+        """The provider accepted the create and gave this id."""
+        with self._tx() as c:
+            self._update(c, name, instance_id=instance_id, status=status.value)
+            self._event(c, name, status.value, f"id {instance_id}")
+
+    def record_status(
+        self,
+        name: str,
+        status: InstanceStatus,
+        *,
+        detail: str | None = None,
+        ssh_target: str | None = None,
+    ) -> None:
+        """A status transition (only written when the status or target changed)."""
+        entry = self.get(name)
+        if entry is None:
+            raise KeyError(name)
+        if entry.status == status.value and (ssh_target is None or ssh_target == entry.ssh_target):
+            return
+        fields: dict[str, Any] = {"status": status.value}
+        if ssh_target is not None:
+            fields["ssh_target"] = ssh_target
+        if status is InstanceStatus.RUNNING and entry.running_at is None:
+            fields["running_at"] = _ts(utcnow())
+        if status.value in CLOSED:
+            fields["ended_at"] = _ts(utcnow())
+        with self._tx() as c:
+            self._update(c, name, **fields)
+            self._event(c, name, status.value, detail)
+
+    def record_terminated(self, name: str, detail: str | None = None) -> None:
+        """The instance is confirmed gone at the provider."""
+        self.record_status(name, InstanceStatus.TERMINATED, detail=detail)
+
+    def record_failed(self, name: str, error: str) -> None:
+        """A create that the provider refused: nothing exists, so the entry is closed."""
+        with self._tx() as c:
+            self._update(c, name, status=InstanceStatus.TERMINATED.value, ended_at=_ts(utcnow()))
+            self._event(c, name, "create_failed", error[:500])
+
+    def _update(self, c: sqlite3.Connection, name: str, **fields: Any) -> None:
+        fields["updated_at"] = _ts(utcnow())
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        cur = c.execute(f"UPDATE instances SET {cols} WHERE name = ?", (*fields.values(), name))  # noqa: S608 - column names are ours
+        if cur.rowcount != 1:
+            raise KeyError(name)
+
+    def _event(self, c: sqlite3.Connection, name: str, status: str, detail: str | None) -> None:
+        c.execute(
+            "INSERT INTO events (name, at, status, detail) VALUES (?,?,?,?)",
+            (name, _ts(utcnow()), status, detail),
+        )
+
+    # -- reads ----------------------------------------------------------------------------------
+    def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[JournalEntry]:
+        with self._lock:
+            rows = self._conn.execute(sql, args).fetchall()
+        return [JournalEntry.model_validate(dict(r)) for r in rows]
+
+    def get(self, name: str) -> JournalEntry | None:
+        """The entry with this unique name."""
+        rows = self._rows("SELECT * FROM instances WHERE name = ?", (name,))
+        return rows[0] if rows else None
+
+    def find(self, provider: str, instance_id: str) -> JournalEntry | None:
+        """The entry for a provider's instance id."""
+        rows = self._rows(
+            "SELECT * FROM instances WHERE provider = ? AND instance_id = ?",
+            (provider, instance_id),
+        )
+        return rows[0] if rows else None
+
+    def open_entries(self) -> list[JournalEntry]:
+        """Entries not yet confirmed gone (intents included), oldest first."""
+        marks = ",".join("?" for _ in CLOSED)
+        return self._rows(
+            f"SELECT * FROM instances WHERE status NOT IN ({marks}) ORDER BY created_at",  # noqa: S608
+            tuple(CLOSED),
+        )
+
+    def all_entries(self, sweep: str | None = None) -> list[JournalEntry]:
+        """Every entry (optionally of one sweep), oldest first."""
+        if sweep is None:
+            return self._rows("SELECT * FROM instances ORDER BY created_at")
+        return self._rows("SELECT * FROM instances WHERE sweep = ? ORDER BY created_at", (sweep,))
+
+    def events(self, name: str) -> list[tuple[datetime, str, str | None]]:
+        """The status history of one entry."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT at, status, detail FROM events WHERE name = ? ORDER BY id", (name,)
+            ).fetchall()
+        return [(datetime.fromisoformat(r["at"]), r["status"], r["detail"]) for r in rows]
+
+    def estimated_spend(self) -> float:
+        """Sum of cost so far over every entry (the budget guard's measure)."""
+        return sum(e.cost_so_far() for e in self.all_entries())
+
+
+def offer_of(entry_json: str | None) -> GPUOffer | None:
+    """Decode an entry's stored offer."""
+    return GPUOffer.model_validate(json.loads(entry_json)) if entry_json else None

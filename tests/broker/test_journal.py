@@ -1,0 +1,106 @@
+"""The SQLite journal: intent before create, transitions, concurrency across processes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from broker.journal import NAME_PREFIX, Journal
+from broker.types import GPUOffer, InstanceStatus, Manufacturer
+
+
+def offer(price: float = 2.0) -> GPUOffer:
+    return GPUOffer(
+        provider="runpod",
+        offer_id="NVIDIA A100-SXM4-80GB",
+        gpu_type="A100 SXM 80GB",
+        gpu_provider_name="NVIDIA A100-SXM4-80GB",
+        manufacturer=Manufacturer.NVIDIA,
+        gpu_known=True,
+        gpu_count=2,
+        vram_gb=80,
+        price_per_hour=price,
+        source="t",
+    )
+
+
+def test_lifecycle_of_an_entry(tmp_path: Path) -> None:
+    with Journal(tmp_path / "j.sqlite") as j:
+        name = j.record_intent(offer(), ttl_seconds=3600, sweep="s1", tag="01")
+        assert name.startswith(NAME_PREFIX) and len(name) == len(NAME_PREFIX) + 10
+        e = j.get(name)
+        assert e is not None
+        assert (e.status, e.instance_id, e.provider, e.gpu_count) == ("intent", None, "runpod", 2)
+        left = e.ttl_left()
+        assert left is not None and timedelta(minutes=59) < left <= timedelta(hours=1)
+        assert [x.name for x in j.open_entries()] == [name]
+
+        j.record_created(name, "pod-123", InstanceStatus.PROVISIONING)
+        j.record_status(name, InstanceStatus.RUNNING, ssh_target="root@1.2.3.4:22022")
+        j.record_status(name, InstanceStatus.RUNNING)  # no change: no event
+        found = j.find("runpod", "pod-123")
+        assert found is not None and found.ssh_target == "root@1.2.3.4:22022"
+        assert found.running_at is not None
+
+        j.record_terminated(name, "confirmed gone")
+        e = j.get(name)
+        assert e is not None and not e.is_open and e.ended_at is not None
+        assert j.open_entries() == []
+        assert [s for _, s, _ in j.events(name)] == [
+            "intent",
+            "provisioning",
+            "running",
+            "terminated",
+        ]
+        assert [x.name for x in j.all_entries(sweep="s1")] == [name]
+        assert j.all_entries(sweep="other") == []
+
+
+def test_failed_create_closes_entry_and_costs_nothing(tmp_path: Path) -> None:
+    with Journal(tmp_path / "j.sqlite") as j:
+        name = j.record_intent(offer(price=0.0))
+        j.record_failed(name, "NoCapacityError: none left")
+        e = j.get(name)
+        assert e is not None and not e.is_open
+        assert j.estimated_spend() == 0.0
+        assert j.events(name)[-1][1:] == ("create_failed", "NoCapacityError: none left")
+
+
+def test_unknown_name_is_an_error(tmp_path: Path) -> None:
+    with Journal(tmp_path / "j.sqlite") as j, pytest.raises(KeyError):
+        j.record_status("broker-nope", InstanceStatus.RUNNING)
+
+
+def _writer(path: str, n: int, q: mp.Queue[list[str]]) -> None:
+    names = []
+    with Journal(path) as j:
+        for i in range(n):
+            name = j.record_intent(offer())
+            j.record_created(name, f"id-{name}", InstanceStatus.STARTING)
+            if i % 2:
+                j.record_terminated(name)
+            names.append(name)
+    q.put(names)
+
+
+def test_concurrent_processes_lose_nothing(tmp_path: Path) -> None:
+    path = str(tmp_path / "shared.sqlite")
+    Journal(path).close()
+    ctx = mp.get_context("spawn")
+    q: mp.Queue[list[str]] = ctx.Queue()
+    procs = [ctx.Process(target=_writer, args=(path, 25, q)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    names = [n for _ in procs for n in q.get(timeout=120)]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    with Journal(path) as j:
+        entries = j.all_entries()
+        assert sorted(e.name for e in entries) == sorted(names)
+        assert len(names) == 100 == len(set(names))
+        assert len(j.open_entries()) == 52  # indices 0,2,..,24 of each writer stay open
+        assert all(e.instance_id == f"id-{e.name}" for e in entries)
