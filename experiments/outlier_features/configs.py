@@ -138,13 +138,13 @@ DENSE: tuple[ModelSpec, ...] = (
 )
 
 TINY: tuple[ModelSpec, ...] = (
-    # A random OLMoE small enough to trace 16 x 2048 tokens on a laptop CPU in seconds.
+    # A random OLMoE; 16 x 512 tokens keep a CPU run well under a minute (--seq-len 2048 works).
     _moe(id="tiny-moe", name="tiny-moe", hf_id="", total_params=0.0, active_params=0.0,
-         hidden_size=128, num_layers=4, num_experts=8, top_k=2, dtype="float32",
+         hidden_size=128, num_layers=4, num_experts=8, top_k=2, dtype="float32", seq_len=512,
          gpu_type="", vram_per_gpu_gb=0, max_price_per_gpu_hour=0.0),
     _moe(id="tiny-moe-planted", name="tiny-moe-planted", hf_id="", total_params=0.0,
          active_params=0.0, hidden_size=128, num_layers=4, num_experts=8, top_k=2,
-         dtype="float32", gpu_type="", vram_per_gpu_gb=0, max_price_per_gpu_hour=0.0,
+         dtype="float32", seq_len=512, gpu_type="", vram_per_gpu_gb=0, max_price_per_gpu_hour=0.0,
          plant_dims=(7, 42, 99), plant_gain=8.0),
 )
 # fmt: on

@@ -25,6 +25,7 @@ trace.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -165,11 +166,8 @@ def _trace_hooks(lm: LoadedModel, ids: torch.Tensor, chunk: list[int], red: _Red
             for si, name in enumerate(SITES):
                 handles.append(getattr(layers[li], name).register_forward_hook(site_hook(li, si)))
             handles.append(layers[li].register_forward_hook(block_hook(li)))
-        with torch.inference_mode():
-            try:
-                lm.module(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-            except _StopForward:
-                pass
+        with torch.inference_mode(), contextlib.suppress(_StopForward):
+            lm.module(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -251,3 +249,59 @@ def extract(
             torch.cuda.empty_cache()
     stats.timings["extract_s"] = time.perf_counter() - t0
     return stats
+
+
+class StatsBuilder:
+    """Builds ``ActivationStats`` from full activations, one (sequence, block, site) at a time.
+
+    Used to scan activations that were dumped to disk (the naive baseline of the benchmark) and
+    by tests on hand-made arrays; the reductions are the same as inside the trace.
+    """
+
+    def __init__(self, n_seq: int, seq_len: int, n_layers: int, hidden: int,
+                 tok_dtype: type = np.float32) -> None:
+        self.stats = ActivationStats(
+            seq_max=np.zeros((n_seq, n_layers, 2, hidden), np.float32),
+            seq_max_nopos0=np.zeros((n_seq, n_layers, 2, hidden), np.float32),
+            tok_max=np.zeros((n_seq, seq_len, hidden), tok_dtype),
+            sumsq=np.zeros((n_layers, 2, hidden), np.float64),
+            massive_count=np.zeros((n_layers, hidden), np.int64),
+            out_absmax=np.zeros(n_layers, np.float32),
+            out_max_ratio=np.zeros(n_layers, np.float32),
+            layer_indices=list(range(n_layers)),
+        )
+
+    def add_site(self, b: int, layer: int, site: int, x: np.ndarray | torch.Tensor) -> None:
+        """One site's activations ``x[S, H]`` of sequence ``b`` at block ``layer``."""
+        t = torch.as_tensor(x)
+        a = t.abs().float()
+        st = self.stats
+        st.seq_max[b, layer, site] = a.amax(dim=0).numpy()
+        st.seq_max_nopos0[b, layer, site] = a[1:].amax(dim=0).numpy()
+        st.sumsq[layer, site] += t.float().pow(2).sum(dim=0).double().numpy()
+        np.maximum(st.tok_max[b], a.numpy().astype(st.tok_max.dtype), out=st.tok_max[b])
+
+    def add_block_output(self, layer: int, x: np.ndarray | torch.Tensor) -> None:
+        """One block output ``x[S, H]`` (any sequence) for the massive-activation columns."""
+        red = _Reducer(0, torch.float32)
+        red.block_output(layer, torch.as_tensor(x).unsqueeze(0))
+        _, cnt, amax, ratio = red.out[0]
+        st = self.stats
+        st.massive_count[layer] += cnt.numpy()
+        st.out_absmax[layer] = max(st.out_absmax[layer], float(amax))
+        st.out_max_ratio[layer] = max(st.out_max_ratio[layer], float(ratio))
+
+    def finish(self) -> ActivationStats:
+        """The accumulated stats."""
+        return self.stats
+
+
+def stats_from_activations(site_acts: np.ndarray) -> ActivationStats:
+    """``ActivationStats`` of a dense array ``[B, L, 2, S, H]`` of site outputs."""
+    n_b, n_l, _, n_s, hid = site_acts.shape
+    sb = StatsBuilder(n_b, n_s, n_l, hid)
+    for b in range(n_b):
+        for li in range(n_l):
+            for si in range(2):
+                sb.add_site(b, li, si, site_acts[b, li, si])
+    return sb.finish()
