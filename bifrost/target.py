@@ -134,7 +134,7 @@ def _parse_ssh_command(text: str) -> tuple[str, dict[str, str | list[str]]]:
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg.startswith("-") and len(arg) > 1 and dest is None:
+        if arg.startswith("-") and len(arg) > 1:
             flag = arg[1]
             if flag in takes_arg:
                 value = arg[2:] if len(arg) > 2 else (argv[i + 1] if i + 1 < len(argv) else None)

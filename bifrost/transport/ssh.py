@@ -14,7 +14,8 @@ from tenacity import (
     RetryError,
     retry_if_exception,
     stop_after_attempt,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from bifrost.errors import AuthError, ConnectError, ConnectionLostError, HostKeyChangedError
@@ -136,7 +137,7 @@ async def connect_ssh(
     try:
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(max(1, retries)),
-            wait=wait_exponential_jitter(initial=0.2, max=4.0, jitter=0.2),
+            wait=wait_exponential(multiplier=0.2, max=4.0) + wait_random(0, 0.2),
             retry=retry_if_exception(is_transient),
             reraise=True,
         ):

@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from bifrost import CommandError, CommandTimeout, Host, Result
+from bifrost.testing import SSHServer
+
+
+def test_exit_code_and_streams_kept_apart(host: Host) -> None:
+    r = host.exec("echo out; echo err >&2; exit 3", warn=True)
+    assert isinstance(r, Result)
+    assert (r.exit_code, r.stdout, r.stderr) == (3, "out\n", "err\n")
+    assert r.command == "echo out; echo err >&2; exit 3"
+    assert r.target == host.name and r.duration > 0
+
+
+def test_nonzero_raises_typed_error_with_result(host: Host) -> None:
+    with pytest.raises(CommandError) as info:
+        host.exec("echo boom >&2; exit 42")
+    assert info.value.result.exit_code == 42
+    assert info.value.result.stderr == "boom\n"
+
+
+def test_merged_stderr(host: Host) -> None:
+    r = host.exec("echo a; echo b >&2; echo c", merge_stderr=True)
+    assert sorted(r.stdout.split()) == ["a", "b", "c"] and r.stderr == ""
+
+
+def test_streaming_callbacks(host: Host) -> None:
+    chunks: list[bytes] = []
+    host.exec("for i in 1 2 3; do echo $i; done", on_stdout=chunks.append)
+    assert b"".join(chunks) == b"1\n2\n3\n"
+
+
+def test_ten_mib_of_output_does_not_deadlock(host: Host) -> None:
+    r = host.exec("head -c 10485760 /dev/zero | tr '\\0' x; head -c 1048576 /dev/zero >&2", timeout=60)
+    assert len(r.stdout) == 10 * 1024 * 1024
+    assert len(r.stderr) == 1024 * 1024
+
+
+def test_stdin(host: Host) -> None:
+    assert host.exec("wc -c", stdin=b"x" * 100000).stdout.strip() == "100000"
+
+
+ATTACKS = ["'; rm -rf ~; echo '", "$(touch /tmp/pwned)", "`id`", "a\nb", 'q"uo\\te', "$HOME", "*"]
+
+
+@pytest.mark.parametrize("value", ATTACKS)
+def test_env_values_arrive_verbatim(host: Host, value: str) -> None:
+    r = host.exec('printf %s "$V"', env={"V": value, "W": "x y"})
+    assert r.stdout == value
+
+
+def test_bad_env_name_rejected(host: Host) -> None:
+    with pytest.raises(ValueError, match="invalid environment variable name"):
+        host.exec("true", env={"A;rm -rf ~": "x"})
+
+
+def test_cwd_quoted(host: Host) -> None:
+    weird = "~/bifrost test dir/'; $(id) `x`"
+    host.exec('mkdir -p "$HOME/bifrost test dir/'"'"'; \\$(id) \\`x\\`"')
+    r = host.exec("pwd", cwd=weird)
+    assert r.stdout.strip().endswith("/bifrost test dir/'; $(id) `x`")
+
+
+def test_secrets_never_in_the_command_line(host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bifrost.transport import ssh as ssh_mod
+
+    seen: list[str] = []
+    real = ssh_mod.SSHTransport.run
+
+    async def spy(self, command, **kw):  # type: ignore[no-untyped-def]
+        seen.append(command)
+        return await real(self, command, **kw)
+
+    monkeypatch.setattr(ssh_mod.SSHTransport, "run", spy)
+    secret = "s3cr3t-'$(x)-value"
+    r = host.exec('printf %s "$TOKEN"; ls ~/.bifrost/secrets | wc -l', secrets={"TOKEN": secret})
+    assert r.stdout.startswith(secret)
+    assert r.stdout[len(secret) :].strip() == "0"  # the 0600 file is gone afterwards
+    assert seen and not any(secret in c for c in seen)
+
+
+def test_unbuffered_python_and_path(host: Host) -> None:
+    r = host.exec('echo "$PYTHONUNBUFFERED:$PATH"')
+    assert r.stdout.startswith("1:") and "/.local/bin" in r.stdout
+
+
+def test_timeout_kills_the_remote_process_group(host: Host) -> None:
+    marker = f"bifrost-timeout-{time.monotonic_ns()}"
+    started = time.monotonic()
+    with pytest.raises(CommandTimeout):
+        host.exec(f"bash -c 'sleep 300; echo {marker}' & sleep 300; wait", timeout=1)
+    assert time.monotonic() - started < 15
+    r = host.exec(f"ps -eo args | grep -c '[s]leep 300; echo {marker}'", warn=True)
+    assert r.stdout.strip() == "0"
+
+
+def test_connection_reused_and_fast(host: Host) -> None:
+    host.exec("true")
+    started = time.monotonic()
+    for _ in range(3):
+        host.exec("true")
+    assert (time.monotonic() - started) / 3 < 2.0
+
+
+def test_local_target_same_semantics(local_home: Path) -> None:
+    with Host("local") as h:
+        r = h.exec("echo out; echo err >&2; exit 5", warn=True, env={"X": "'; rm -rf ~"})
+        assert (r.exit_code, r.stdout, r.stderr) == (5, "out\n", "err\n")
+        assert h.exec('printf %s "$X"', env={"X": "$(id)"}).stdout == "$(id)"
+        assert h.exec("pwd").stdout.strip() == str(local_home)
+        with pytest.raises(CommandTimeout):
+            h.exec("sleep 30", timeout=0.5)
+
+
+def test_nonroot_server_home_is_resolved(sshd_nonroot: SSHServer) -> None:
+    with Host(sshd_nonroot.target, identity_file=sshd_nonroot.client_key) as h:
+        home = h.home()
+        assert home == h.exec("echo $HOME").stdout.strip()
+        if sshd_nonroot.user != "root":
+            assert home != "/root"
+        assert h.exec("id -un").stdout.strip() == sshd_nonroot.user

@@ -1,0 +1,46 @@
+"""Shared fixtures: real OpenSSH servers on loopback (session-scoped, reused by broker tests)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bifrost.testing import SSHServer, ensure_user
+
+
+@pytest.fixture(scope="session")
+def bifrost_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """An isolated BIFROST_HOME (known_hosts, job index) for the whole session."""
+    path = tmp_path_factory.mktemp("bifrost-home")
+    old = os.environ.get("BIFROST_HOME")
+    os.environ["BIFROST_HOME"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("BIFROST_HOME", None)
+    else:
+        os.environ["BIFROST_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def sshd(bifrost_home: Path) -> Iterator[SSHServer]:
+    """A real sshd on 127.0.0.1 (as root when the tests run as root, logging in as root)."""
+    with SSHServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def sshd_nonroot(bifrost_home: Path) -> Iterator[SSHServer]:
+    """A real sshd run by an unprivileged user (created with useradd when we are root)."""
+    run_as = ensure_user("bifrost-test") if os.geteuid() == 0 else None
+    with SSHServer(run_as=run_as) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def sshd_many(bifrost_home: Path) -> Iterator[SSHServer]:
+    """One sshd listening on 127.0.0.2 … 127.0.0.21: twenty distinct "hosts"."""
+    with SSHServer(listen=[f"127.0.0.{i}" for i in range(2, 22)]) as server:
+        yield server
