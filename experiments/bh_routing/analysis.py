@@ -420,7 +420,7 @@ def _conclusions(a: dict[str, Any]) -> list[str]:
             nt = ppl[cfg].get("nll_test", {})
             psig = nt.get("p_t_holm") is not None and nt["p_t_holm"] < 0.05
             s += (f"Held-out perplexity {_f(ppl[cfg]['perplexity'])} vs {_f(ppl[base]['perplexity'])} "
-                  f"({d:+.1f} %; per-chunk NLL difference {'significant' if psig else 'not significant'} "
+                  f"({d:+.2f} %; per-chunk NLL difference {'significant' if psig else 'not significant'} "
                   f"after Holm).")
         out.append(s)
     return out

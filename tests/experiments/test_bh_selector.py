@@ -1,0 +1,179 @@
+"""BH selector and router adapters: exactness against top-k and statsmodels, null and planted behaviour."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from statsmodels.stats.multitest import multipletests
+
+from experiments.bh_routing.adapters import model_summary, patch_model, unpatch_model
+from experiments.bh_routing.models import TINY_MODELS, load_model
+from experiments.bh_routing.selector import (
+    EmpiricalNull,
+    RoutingConfig,
+    select_from_pvalues,
+    select_from_scores,
+)
+
+
+@pytest.fixture(scope="module")
+def null() -> EmpiricalNull:
+    g = torch.Generator().manual_seed(1)
+    return EmpiricalNull({0: torch.randn(200_000, generator=g)})
+
+
+def _selected_sets(sel) -> list[set[int]]:
+    return [set(row[m].tolist()) for row, m in zip(sel.indices, sel.mask, strict=True)]
+
+
+@pytest.mark.parametrize("method", ["empirical", "gaussian"])
+def test_min_equals_max_reproduces_topk(method: str, null: EmpiricalNull) -> None:
+    scores = torch.randn(300, 64, generator=torch.Generator().manual_seed(2))
+    sel = select_from_scores(scores, alpha=0.05, min_k=8, max_k=8, method=method, null=null)
+    ref = torch.topk(scores, 8, dim=-1).indices
+    assert torch.equal(sel.indices, ref)
+    assert bool(sel.mask.all()) and bool((sel.k == 8).all())
+
+
+@pytest.mark.parametrize("correction", ["bh", "by"])
+@pytest.mark.parametrize("alpha", [0.01, 0.05, 0.2])
+def test_matches_statsmodels_fdr(alpha: float, correction: str) -> None:
+    rng = np.random.default_rng(3)
+    m = 32
+    # A mix of null rows and rows with some tiny p-values, so both zero and many rejections occur.
+    p = rng.uniform(size=(400, m))
+    p[::2, :6] *= 1e-3
+    ref_method = "fdr_bh" if correction == "bh" else "fdr_by"
+    pt = torch.from_numpy(p)
+    for min_k, max_k in [(0, m), (2, 5)]:
+        sel = select_from_pvalues(pt, alpha=alpha, min_k=min_k, max_k=max_k, correction=correction)
+        for row, got in zip(p, _selected_sets(sel), strict=True):
+            reject = multipletests(row, alpha=alpha, method=ref_method)[0]
+            n = int(np.clip(reject.sum(), min_k, max_k))
+            expected = set(np.argsort(row, kind="stable")[:n].tolist())
+            if min_k <= reject.sum() <= max_k:
+                assert expected == set(np.flatnonzero(reject).tolist())
+            assert got == expected
+
+
+def test_null_share_of_tokens_with_any_expert_is_alpha(null: EmpiricalNull) -> None:
+    scores = torch.randn(6000, 16, generator=torch.Generator().manual_seed(4))
+    for alpha in (0.05, 0.1):
+        emp = select_from_scores(scores, alpha=alpha, min_k=0, max_k=8, method="empirical", null=null)
+        share = (emp.k >= 1).float().mean().item()
+        # Under a complete null BH's FDR equals P(any rejection) = alpha for independent p-values.
+        assert abs(share - alpha) < 0.02, share
+        gau = select_from_scores(scores, alpha=alpha, min_k=0, max_k=8, method="gaussian")
+        # The per-token z uses the token's own mean and sd, which makes it conservative, never liberal.
+        assert (gau.k >= 1).float().mean().item() <= alpha + 0.01
+
+
+@pytest.mark.parametrize("planted", [1, 3, 6])
+def test_planted_strong_experts_give_k_about_their_number(planted: int, null: EmpiricalNull) -> None:
+    g = torch.Generator().manual_seed(5)
+    scores = torch.randn(2000, 64, generator=g)
+    scores[:, :planted] += 6.0
+    alpha = 0.05
+    sel = select_from_scores(scores, alpha=alpha, min_k=0, max_k=16, method="empirical", null=null)
+    mean_k = sel.k.float().mean().item()
+    # BH finds the planted experts and adds about alpha/(1-alpha) false discoveries per true one.
+    assert planted - 0.05 <= mean_k <= planted * (1 + 2 * alpha) + 0.1, mean_k
+    # The false-discovery proportion, averaged over tokens, is what BH controls at alpha.
+    false = ((sel.indices >= planted) & sel.mask).sum(-1).float()
+    fdp = (false / sel.k.clamp_min(1).float()).mean().item()
+    assert fdp <= alpha + 0.01, fdp
+    # The selection is a prefix by score, so the planted experts come first.
+    first = sel.indices[:, :planted][sel.mask[:, :planted]]
+    assert (first < planted).float().mean().item() > 0.99
+
+
+def test_k_is_non_decreasing_in_alpha(null: EmpiricalNull) -> None:
+    scores = torch.randn(3000, 32, generator=torch.Generator().manual_seed(6)) * 1.5
+    prev = None
+    for alpha in (0.001, 0.01, 0.05, 0.1, 0.3, 0.7, 1.0):
+        for method in ("empirical", "gaussian"):
+            k = select_from_scores(scores, alpha=alpha, min_k=0, max_k=32, method=method, null=null).k
+            if prev is not None and method in prev:
+                assert bool((k >= prev[method]).all())
+            prev = {**(prev or {}), method: k}
+
+
+def test_empty_slots_hold_sentinel_and_k_is_clamped(null: EmpiricalNull) -> None:
+    scores = torch.randn(500, 16, generator=torch.Generator().manual_seed(7))
+    sel = select_from_scores(scores, alpha=0.05, min_k=2, max_k=6, method="empirical", null=null)
+    assert sel.indices.shape == (500, 6)
+    assert bool(((sel.k >= 2) & (sel.k <= 6)).all())
+    assert bool((sel.indices[~sel.mask] == 16).all())
+    assert torch.equal(sel.mask.sum(-1), sel.k)
+
+
+def test_config_validation_messages() -> None:
+    with pytest.raises(ValueError, match="alpha"):
+        RoutingConfig.from_dict("x", {"alpha": 1.5})
+    with pytest.raises(ValueError, match="min_k"):
+        RoutingConfig.from_dict("x", {"min_k": 5, "max_k": 2})
+    with pytest.raises(ValueError, match="unknown keys"):
+        RoutingConfig.from_dict("x", {"alhpa": 0.1})
+    with pytest.raises(ValueError, match="temperature"):
+        RoutingConfig.from_dict("x", {"temperature": 0})
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_adapter_reproduces_native_router(name: str) -> None:
+    lm = load_model(name, device="cpu", experts_implementation="eager")
+    ids = lm.tokenizer("Routing check: the quick brown fox.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = lm.model(ids).logits
+        ctl = patch_model(lm.model)
+        k = model_summary(lm.model, ctl)["native_top_k"]
+        ctl.set_config(RoutingConfig("same", method="bh", p_value="gaussian", min_k=k, max_k=k))
+        bh = lm.model(ids).logits
+        ctl.set_config(RoutingConfig("topk", method="topk", k=k))
+        tk = lm.model(ids).logits
+        ctl.set_config(RoutingConfig("sparse", method="bh", p_value="gaussian", min_k=0, max_k=k))
+        sparse = lm.model(ids).logits
+        unpatch_model(lm.model)
+        back = lm.model(ids).logits
+    # GLM ranks with topk(sorted=False); only the summation order differs there.
+    tol = 1e-5 if "glm" in name else 0.0
+    assert (bh - ref).abs().max().item() <= tol
+    assert (tk - ref).abs().max().item() <= tol
+    assert torch.equal(back, ref)
+    assert bool(torch.isfinite(sparse).all())
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm", "batched_mm"])
+def test_sentinel_slots_match_dropping_experts(impl: str) -> None:
+    """BH output with empty slots equals top-k re-run with exactly the selected experts' weights."""
+    lm = load_model("tiny-olmoe", device="cpu", experts_implementation=impl)
+    ctl = patch_model(lm.model)
+    ids = lm.tokenizer("Sentinel slots must cost nothing and add nothing.", return_tensors="pt").input_ids
+    ctl.set_config(RoutingConfig("g", method="bh", p_value="gaussian", alpha=0.5, min_k=0, max_k=8))
+    with torch.no_grad():
+        out_impl = lm.model(ids).logits
+    eager = load_model("tiny-olmoe", device="cpu", experts_implementation="eager")
+    ectl = patch_model(eager.model)
+    ectl.set_config(RoutingConfig("g", method="bh", p_value="gaussian", alpha=0.5, min_k=0, max_k=8))
+    with torch.no_grad():
+        out_eager = eager.model(ids).logits
+    assert torch.allclose(out_impl, out_eager, atol=1e-5)
+
+
+def test_temperature_does_not_change_selection() -> None:
+    lm = load_model("tiny-qwen3-moe", device="cpu")
+    ctl = patch_model(lm.model)
+    ctl.begin_calibration()
+    with torch.no_grad():
+        lm.model(lm.tokenizer("calibration text " * 40, return_tensors="pt").input_ids)
+    ctl.end_calibration()
+    ids = lm.tokenizer("Temperature only changes the mixing weights.", return_tensors="pt").input_ids
+    ks = {}
+    for t in (0.5, 1.0, 4.0):
+        ctl.set_config(RoutingConfig(f"t{t}", alpha=0.3, temperature=t, min_k=0, max_k=8))
+        ctl.start_recording()
+        with torch.no_grad():
+            lm.model(ids)
+        ks[t] = ctl.stop_recording()["first_call_k"]
+    first = next(iter(ks[1.0]))
+    assert ks[0.5][first] == ks[1.0][first] == ks[4.0][first]
