@@ -1,0 +1,158 @@
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bifrost import Host, JobNotFoundError
+from bifrost.testing import SSHServer
+
+from .conftest import CuttableProxy
+
+
+def _poll(fn, timeout: float = 30.0, interval: float = 0.05):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met before the deadline")
+
+
+def test_run_status_wait_logs(host: Host) -> None:
+    job = host.run("echo start; echo to-stderr >&2; exit 3", name="basic")
+    st = job.wait(timeout=30)
+    assert (st.state, st.exit_code) == ("failed", 3)
+    assert st.started_at and st.ended_at and st.name == "basic"
+    assert job.logs() == "start\nto-stderr\n"
+    assert job.logs(tail=1) == "to-stderr\n"
+    files = host.exec(f"ls ~/.bifrost/jobs/{job.id}").stdout.split()
+    for f in ["cmd", "meta.json", "env", "pid", "boot_id", "log", "exit_code", "started_at", "ended_at"]:
+        assert f in files
+    assert host.exec(f"stat -c %a ~/.bifrost/jobs/{job.id}/env").stdout.strip() == "600"
+    assert any(s.id == job.id for s in host.jobs())
+
+
+def test_hostile_names_commands_and_env(host: Host) -> None:
+    evil = "'; rm -rf ~; echo '$(touch /tmp/bifrost-pwned)\nnext"
+    job = host.run('printf "%s|%s" "$A" "$S"', name=evil, env={"A": evil}, secrets={"S": "$(id)"})
+    st = job.wait(timeout=30)
+    assert st.state == "succeeded" and st.name == evil
+    assert job.logs() == f"{evil}|$(id)"
+    assert re.fullmatch(r"[A-Za-z0-9._-]+", job.id)
+    assert not Path("/tmp/bifrost-pwned").exists()
+
+
+def test_invalid_job_id_rejected(host: Host) -> None:
+    from bifrost import JobError
+
+    with pytest.raises(JobError, match="invalid job id"):
+        host.job("../../etc; rm -rf ~")
+    with pytest.raises(JobNotFoundError):
+        host.job("does-not-exist").status()
+
+
+def test_kill_cancels_the_whole_group(host: Host) -> None:
+    marker = f"bf-kill-{time.monotonic_ns()}"
+    job = host.run(f"bash -c 'sleep 301; echo {marker}' & sleep 300; wait")
+    _poll(lambda: host.exec(f"pgrep -f '[s]leep 301; echo {marker}'", warn=True).ok)
+    assert job.status().state == "running"
+    assert job.kill(grace=2) == "cancelled"
+    st = job.status()
+    assert st.state == "cancelled"
+    assert not host.exec(f"pgrep -f '[s]leep 301; echo {marker}'", warn=True).ok
+
+
+def test_died_when_the_wrapper_vanishes(host: Host) -> None:
+    job = host.run("sleep 300")
+    pid = job.status().pid
+    host.exec(f"kill -KILL -- -{pid}")
+    assert _poll(lambda: job.status().state == "died")
+
+
+def test_lost_after_reboot(host: Host) -> None:
+    job = host.run("sleep 300")
+    host.exec(f"echo another-boot > ~/.bifrost/jobs/{job.id}/boot_id")
+    assert job.status().state == "lost"
+    host.exec(f"kill -KILL -- -{job.status().pid}")
+
+
+def test_follow_across_forced_disconnect(sshd: SSHServer, proxy: CuttableProxy) -> None:
+    n = 60
+    # One line per tick; a multi-byte character and a \r progress update in the middle.
+    cmd = (
+        f"for i in $(seq 1 {n}); do printf 'line %s ✓\\n' $i; "
+        "if [ $i = 20 ]; then printf '50%%\\r100%%\\n'; fi; sleep 0.05; done"
+    )
+    with Host(f"{sshd.user}@127.0.0.1:{proxy.port}", identity_file=sshd.client_key) as h:
+        job = h.run(cmd)
+        seen: list[str] = []
+        cut_done: list[bool] = []
+
+        def on_line(line: str) -> None:
+            seen.append(line)
+            if len(seen) == 10 and not cut_done:
+                cut_done.append(True)
+                proxy.cut()
+
+        st = job.follow(on_line)
+    assert cut_done and proxy.connections >= 2
+    expected = [f"line {i} ✓" for i in range(1, 21)] + ["50%", "100%"]
+    expected += [f"line {i} ✓" for i in range(21, n + 1)]
+    assert seen == expected
+    assert st.state == "succeeded"
+
+
+def test_job_survives_client_sigkill(sshd: SSHServer, bifrost_home: Path) -> None:
+    env = {**os.environ, "BIFROST_HOME": str(bifrost_home)}
+    cmd = "echo before; while [ ! -e go ]; do sleep 0.05; done; echo after; exit 3"
+    client = subprocess.Popen(
+        [sys.executable, "-m", "bifrost.cli", "run", sshd.target, "-i", str(sshd.client_key),
+         "--follow", "--cwd", "/tmp", "--", cmd],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    assert client.stdout is not None
+    job_id = client.stdout.readline().decode().strip()
+    assert job_id, client.stderr.read() if client.stderr else ""
+    assert client.stdout.readline().decode().strip() == "before"
+    client.send_signal(signal.SIGKILL)
+    client.wait(10)
+    with Host(sshd.target, identity_file=sshd.client_key) as h:
+        job = h.job(job_id)
+        assert job.status().state == "running"
+        h.exec("touch /tmp/go")
+        try:
+            st = job.wait(timeout=30)
+        finally:
+            h.exec("rm -f /tmp/go")
+        assert (st.state, st.exit_code) == ("failed", 3)
+        assert job.logs() == "before\nafter\n"
+
+
+def test_local_target_jobs(local_home: Path) -> None:
+    with Host("local") as h:
+        job = h.run("echo hi from local; exit 0", env={"X": "y"})
+        st = job.wait(timeout=30)
+        assert st.state == "succeeded"
+        assert job.logs() == "hi from local\n"
+        assert (local_home / ".bifrost" / "jobs" / job.id / "exit_code").read_text() == "0\n"
+
+
+def test_pull_job_results(host: Host, tmp_path: Path) -> None:
+    job = host.run(
+        "mkdir -p out/sub && echo 1 > out/a.txt && echo 2 > out/sub/b.txt && echo done",
+        cwd="/tmp", outputs=["out"], secrets={"K": "v"},
+    )  # fmt: skip
+    job.wait(timeout=30)
+    dest = job.pull_results(tmp_path)
+    assert (dest / "job" / "log").read_text() == "done\n"
+    assert (dest / "job" / "exit_code").read_text() == "0\n"
+    assert not (dest / "job" / "env").exists()
+    assert (dest / "outputs" / "out" / "sub" / "b.txt").read_text() == "2\n"
