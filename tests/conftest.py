@@ -40,7 +40,17 @@ def sshd_nonroot(bifrost_home: Path) -> Iterator[SSHServer]:
 
 
 @pytest.fixture(scope="session")
-def sshd_many(bifrost_home: Path) -> Iterator[SSHServer]:
-    """One sshd listening on 127.0.0.2 … 127.0.0.21: twenty distinct "hosts"."""
-    with SSHServer(listen=[f"127.0.0.{i}" for i in range(2, 22)]) as server:
-        yield server
+def sshd_many(bifrost_home: Path) -> Iterator[list[SSHServer]]:
+    """Twenty distinct "hosts" 127.0.0.2 … 127.0.0.21: two sshd processes with ten
+    ListenAddress lines each (sshd accepts at most 16 listen sockets per process)."""
+    a = SSHServer(listen=[f"127.0.0.{i}" for i in range(2, 12)]).start()
+    try:
+        b = SSHServer(listen=[f"127.0.0.{i}" for i in range(12, 22)]).start()
+    except BaseException:
+        a.stop()
+        raise
+    try:
+        yield [a, b]
+    finally:
+        a.stop()
+        b.stop()

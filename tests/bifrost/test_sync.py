@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bifrost import Host, TransferError, list_files
+from bifrost import sync as sync_mod
+from bifrost.testing import SSHServer
+
+
+def _git_project(root: Path) -> Path:
+    root.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    (root / ".gitignore").write_text("*.log\n!keep.log\nbuild/\n")
+    (root / "src").mkdir()
+    (root / "src" / "main.py").write_text("print('hi')\n")
+    (root / "src" / ".gitignore").write_text("secret.txt\n")
+    (root / "src" / "secret.txt").write_text("no\n")
+    (root / "keep.log").write_text("kept by negation\n")
+    (root / "drop.log").write_text("ignored\n")
+    (root / "build").mkdir()
+    (root / "build" / "out.bin").write_text("ignored\n")
+    (root / "it's $(weird) name.txt").write_text("quoted\n")
+    subprocess.run(["git", "-C", str(root), "add", "-A"], check=True)
+    subprocess.run(
+        ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
+        check=True,
+    )
+    (root / "untracked.py").write_text("new\n")  # untracked, not ignored: pushed
+    return root
+
+
+EXPECTED = [".gitignore", "it's $(weird) name.txt", "keep.log", "src/.gitignore", "src/main.py", "untracked.py"]
+
+
+def test_list_files_has_exact_git_semantics(tmp_path: Path) -> None:
+    assert list_files(_git_project(tmp_path / "p")) == EXPECTED
+
+
+def test_list_files_bifrostignore(tmp_path: Path) -> None:
+    (tmp_path / "d" / "data").mkdir(parents=True)
+    (tmp_path / "d" / "a.py").write_text("")
+    (tmp_path / "d" / "data" / "big.bin").write_text("")
+    (tmp_path / "d" / "data" / "small.txt").write_text("")
+    (tmp_path / "d" / "__pycache__").mkdir()
+    (tmp_path / "d" / "__pycache__" / "x.pyc").write_text("")
+    (tmp_path / "d" / ".bifrostignore").write_text("*.bin\n")
+    assert list_files(tmp_path / "d") == [".bifrostignore", "a.py", "data/small.txt"]
+
+
+def _remote_files(h: Host, name: str) -> list[str]:
+    out = h.exec(f"cd ~/.bifrost/workspaces/{name} && find . -type f | sort").stdout
+    return [line[2:] for line in out.splitlines()]
+
+
+@pytest.mark.parametrize("method", ["rsync", "tar"])
+def test_push_then_delete(
+    host: Host, tmp_path: Path, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if method == "tar":
+        monkeypatch.setattr(sync_mod, "_has_local", lambda prog: False)
+    root = _git_project(tmp_path / "proj")
+    name = f"proj-{method}"
+    res = host.push(root, name=name)
+    assert res.method == method and res.files == len(EXPECTED)
+    assert res.git_sha and res.dirty is True
+    assert _remote_files(host, name) == EXPECTED
+    (root / "untracked.py").unlink()
+    (root / "src" / "main.py").write_text("print('changed')\n")
+    res = host.push(root, name=name)
+    assert res.deleted == 1
+    assert _remote_files(host, name) == [f for f in EXPECTED if f != "untracked.py"]
+    assert host.exec(f"cat ~/.bifrost/workspaces/{name}/src/main.py").stdout == "print('changed')\n"
+    job = host.run("python3 src/main.py || echo nopython", workspace=name)
+    assert job.wait(timeout=30).state == "succeeded"
+
+
+def test_push_rejects_bad_names(host: Host, tmp_path: Path) -> None:
+    with pytest.raises(TransferError, match="invalid workspace name"):
+        host.push(tmp_path, name="../../etc")
+
+
+def test_push_local_target(local_home: Path, tmp_path: Path) -> None:
+    root = _git_project(tmp_path / "lp")
+    with Host("local") as h:
+        res = h.push(root, name="lp")
+    assert sorted(
+        str(p.relative_to(local_home / ".bifrost/workspaces/lp"))
+        for p in (local_home / ".bifrost/workspaces/lp").rglob("*") if p.is_file()
+    ) == EXPECTED
+    assert res.files == len(EXPECTED)
+
+
+def test_pull_and_upload_trees(host: Host, tmp_path: Path) -> None:
+    src = tmp_path / "tree"
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "a" / "b" / "deep.txt").write_text("deep\n")
+    (src / "top; rm -rf ~.txt").write_text("top\n")
+    dest = host.upload(src, "~/bifrost-upload-test")
+    assert dest == host.home() + "/bifrost-upload-test"
+    pulled = host.pull("~/bifrost-upload-test", tmp_path / "back")
+    assert (pulled / "a" / "b" / "deep.txt").read_text() == "deep\n"
+    assert (pulled / "top; rm -rf ~.txt").read_text() == "top\n"
+    (tmp_path / "into").mkdir()
+    one = host.pull("bifrost-upload-test/a/b/deep.txt", tmp_path / "into")
+    assert one == tmp_path / "into" / "deep.txt"
+    with pytest.raises(TransferError, match="does not exist"):
+        host.pull("~/no/such/file", tmp_path)
+
+
+def test_nonroot_push_and_job(sshd_nonroot: SSHServer, tmp_path: Path) -> None:
+    root = _git_project(tmp_path / "nr")
+    with Host(sshd_nonroot.target, identity_file=sshd_nonroot.client_key) as h:
+        res = h.push(root, name="nr")
+        assert _remote_files(h, "nr") == EXPECTED
+        job = h.run("pwd; ls", workspace="nr")
+        assert job.wait(timeout=30).state == "succeeded"
+        first = job.logs().splitlines()[0]
+        assert first == h.home() + "/.bifrost/workspaces/nr"
+        assert res.files == len(EXPECTED)
