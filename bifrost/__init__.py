@@ -28,8 +28,8 @@ from bifrost.errors import (
 from bifrost.exec import Result
 from bifrost.gpus import GPU, GPUReport
 from bifrost.group import Group, HostOutcome
-from bifrost.hostkeys import KnownHosts, forget_host
 from bifrost.host import Host, connect
+from bifrost.hostkeys import KnownHosts, forget_host
 from bifrost.jobs import Job, JobStatus, LogDecoder
 from bifrost.sync import PushResult, list_files
 from bifrost.target import Target, parse_target

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -50,8 +51,6 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
         return fut.result()
     except KeyboardInterrupt:
         fut.cancel()
-        try:
+        with contextlib.suppress(BaseException):  # already unwinding a Ctrl-C
             fut.result(timeout=5)
-        except BaseException:  # noqa: S110 - we are already unwinding a Ctrl-C
-            pass
         raise

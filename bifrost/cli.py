@@ -110,14 +110,19 @@ def _print_json(data: Any) -> None:
 # --------------------------------------------------------------------------------------------
 @app.command("exec")
 def exec_(
-    target: Annotated[str, typer.Argument(help="user@host[:port], alias, 'local', or a,b,c / @file")],
+    target: Annotated[
+        str, typer.Argument(help="user@host[:port], alias, 'local', or a,b,c / @file")
+    ],
     command: Annotated[list[str], typer.Argument(help="The shell command (quote it).")],
     env: Annotated[list[str] | None, typer.Option("--env", "-e", help="NAME=VALUE")] = None,
     secret_env: Annotated[
-        list[str] | None, typer.Option("--secret-env", help="Send this local env var via a 0600 file.")
+        list[str] | None,
+        typer.Option("--secret-env", help="Send this local env var via a 0600 file."),
     ] = None,
     cwd: Annotated[str | None, typer.Option(help="Remote working directory.")] = None,
-    timeout: Annotated[float | None, typer.Option(help="Seconds; kills the remote process group.")] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="Seconds; kills the remote process group.")
+    ] = None,
     merge: Annotated[bool, typer.Option("--merge", help="Merge stderr into stdout.")] = False,
     concurrency: Annotated[int, typer.Option(help="Hosts at a time.")] = 16,
     identity: IdentityOpt = None,
@@ -153,7 +158,11 @@ def _report_outcomes(outcomes: list[HostOutcome[Any]], as_json: bool) -> None:
     if as_json:
         rows = []
         for o in outcomes:
-            value = o.value.to_dict() if hasattr(o.value, "to_dict") else o.value
+            value = (
+                o.value.to_dict()
+                if o.value is not None and hasattr(o.value, "to_dict")
+                else o.value
+            )
             rows.append({"host": o.host, "ok": o.ok, "error": o.error, "result": value})
         _print_json(rows)
         return
@@ -167,8 +176,12 @@ def _report_outcomes(outcomes: list[HostOutcome[Any]], as_json: bool) -> None:
 def push(
     target: Annotated[str, typer.Argument(help="Where to push.")],
     path: Annotated[Path, typer.Argument(help="Project directory.")] = Path("."),
-    name: Annotated[str | None, typer.Option(help="Workspace name (default: directory name).")] = None,
-    bootstrap: Annotated[bool, typer.Option(help="uv sync --locked into a venv on the box.")] = False,
+    name: Annotated[
+        str | None, typer.Option(help="Workspace name (default: directory name).")
+    ] = None,
+    bootstrap: Annotated[
+        bool, typer.Option(help="uv sync --locked into a venv on the box.")
+    ] = False,
     extra: Annotated[list[str] | None, typer.Option(help="uv extras for --bootstrap.")] = None,
     identity: IdentityOpt = None,
     as_json: JsonOpt = False,
@@ -194,12 +207,20 @@ def run(
     target: Annotated[str, typer.Argument(help="Where to run (a,b,c for several hosts).")],
     command: Annotated[list[str], typer.Argument(help="Command, after `--`.")],
     name: Annotated[str | None, typer.Option(help="Job name (free text).")] = None,
-    workspace: Annotated[str | None, typer.Option("--workspace", "-w", help="Run in this pushed workspace.")] = None,
+    workspace: Annotated[
+        str | None, typer.Option("--workspace", "-w", help="Run in this pushed workspace.")
+    ] = None,
     cwd: Annotated[str | None, typer.Option(help="Remote working directory.")] = None,
     env: Annotated[list[str] | None, typer.Option("--env", "-e", help="NAME=VALUE")] = None,
-    secret_env: Annotated[list[str] | None, typer.Option("--secret-env", help="Local env var to pass secretly.")] = None,
-    output: Annotated[list[str] | None, typer.Option("--output", "-o", help="Result path for `pull --job`.")] = None,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Follow the log until the job ends.")] = False,
+    secret_env: Annotated[
+        list[str] | None, typer.Option("--secret-env", help="Local env var to pass secretly.")
+    ] = None,
+    output: Annotated[
+        list[str] | None, typer.Option("--output", "-o", help="Result path for `pull --job`.")
+    ] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Follow the log until the job ends.")
+    ] = False,
     identity: IdentityOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -214,10 +235,18 @@ def run(
     if len(targets) > 1:
         outcomes = Group(targets, identity_file=identity).run(cmd, **opts)
         if as_json:
-            _print_json([{"host": o.host, "job": o.value.id if o.value else None, "error": o.error} for o in outcomes])
+            _print_json(
+                [
+                    {"host": o.host, "job": o.value.id if o.value else None, "error": o.error}
+                    for o in outcomes
+                ]
+            )
         else:
             for o in outcomes:
-                out.print(f"[{o.host}] {o.value.id if o.value else 'FAILED: ' + str(o.error)}", markup=False)
+                out.print(
+                    f"[{o.host}] {o.value.id if o.value else 'FAILED: ' + str(o.error)}",
+                    markup=False,
+                )
         raise _Exit(0 if all(o.ok for o in outcomes) else 1)
     host = _host(targets[0], identity)
     job = host.run(cmd, **opts)
@@ -239,7 +268,14 @@ def _status_code(st: JobStatus) -> int:
 
 def _status_table(rows: list[JobStatus], with_host: bool = False) -> Table:
     table = Table(box=None, pad_edge=False)
-    for col in (["host"] if with_host else []) + ["job", "state", "code", "started", "ended", "command"]:
+    for col in (["host"] if with_host else []) + [
+        "job",
+        "state",
+        "code",
+        "started",
+        "ended",
+        "command",
+    ]:
         table.add_column(col, overflow="fold")
     colors = {"running": "cyan", "succeeded": "green", "failed": "red", "cancelled": "yellow"}
     for s in rows:
@@ -293,7 +329,9 @@ def status(
 def logs(
     target_or_job: Annotated[str, typer.Argument(metavar="[TARGET] JOB")],
     job: Annotated[str | None, typer.Argument(hidden=True)] = None,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep following until the job ends.")] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep following until the job ends.")
+    ] = False,
     tail: Annotated[int | None, typer.Option("--tail", "-n", help="Only the last N lines.")] = None,
     identity: IdentityOpt = None,
 ) -> None:
@@ -315,7 +353,9 @@ def logs(
 def wait(
     target_or_job: Annotated[str, typer.Argument(metavar="[TARGET] JOB")],
     job: Annotated[str | None, typer.Argument(hidden=True)] = None,
-    timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds (exit 124).")] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="Give up after this many seconds (exit 124).")
+    ] = None,
     identity: IdentityOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -328,7 +368,10 @@ def wait(
     if as_json:
         _print_json(st.to_dict())
     else:
-        err.print(f"{st.id}: {st.state}" + (f" ({st.exit_code})" if st.exit_code is not None else ""), markup=False)
+        err.print(
+            f"{st.id}: {st.state}" + (f" ({st.exit_code})" if st.exit_code is not None else ""),
+            markup=False,
+        )
     raise _Exit(_status_code(st))
 
 
@@ -348,7 +391,9 @@ def kill(
 def pull(
     target: Annotated[str, typer.Argument(help="Source host.")],
     paths: Annotated[list[str] | None, typer.Argument(metavar="[REMOTE] [LOCAL]")] = None,
-    job: Annotated[str | None, typer.Option("--job", help="Pull this job's dir and outputs.")] = None,
+    job: Annotated[
+        str | None, typer.Option("--job", help="Pull this job's dir and outputs.")
+    ] = None,
     identity: IdentityOpt = None,
 ) -> None:
     """Download a file or tree (`~` is the remote home), or a finished job's results."""
@@ -362,7 +407,9 @@ def pull(
         out.print(f"pulled {job} to {dest}", markup=False)
         return
     if not items or len(items) > 2:
-        _fail("usage: bifrost pull TARGET REMOTE [LOCAL]  or  bifrost pull TARGET --job JOB [LOCAL]")
+        _fail(
+            "usage: bifrost pull TARGET REMOTE [LOCAL]  or  bifrost pull TARGET --job JOB [LOCAL]"
+        )
     dest = host.pull(items[0], Path(items[1] if len(items) > 1 else "."), progress=progress)
     out.print(f"pulled {items[0]} to {dest}", markup=False)
 
@@ -393,7 +440,9 @@ def gpus(
     group = Group(all_targets, identity_file=identity)
     outcomes: list[HostOutcome[GPUReport]] = run_sync(group._each(agpus))
     if as_json:
-        _print_json([o.value.to_dict() if o.value else {"host": o.host, "error": o.error} for o in outcomes])
+        _print_json(
+            [o.value.to_dict() if o.value else {"host": o.host, "error": o.error} for o in outcomes]
+        )
         raise _Exit(0 if all(o.ok for o in outcomes) else 1)
     table = Table(box=None, pad_edge=False)
     for col in ["host", "gpu", "name", "memory", "util", "processes"]:
@@ -445,7 +494,11 @@ def _ssh_argv(spec: str, identity: str | None, tty: bool) -> list[str]:
     )()
     assert shell is not None
     argv = [a for a in shell[0] if a != "BatchMode=yes"]
-    argv = [a for i, a in enumerate(argv) if not (a == "-o" and i + 1 < len(argv) and argv[i + 1] == "BatchMode=yes")]
+    argv = [
+        a
+        for i, a in enumerate(argv)
+        if not (a == "-o" and i + 1 < len(argv) and argv[i + 1] == "BatchMode=yes")
+    ]
     for jump in host.target.proxy_jump:
         argv += ["-J", f"{jump.user}@{jump.host}:{jump.port}"]
     if tty:
@@ -462,7 +515,7 @@ def ssh(
     """Interactive ssh with bifrost's pinned host keys."""
     Host(target, identity_file=identity).connect()  # pins the key (TOFU) before ssh checks it
     argv = _ssh_argv(target, identity, tty=True)
-    os.execvp("ssh", [*argv, *(command or [])])
+    os.execvp("ssh", [*argv, *(command or [])])  # noqa: S606 - hand the terminal to ssh
 
 
 @app.command()
@@ -480,7 +533,7 @@ def attach(
         f"if command -v tmux >/dev/null; then exec tmux new-session -A -s bifrost-{job_id} "
         f"{shlex.quote(inner)}; else exec {inner}; fi"
     )
-    os.execvp("ssh", [*_ssh_argv(target, identity, tty=True), remote])
+    os.execvp("ssh", [*_ssh_argv(target, identity, tty=True), remote])  # noqa: S606
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,7 +106,8 @@ async def kill_remote_group(transport: Transport, token: str, grace: float = 2.0
     steps = max(1, int(grace / 0.1))
     script = (
         f'p=$(cat {f} 2>/dev/null); if [ -n "$p" ]; then kill -TERM -- -"$p" 2>/dev/null; '
-        f"i=0; while [ $i -lt {steps} ] && kill -0 -- -\"$p\" 2>/dev/null; do sleep 0.1; i=$((i+1)); done; "
+        f'i=0; while [ $i -lt {steps} ] && kill -0 -- -"$p" 2>/dev/null; '
+        "do sleep 0.1; i=$((i+1)); done; "
         f'kill -KILL -- -"$p" 2>/dev/null; fi; rm -f {f}; true'
     )
     await transport.run(script)

@@ -90,6 +90,9 @@ async def agpus(host: Host) -> GPUReport:
     if result.exit_code != 0:
         msg = (result.stderr or result.stdout).strip().splitlines()
         return GPUReport(
-            host.name, False, [], "nvidia-smi failed: " + (msg[-1] if msg else f"exit {result.exit_code}")
+            host.name,
+            False,
+            [],
+            "nvidia-smi failed: " + (msg[-1] if msg else f"exit {result.exit_code}"),
         )
     return parse_nvidia_smi(host.name, result.stdout)

@@ -136,7 +136,9 @@ class Group:
         """Start the same detached job on every host (see :meth:`Host.run`)."""
         return run_sync(self._each(lambda h: astart(h, command, **options)))
 
-    def status(self, job_ids: Mapping[str, str] | str | None = None) -> list[HostOutcome[list[JobStatus]]]:
+    def status(
+        self, job_ids: Mapping[str, str] | str | None = None
+    ) -> list[HostOutcome[list[JobStatus]]]:
         """Job statuses per host: one id everywhere, a ``{host name: id}`` map, or all jobs."""
         from bifrost.jobs import astatuses
 

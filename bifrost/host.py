@@ -13,7 +13,6 @@ from bifrost.exec import Result, echo_sink, run_command
 from bifrost.hostkeys import KnownHosts
 from bifrost.target import Target, parse_target
 from bifrost.transport.base import OutputSink, StdinSource, Transport
-from bifrost.transport.ssh import open_transport
 
 if TYPE_CHECKING:
     from bifrost.gpus import GPUReport
@@ -52,7 +51,9 @@ class Host:
         self.connect_timeout = connect_timeout
         self.keepalive_interval = keepalive_interval
         self.retries = retries
-        self.known_hosts = known_hosts if isinstance(known_hosts, KnownHosts) else KnownHosts(known_hosts)
+        self.known_hosts = (
+            known_hosts if isinstance(known_hosts, KnownHosts) else KnownHosts(known_hosts)
+        )
         self._transport: Transport | None = None
         self._lock: asyncio.Lock | None = None
 
@@ -73,6 +74,8 @@ class Host:
             if self._transport is None or self._transport.closed:
                 if self._transport is not None:
                     await self._transport.close()
+                from bifrost.transport.ssh import open_transport
+
                 self._transport = await open_transport(
                     self.target,
                     known_hosts=self.known_hosts,
@@ -89,9 +92,7 @@ class Host:
             self._transport = None
         return await self.atransport()
 
-    async def aretrying(
-        self, fn: Callable[[Transport], Awaitable[T]], *, attempts: int = 3
-    ) -> T:
+    async def aretrying(self, fn: Callable[[Transport], Awaitable[T]], *, attempts: int = 3) -> T:
         """Run an idempotent operation, reconnecting if the link drops mid-way."""
         for i in range(attempts):
             transport = await self.atransport()
@@ -266,11 +267,13 @@ class Host:
         extras: Sequence[str] = (),
         progress: bool = False,
     ) -> PushResult:
-        """Sync a local project to ``~/.bifrost/workspaces/<name>`` (see :func:`bifrost.sync.push`)."""
+        """Sync a local project to ``~/.bifrost/workspaces/<name>`` (see ``bifrost.sync.apush``)."""
         from bifrost.sync import apush
 
         return run_sync(
-            apush(self, Path(path), name=name, bootstrap=bootstrap, extras=extras, progress=progress)
+            apush(
+                self, Path(path), name=name, bootstrap=bootstrap, extras=extras, progress=progress
+            )
         )
 
     def pull(self, remote: str, local: str | Path, *, progress: bool = False) -> Path:

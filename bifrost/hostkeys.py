@@ -8,10 +8,12 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-import asyncssh
+from typing import TYPE_CHECKING
 
 from bifrost.paths import known_hosts_path
+
+if TYPE_CHECKING:
+    import asyncssh
 
 __all__ = ["KnownHosts", "forget_host"]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bifrost._loop import run_sync
-from bifrost.errors import ConnectionLostError, ConnectError, JobError, JobNotFoundError
+from bifrost.errors import ConnectError, ConnectionLostError, JobError, JobNotFoundError
 from bifrost.exec import env_lines
 from bifrost.paths import bifrost_home
 from bifrost.transport.base import Transport
@@ -196,9 +196,7 @@ async def astart(
         "venv": venv,
         "env": env_lines({**(env or {}), **(secrets or {})}),
     }
-    payload = "".join(
-        f"{k} {base64.b64encode(v.encode()).decode()}\n" for k, v in fields.items()
-    )
+    payload = "".join(f"{k} {base64.b64encode(v.encode()).decode()}\n" for k, v in fields.items())
     # A quoted heredoc: the payload is inert data to bash, whatever the command or env contain.
     tail = f" <<'__BIFROST_PAYLOAD__'\n{payload}__BIFROST_PAYLOAD__"
     transport = await host.atransport()
@@ -408,7 +406,7 @@ class Job:
         d = _job_dir(self.id)
         n = dec.offset
         follow_cmd = (
-            f'pid=$(cat {d}/pid 2>/dev/null); '
+            f"pid=$(cat {d}/pid 2>/dev/null); "
             f'if [ -f {d}/exit_code ] || [ -z "$pid" ] || ! kill -0 "$pid" 2>/dev/null; '
             f"then exec tail -c +{n + 1} {d}/log; fi; "
             f'exec tail -c +{n + 1} -F -s 0.2 --pid="$pid" {d}/log 2>/dev/null'

@@ -147,8 +147,14 @@ async def _run_checked(t: Transport, cmd: str, stdin: bytes | None = None) -> st
     text = b"".join(out).decode(errors="replace")
     if rc != 0:
         raise CommandError(
-            Result(cmd, t.target.display, rc, text, b"".join(err).decode(errors="replace"),
-                   time.monotonic() - started)
+            Result(
+                cmd,
+                t.target.display,
+                rc,
+                text,
+                b"".join(err).decode(errors="replace"),
+                time.monotonic() - started,
+            )
         )
     return text
 
@@ -159,7 +165,8 @@ async def _tar_stream(root: Path, files: list[str]) -> AsyncIterator[bytes]:
         cwd=str(root), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    assert proc.stdin is not None and proc.stdout is not None
+    assert proc.stdin is not None
+    assert proc.stdout is not None
 
     async def feed() -> None:
         assert proc.stdin is not None
@@ -208,8 +215,8 @@ def _env_stamp(root: Path, extras: Sequence[str]) -> str | None:
 
 
 _UV_INSTALL = (
-    'if ! command -v uv >/dev/null 2>&1; then '
-    'curl -LsSf https://astral.sh/uv/install.sh | '
+    "if ! command -v uv >/dev/null 2>&1; then "
+    "curl -LsSf https://astral.sh/uv/install.sh | "
     'env UV_INSTALL_DIR="$HOME/.local/bin" INSTALLER_NO_MODIFY_PATH=1 sh >&2 || exit 5; fi; '
 )
 
@@ -224,7 +231,11 @@ async def _bootstrap(
         'export PATH="$HOME/.local/bin:$PATH"; '
         f'if [ "$(cat {stamp_file} 2>/dev/null)" = {stamp} ] && [ -d {venv} ]; '
         "then echo skipped; exit 0; fi; "
-        + (_UV_INSTALL if install_uv else "command -v uv >/dev/null || { echo 'uv not found' >&2; exit 5; }; ")
+        + (
+            _UV_INSTALL
+            if install_uv
+            else "command -v uv >/dev/null || { echo 'uv not found' >&2; exit 5; }; "
+        )
         + f'cd "$HOME/.bifrost/workspaces/{name}" && '
         f"UV_PROJECT_ENVIRONMENT={venv} uv sync --locked {extra_args} >&2 && "
         f"echo {stamp} > {stamp_file} && echo synced"
@@ -289,7 +300,13 @@ async def apush(
     deleted = sorted(old_files - set(files))
     safe_deleted = [p for p in deleted if not p.startswith("/") and ".." not in p.split("/")]
     manifest = json.dumps(
-        {"files": files, "git_sha": sha, "dirty": dirty, "pushed_at": time.time(), "root": str(root)}
+        {
+            "files": files,
+            "git_sha": sha,
+            "dirty": dirty,
+            "pushed_at": time.time(),
+            "root": str(root),
+        }
     )
     if safe_deleted:
         listing = b"".join(p.encode("utf-8", "surrogateescape") + b"\0" for p in safe_deleted)

@@ -18,7 +18,10 @@ __all__ = ["Target", "parse_target"]
 
 _USER_RE = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._-]*\$?$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9._-]*[A-Za-z0-9_])?$")
-_EXAMPLES = "expected user@host[:port], ssh -p PORT user@host, [ipv6]:port, an ~/.ssh/config alias or 'local'"
+_EXAMPLES = (
+    "expected user@host[:port], ssh -p PORT user@host, [ipv6]:port, "
+    "an ~/.ssh/config alias or 'local'"
+)
 
 
 @dataclass(frozen=True)
@@ -171,7 +174,10 @@ def _parse_ssh_command(text: str) -> tuple[str, dict[str, str | list[str]]]:
             dest = arg
             i += 1
             continue
-        raise _bad(text, f"unexpected {arg!r} after the destination (a remote command is not part of a target)")
+        raise _bad(
+            text,
+            f"unexpected {arg!r} after the destination (a remote command is not part of a target)",
+        )
     if dest is None:
         raise _bad(text, "the ssh command has no user@host destination")
     return dest, opts
@@ -211,9 +217,7 @@ def _ssh_config_lookup(host: str, config_path: Path | None) -> dict[str, list[st
     return found
 
 
-def parse_target(
-    text: str | Target, *, ssh_config: Path | None = None, _depth: int = 0
-) -> Target:
+def parse_target(text: str | Target, *, ssh_config: Path | None = None, _depth: int = 0) -> Target:
     """Parse a target string into a :class:`Target`.
 
     Accepted forms: ``user@host:port``, ``user@host``, ``host``, ``ssh://user@host:port``,

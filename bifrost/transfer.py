@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tqdm import tqdm
+from tqdm import tqdm  # type: ignore[import-untyped]
 
 from bifrost.errors import TransferError
 from bifrost.transport.base import Progress, Transport
@@ -24,7 +24,9 @@ PROGRESS_MIN_BYTES = 8 << 20
 def resolve_remote(path: str, home: str) -> str:
     """``~``/``~/x``/relative → absolute under the remote home (never assumes /root)."""
     if path.startswith("~") and not (path == "~" or path.startswith("~/")):
-        raise TransferError(f"unsupported remote path {path!r}: use ~/..., a relative or absolute path")
+        raise TransferError(
+            f"unsupported remote path {path!r}: use ~/..., a relative or absolute path"
+        )
     if path == "~":
         return home
     if path.startswith("~/"):
@@ -63,7 +65,7 @@ async def apull(host: Host, remote: str, local: Path, *, progress: bool = False)
     directory, else as ``local``. Returns the local path written."""
     t = await host.atransport()
     src = resolve_remote(remote, await t.home())
-    exists, is_dir, size = await _remote_size(t, src)
+    exists, _is_dir, size = await _remote_size(t, src)
     if not exists:
         raise TransferError(f"{remote!r} does not exist on {host.name} (resolved to {src})")
     dest = local / posixpath.basename(src.rstrip("/")) if local.is_dir() else local

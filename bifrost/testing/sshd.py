@@ -29,7 +29,9 @@ def ensure_user(name: str = "bifrost-test") -> str:
         pwd.getpwnam(name)
     except KeyError:
         if os.geteuid() != 0:
-            raise PermissionError(f"user {name} does not exist and only root can create it") from None
+            raise PermissionError(
+                f"user {name} does not exist and only root can create it"
+            ) from None
         subprocess.run(["useradd", "-m", "-s", "/bin/bash", name], check=True, capture_output=True)
     return name
 
@@ -41,7 +43,9 @@ def keygen(path: Path) -> str:
         check=True,
         capture_output=True,
     )
-    return (path.with_suffix(".pub") if path.suffix else Path(str(path) + ".pub")).read_text().strip()
+    return (
+        (path.with_suffix(".pub") if path.suffix else Path(str(path) + ".pub")).read_text().strip()
+    )
 
 
 class SSHServer:

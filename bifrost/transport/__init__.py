@@ -1,7 +1,20 @@
-"""Connections behind bifrost's own small interface: SSH (asyncssh) and local."""
+"""Connections behind bifrost's own small interface: SSH (asyncssh) and local.
+
+The SSH implementation is imported on first use: asyncssh takes a second or more to import,
+which `local` targets and CLI usage errors should not pay.
+"""
+
+from typing import Any
 
 from bifrost.transport.base import Transport
 from bifrost.transport.local import LocalTransport
-from bifrost.transport.ssh import SSHTransport, open_transport
 
 __all__ = ["LocalTransport", "SSHTransport", "Transport", "open_transport"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("SSHTransport", "open_transport"):
+        from bifrost.transport import ssh
+
+        return getattr(ssh, name)
+    raise AttributeError(name)

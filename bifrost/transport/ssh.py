@@ -1,12 +1,15 @@
-"""SSH transport on asyncssh: TOFU host keys, timeouts on every phase, retries on transient errors."""
+"""SSH transport on asyncssh: TOFU host keys, a timeout on every phase, retries on
+transient errors."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import cast
 
 import asyncssh
 from tenacity import (
@@ -107,7 +110,7 @@ async def _connect_once(
         key = conn.get_server_host_key()
         if key is not None:
             known_hosts.add(target.host, target.port, key)
-    return conn, client
+    return conn, cast(_Client, client)
 
 
 async def connect_ssh(
@@ -282,7 +285,9 @@ class SSHTransport(Transport):
         return self._home
 
     @staticmethod
-    def _progress_handler(progress: Progress | None) -> asyncssh.SFTPProgressHandler | None:
+    def _progress_handler(
+        progress: Progress | None,
+    ) -> Callable[[bytes, bytes, int, int], None] | None:
         if progress is None:
             return None
         seen: dict[bytes, int] = {}
@@ -351,10 +356,8 @@ class SSHTransport(Transport):
         for conn in [self._conn, *reversed(self._hops)]:
             conn.close()
         for conn in [self._conn, *reversed(self._hops)]:
-            try:
+            with contextlib.suppress(TimeoutError, OSError, asyncssh.Error):
                 await asyncio.wait_for(conn.wait_closed(), 5)
-            except (TimeoutError, OSError, asyncssh.Error):
-                pass
 
 
 async def open_transport(

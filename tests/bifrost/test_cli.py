@@ -13,7 +13,10 @@ from bifrost.testing import SSHServer
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "bifrost.cli", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "bifrost.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -44,7 +47,24 @@ def test_exec_mirrors_exit_code(sshd: SSHServer) -> None:
 
 def test_run_logs_wait_jobs_flow(sshd: SSHServer, capsys: pytest.CaptureFixture[str]) -> None:
     key = str(sshd.client_key)
-    assert main(["run", "-i", key, "--name", "cli job", sshd.target, "--", "echo", "from-cli;", "exit", "5"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "-i",
+                key,
+                "--name",
+                "cli job",
+                sshd.target,
+                "--",
+                "echo",
+                "from-cli;",
+                "exit",
+                "5",
+            ]
+        )
+        == 0
+    )
     job_id = capsys.readouterr().out.strip()
     assert main(["wait", "-i", key, job_id]) == 5  # target remembered from `run`
     capsys.readouterr()
@@ -60,7 +80,9 @@ def test_run_logs_wait_jobs_flow(sshd: SSHServer, capsys: pytest.CaptureFixture[
     assert "finished" in capsys.readouterr().out
 
 
-def test_push_pull_upload_gpus(sshd: SSHServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_push_pull_upload_gpus(
+    sshd: SSHServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     key = str(sshd.client_key)
     proj = tmp_path / "cliproj"
     proj.mkdir()

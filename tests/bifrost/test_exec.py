@@ -36,7 +36,9 @@ def test_streaming_callbacks(host: Host) -> None:
 
 
 def test_ten_mib_of_output_does_not_deadlock(host: Host) -> None:
-    r = host.exec("head -c 10485760 /dev/zero | tr '\\0' x; head -c 1048576 /dev/zero >&2", timeout=60)
+    r = host.exec(
+        "head -c 10485760 /dev/zero | tr '\\0' x; head -c 1048576 /dev/zero >&2", timeout=60
+    )
     assert len(r.stdout) == 10 * 1024 * 1024
     assert len(r.stderr) == 1024 * 1024
 
@@ -61,7 +63,7 @@ def test_bad_env_name_rejected(host: Host) -> None:
 
 def test_cwd_quoted(host: Host) -> None:
     weird = "~/bifrost test dir/'; $(id) `x`"
-    host.exec('mkdir -p "$HOME/bifrost test dir/'"'"'; \\$(id) \\`x\\`"')
+    host.exec('mkdir -p "$HOME/bifrost test dir/\'; \\$(id) \\`x\\`"')
     r = host.exec("pwd", cwd=weird)
     assert r.stdout.strip().endswith("/bifrost test dir/'; $(id) `x`")
 

@@ -35,7 +35,9 @@ def test_fanout_20_hosts(sshd_many: list[SSHServer], capsys: pytest.CaptureFixtu
 def test_cli_fanout_exit_code_and_json(sshd_many: list[SSHServer], bifrost_home: object) -> None:
     hosts = ",".join(sshd_many[0].targets()[:5])
     base = [sys.executable, "-m", "bifrost.cli", "exec", "-i", str(sshd_many[0].client_key)]
-    ok = subprocess.run([*base, hosts, "hostname >/dev/null; echo ok"], capture_output=True, text=True, timeout=120)
+    ok = subprocess.run(
+        [*base, hosts, "hostname >/dev/null; echo ok"], capture_output=True, text=True, timeout=120
+    )
     assert ok.returncode == 0, ok.stderr
     assert len([ln for ln in ok.stdout.splitlines() if ln.endswith("] ok")]) == 5
     failing = subprocess.run(

@@ -34,7 +34,17 @@ def test_run_status_wait_logs(host: Host) -> None:
     assert job.logs() == "start\nto-stderr\n"
     assert job.logs(tail=1) == "to-stderr\n"
     files = host.exec(f"ls ~/.bifrost/jobs/{job.id}").stdout.split()
-    for f in ["cmd", "meta.json", "env", "pid", "boot_id", "log", "exit_code", "started_at", "ended_at"]:
+    for f in [
+        "cmd",
+        "meta.json",
+        "env",
+        "pid",
+        "boot_id",
+        "log",
+        "exit_code",
+        "started_at",
+        "ended_at",
+    ]:
         assert f in files
     assert host.exec(f"stat -c %a ~/.bifrost/jobs/{job.id}/env").stdout.strip() == "600"
     assert any(s.id == job.id for s in host.jobs())

@@ -49,8 +49,16 @@ def test_reset() -> None:
     assert d.feed(b"x\n") == ["x"]
 
 
-@given(st.lists(st.text(alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)), max_size=20), max_size=20),
-       st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=10))
+@given(
+    st.lists(
+        st.text(
+            alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)),
+            max_size=20,
+        ),
+        max_size=20,
+    ),
+    st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=10),
+)
 def test_any_chunking_gives_same_lines(lines: list[str], sizes: list[int]) -> None:
     data = "".join(line + "\n" for line in lines).encode()
     d = LogDecoder()

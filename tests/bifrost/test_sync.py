@@ -25,14 +25,32 @@ def _git_project(root: Path) -> Path:
     (root / "it's $(weird) name.txt").write_text("quoted\n")
     subprocess.run(["git", "-C", str(root), "add", "-A"], check=True)
     subprocess.run(
-        ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
+        [
+            "git",
+            "-C",
+            str(root),
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "-qm",
+            "init",
+        ],
         check=True,
     )
     (root / "untracked.py").write_text("new\n")  # untracked, not ignored: pushed
     return root
 
 
-EXPECTED = [".gitignore", "it's $(weird) name.txt", "keep.log", "src/.gitignore", "src/main.py", "untracked.py"]
+EXPECTED = [
+    ".gitignore",
+    "it's $(weird) name.txt",
+    "keep.log",
+    "src/.gitignore",
+    "src/main.py",
+    "untracked.py",
+]
 
 
 def test_list_files_has_exact_git_semantics(tmp_path: Path) -> None:
@@ -86,10 +104,14 @@ def test_push_local_target(local_home: Path, tmp_path: Path) -> None:
     root = _git_project(tmp_path / "lp")
     with Host("local") as h:
         res = h.push(root, name="lp")
-    assert sorted(
-        str(p.relative_to(local_home / ".bifrost/workspaces/lp"))
-        for p in (local_home / ".bifrost/workspaces/lp").rglob("*") if p.is_file()
-    ) == EXPECTED
+    assert (
+        sorted(
+            str(p.relative_to(local_home / ".bifrost/workspaces/lp"))
+            for p in (local_home / ".bifrost/workspaces/lp").rglob("*")
+            if p.is_file()
+        )
+        == EXPECTED
+    )
     assert res.files == len(EXPECTED)
 
 
@@ -98,6 +120,7 @@ def test_pull_and_upload_trees(host: Host, tmp_path: Path) -> None:
     (src / "a" / "b").mkdir(parents=True)
     (src / "a" / "b" / "deep.txt").write_text("deep\n")
     (src / "top; rm -rf ~.txt").write_text("top\n")
+    host.exec("rm -rf ~/bifrost-upload-test")
     dest = host.upload(src, "~/bifrost-upload-test")
     assert dest == host.home() + "/bifrost-upload-test"
     pulled = host.pull("~/bifrost-upload-test", tmp_path / "back")
@@ -108,6 +131,7 @@ def test_pull_and_upload_trees(host: Host, tmp_path: Path) -> None:
     assert one == tmp_path / "into" / "deep.txt"
     with pytest.raises(TransferError, match="does not exist"):
         host.pull("~/no/such/file", tmp_path)
+    host.exec("rm -rf ~/bifrost-upload-test")
 
 
 def test_nonroot_push_and_job(sshd_nonroot: SSHServer, tmp_path: Path) -> None:
