@@ -1,16 +1,23 @@
 """Router adapters: put the BH selector (or top-k) in place of a transformers 5.x MoE router.
 
 transformers 5.x MoE blocks call ``mlp.gate`` (``mlp.router`` for GPT-OSS), which returns
-``(router_logits, weights (T, k), indices (T, k))``, and hand weights and indices to ``mlp.experts``.
+``(router_logits, weights (T, k), indices (T, k))``, and hand weights and indices to
+``mlp.experts``.
 Replacing the router's ``forward`` on the instance is therefore the one place that changes expert
-selection without touching attention, shared experts or the experts kernels. Patch right after loading,
-before any wrapping (torch.compile, nnsight, PEFT): wrappers capture ``forward`` when they are built.
-If accelerate already hooked the router (``device_map``), its hook calls ``_old_forward``, so that is
+selection without touching attention, shared experts or the experts kernels. Patch right after
+loading,
+before any wrapping (torch.compile, nnsight, PEFT): wrappers capture ``forward`` when they are
+built.
+If accelerate already hooked the router (``device_map``), its hook calls ``_old_forward``, so that
+is
 the attribute replaced there.
 
-Unused slots carry index ``E`` (the sentinel) with weight 0. The eager experts loop skips index E. The
-``grouped_mm`` and ``batched_mm`` kernels only mask sentinels when ``experts._is_expert_parallel`` is
-set, so the adapter sets it. GPT-OSS eager cannot take the sentinel (one_hot over E classes), so there
+Unused slots carry index ``E`` (the sentinel) with weight 0. The eager experts loop skips index E.
+The
+``grouped_mm`` and ``batched_mm`` kernels only mask sentinels when ``experts._is_expert_parallel``
+is
+set, so the adapter sets it. GPT-OSS eager cannot take the sentinel (one_hot over E classes), so
+there
 the slot is padded with the token's best expert and weight 0.
 
 What the p-values are computed on (per family, always at temperature 1):
@@ -19,7 +26,8 @@ What the p-values are computed on (per family, always at temperature 1):
 - GLM-4.5 (sigmoid router): ``sigmoid(l) + e_score_correction_bias``, the score GLM itself ranks by;
   experts outside the token's selected groups get p = 1 (group-limited routing is kept).
 Temperature only rescales the logits that build the mixing weights. Because both p-value methods are
-computed on untempered scores (the z-score is invariant to it anyway), temperature never changes which
+computed on untempered scores (the z-score is invariant to it anyway), temperature never changes
+which
 experts are selected for a given hidden state.
 """
 
@@ -78,8 +86,15 @@ class Family:
         """Compute logits, ranking key and p-value scores for ``hidden`` (any leading shape)."""
         raise NotImplementedError
 
-    def weights(self, router: nn.Module, scored: Scored, indices: torch.Tensor, mask: torch.Tensor,
-                temperature: float, renormalize: bool) -> torch.Tensor:
+    def weights(
+        self,
+        router: nn.Module,
+        scored: Scored,
+        indices: torch.Tensor,
+        mask: torch.Tensor,
+        temperature: float,
+        renormalize: bool,
+    ) -> torch.Tensor:
         """Mixing weights ``(T, width)`` for the selected slots, 0 in empty slots."""
         raise NotImplementedError
 
@@ -97,11 +112,19 @@ class SoftmaxFamily(Family):
         logits = F.linear(hidden, router.weight)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float)
         lf = logits.float()
-        return Scored(logits=logits, sort_key=probs, pscores=lf - lf.mean(dim=-1, keepdim=True),
-                      excluded=None)
+        return Scored(
+            logits=logits, sort_key=probs, pscores=lf - lf.mean(dim=-1, keepdim=True), excluded=None
+        )
 
-    def weights(self, router: nn.Module, scored: Scored, indices: torch.Tensor, mask: torch.Tensor,
-                temperature: float, renormalize: bool) -> torch.Tensor:
+    def weights(
+        self,
+        router: nn.Module,
+        scored: Scored,
+        indices: torch.Tensor,
+        mask: torch.Tensor,
+        temperature: float,
+        renormalize: bool,
+    ) -> torch.Tensor:
         """softmax(logits / T) over all E, gathered at the selected experts."""
         if temperature == 1.0:
             probs = scored.sort_key  # identical to the native probabilities, saves a softmax
@@ -141,12 +164,24 @@ class GptOssFamily(Family):
         hidden = hidden.reshape(-1, router.hidden_dim)
         logits = F.linear(hidden, router.weight, router.bias)
         lf = logits.float()
-        return Scored(logits=logits, sort_key=logits, pscores=lf - lf.mean(dim=-1, keepdim=True),
-                      excluded=None)
+        return Scored(
+            logits=logits,
+            sort_key=logits,
+            pscores=lf - lf.mean(dim=-1, keepdim=True),
+            excluded=None,
+        )
 
-    def weights(self, router: nn.Module, scored: Scored, indices: torch.Tensor, mask: torch.Tensor,
-                temperature: float, renormalize: bool) -> torch.Tensor:
-        """Softmax over the selected logits / T; renormalisation is inherent, the flag is ignored."""
+    def weights(
+        self,
+        router: nn.Module,
+        scored: Scored,
+        indices: torch.Tensor,
+        mask: torch.Tensor,
+        temperature: float,
+        renormalize: bool,
+    ) -> torch.Tensor:
+        """Softmax over the selected logits / T; renormalisation is inherent, the flag is
+        ignored."""
         safe = indices.clamp(max=scored.logits.shape[-1] - 1)
         vals = scored.logits.gather(-1, safe)
         if temperature != 1.0:
@@ -176,10 +211,21 @@ class GlmFamily(Family):
         key = choice.masked_fill(~allowed, float("-inf"))
         return Scored(logits=logits, sort_key=key, pscores=choice, excluded=~allowed)
 
-    def weights(self, router: nn.Module, scored: Scored, indices: torch.Tensor, mask: torch.Tensor,
-                temperature: float, renormalize: bool) -> torch.Tensor:
+    def weights(
+        self,
+        router: nn.Module,
+        scored: Scored,
+        indices: torch.Tensor,
+        mask: torch.Tensor,
+        temperature: float,
+        renormalize: bool,
+    ) -> torch.Tensor:
         """sigmoid(logits / T) at the selected experts, optional normalisation, routed scaling."""
-        scores = (scored.logits / temperature).sigmoid() if temperature != 1.0 else scored.logits.sigmoid()
+        scores = (
+            (scored.logits / temperature).sigmoid()
+            if temperature != 1.0
+            else scored.logits.sigmoid()
+        )
         w = scores.gather(-1, indices.clamp(max=scores.shape[-1] - 1)) * mask
         if renormalize:
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
@@ -209,8 +255,12 @@ class RoutingRecord:
         """Move everything to CPU lists (one sync at the end instead of one per step)."""
         return {
             "k_hist": {str(k): v.cpu().tolist() for k, v in sorted(self.k_hist.items())},
-            "expert_counts": {str(k): v.cpu().tolist() for k, v in sorted(self.expert_counts.items())},
-            "first_call_k": {str(k): v.cpu().tolist() for k, v in sorted(self.first_call_k.items())},
+            "expert_counts": {
+                str(k): v.cpu().tolist() for k, v in sorted(self.expert_counts.items())
+            },
+            "first_call_k": {
+                str(k): v.cpu().tolist() for k, v in sorted(self.first_call_k.items())
+            },
         }
 
 
@@ -245,9 +295,15 @@ class RoutingController:
     # -- state switches -------------------------------------------------------------------------
     def set_config(self, config: RoutingConfig | None) -> None:
         """Switch all layers to ``config`` (no re-patching needed)."""
-        if config is not None and config.method == "bh" and config.p_value == "empirical" \
-                and self.null is None:
-            raise ValueError(f"config {config.name!r} uses the empirical null but none is calibrated")
+        if (
+            config is not None
+            and config.method == "bh"
+            and config.p_value == "empirical"
+            and self.null is None
+        ):
+            raise ValueError(
+                f"config {config.name!r} uses the empirical null but none is calibrated"
+            )
         self.config = config
 
     def start_recording(self) -> None:
@@ -273,8 +329,12 @@ class RoutingController:
             out = pl.original_forward(hidden_states)
             if self.recording:
                 idx = out[2]
-                self._record(pl, torch.full(idx.shape[:-1], idx.shape[-1], device=idx.device),
-                             idx, idx.shape[-1])
+                self._record(
+                    pl,
+                    torch.full(idx.shape[:-1], idx.shape[-1], device=idx.device),
+                    idx,
+                    idx.shape[-1],
+                )
             return out
         fam = pl.family
         router = pl.router
@@ -287,7 +347,9 @@ class RoutingController:
         renorm = fam.native_renormalize(router) if cfg.renormalize is None else cfg.renormalize
         weights = fam.weights(router, scored, sel.indices, sel.mask, cfg.temperature, renorm)
         indices = sel.indices
-        if not sel.mask.all() and not (fam.eager_takes_sentinel or self.experts_implementation != "eager"):
+        if not sel.mask.all() and not (
+            fam.eager_takes_sentinel or self.experts_implementation != "eager"
+        ):
             # GPT-OSS eager one_hot has no sentinel class: pad with the best expert at weight 0.
             best = scored.sort_key.argmax(dim=-1, keepdim=True)
             indices = torch.where(sel.mask, indices, best.expand_as(indices))
@@ -300,9 +362,18 @@ class RoutingController:
         if scored.excluded is not None:
             # Excluded experts sort last (key -inf); give them a score no null exceeds -> p = 1.
             pscores = pscores.masked_fill(scored.excluded, float("-inf"))
-        sel = select_from_scores(pscores, alpha=cfg.alpha, min_k=cfg.min_k, max_k=cfg.max_k,
-                                 method=cfg.p_value, null=self.null, layer=pl.layer,
-                                 correction=cfg.correction, sentinel=e, sort_key=scored.sort_key)
+        sel = select_from_scores(
+            pscores,
+            alpha=cfg.alpha,
+            min_k=cfg.min_k,
+            max_k=cfg.max_k,
+            method=cfg.p_value,
+            null=self.null,
+            layer=pl.layer,
+            correction=cfg.correction,
+            sentinel=e,
+            sort_key=scored.sort_key,
+        )
         return sel
 
     def _record(self, pl: PatchedLayer, k: torch.Tensor, indices: torch.Tensor, width: int) -> None:
@@ -353,7 +424,9 @@ def find_model_layers(model: nn.Module) -> list[nn.Module]:
     inner = getattr(model, "model", model)
     layers = getattr(inner, "layers", None)
     if layers is None:
-        raise ValueError(f"{type(model).__name__} has no model.layers; not a supported decoder model")
+        raise ValueError(
+            f"{type(model).__name__} has no model.layers; not a supported decoder model"
+        )
     return list(layers)
 
 
@@ -386,10 +459,18 @@ def patch_model(model: nn.Module) -> RoutingController:
             continue  # dense layer (Qwen3-MoE sparse step, GLM first_k_dense_replace)
         experts = getattr(mlp, "experts", None)
         hook_attr = "_old_forward" if hasattr(router, "_old_forward") else "forward"
-        pl = PatchedLayer(layer=i, router=router, experts=experts, family=fam,
-                          original_forward=getattr(router, hook_attr), attr=hook_attr)
+        pl = PatchedLayer(
+            layer=i,
+            router=router,
+            experts=experts,
+            family=fam,
+            original_forward=getattr(router, hook_attr),
+            attr=hook_attr,
+        )
 
-        def _fwd(hidden_states: torch.Tensor, *_a: Any, _pl: PatchedLayer = pl, **_k: Any) -> RouterOutput:
+        def _fwd(
+            hidden_states: torch.Tensor, *_a: Any, _pl: PatchedLayer = pl, **_k: Any
+        ) -> RouterOutput:
             return ctl.route(_pl, hidden_states)
 
         setattr(router, hook_attr, _fwd)
@@ -398,8 +479,10 @@ def patch_model(model: nn.Module) -> RoutingController:
             experts._is_expert_parallel = True
         ctl.layers.append(pl)
     if not ctl.layers:
-        raise ValueError(f"no supported MoE router found in {type(model).__name__}; supported router "
-                         f"classes: {', '.join(sorted(FAMILIES))}")
+        raise ValueError(
+            f"no supported MoE router found in {type(model).__name__}; supported router "
+            f"classes: {', '.join(sorted(FAMILIES))}"
+        )
     model._bh_routing_controller = ctl
     return ctl
 

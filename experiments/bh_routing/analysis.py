@@ -2,12 +2,14 @@
 
 Every comparison is paired by prompt (or by held-out chunk for perplexity) against the baseline
 config: paired t-test, Cohen's d_z = mean(diff) / sd(diff), Wilcoxon signed-rank, a percentile
-bootstrap CI of the mean difference (prompts resampled with replacement), and Holm's correction across
+bootstrap CI of the mean difference (prompts resampled with replacement), and Holm's correction
+across
 the compared configs, separately per metric and test.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -19,11 +21,27 @@ import pandas as pd
 from experiments.common.io import atomic_write_json, atomic_write_text
 
 SCALAR_COLUMNS = [
-    "config_name", "prompt_index", "prompt_text", "prompt_category", "generated_text",
-    "avg_experts_per_token", "std_experts_per_token", "min_experts", "max_experts",
-    "inference_time_sec", "tokens_per_sec", "expert_utilization_cv",
-    "expert_utilization_max_min_ratio", "unused_expert_frac", "num_input_tokens", "num_output_tokens",
-    "routing_decisions", "experts_implementation", "model", "device", "dtype",
+    "config_name",
+    "prompt_index",
+    "prompt_text",
+    "prompt_category",
+    "generated_text",
+    "avg_experts_per_token",
+    "std_experts_per_token",
+    "min_experts",
+    "max_experts",
+    "inference_time_sec",
+    "tokens_per_sec",
+    "expert_utilization_cv",
+    "expert_utilization_max_min_ratio",
+    "unused_expert_frac",
+    "num_input_tokens",
+    "num_output_tokens",
+    "routing_decisions",
+    "experts_implementation",
+    "model",
+    "device",
+    "dtype",
 ]
 #: metric -> (label, "lower"/"higher" is better, or None when neither)
 TESTED_METRICS: dict[str, tuple[str, str | None]] = {
@@ -40,12 +58,12 @@ def load_saved(output: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
     ck = Path(output) / "checkpoints"
     exp_dir = ck / "experiments"
     found: dict[str, dict[str, Any]] = {}
+    files = sorted(exp_dir.glob("*.json")) if exp_dir.exists() else []
     latest = ck / "latest_checkpoint.json"
-    if latest.exists():
+    if not files and latest.exists():
         found.update(json.loads(latest.read_text(encoding="utf-8")).get("results", {}))
-    if exp_dir.exists():
-        for f in sorted(exp_dir.glob("*.json")):
-            found[f.stem] = json.loads(f.read_text(encoding="utf-8"))
+    for f in files:
+        found[f.stem] = json.loads(f.read_text(encoding="utf-8"))
     if not found:
         raise ValueError(f"no saved results under {ck}; run run_bh_experiments.py first")
     meta_path = ck / "run_meta.json"
@@ -69,8 +87,9 @@ def cohens_dz(diff: np.ndarray) -> float | None:
     return float(np.mean(diff) / sd) if sd > 0 else None
 
 
-def bootstrap_ci(diff: np.ndarray, n_boot: int = N_BOOT, level: float = 0.95,
-                 seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    diff: np.ndarray, n_boot: int = N_BOOT, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap CI of the mean paired difference (pairs resampled together)."""
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, diff.size, size=(n_boot, diff.size))
@@ -85,11 +104,20 @@ def paired_test(base: np.ndarray, other: np.ndarray) -> dict[str, Any]:
 
     diff = other - base
     n = int(diff.size)
-    out: dict[str, Any] = {"n": n, "mean_baseline": float(base.mean()), "mean_config": float(other.mean()),
-                           "mean_diff": float(diff.mean()),
-                           "pct_change": float(diff.mean() / base.mean() * 100) if base.mean() else None,
-                           "t": None, "p_t": None, "d_z": cohens_dz(diff), "wilcoxon_W": None,
-                           "p_wilcoxon": None, "ci_low": None, "ci_high": None}
+    out: dict[str, Any] = {
+        "n": n,
+        "mean_baseline": float(base.mean()),
+        "mean_config": float(other.mean()),
+        "mean_diff": float(diff.mean()),
+        "pct_change": float(diff.mean() / base.mean() * 100) if base.mean() else None,
+        "t": None,
+        "p_t": None,
+        "d_z": cohens_dz(diff),
+        "wilcoxon_W": None,
+        "p_wilcoxon": None,
+        "ci_low": None,
+        "ci_high": None,
+    }
     if n >= 2 and np.std(diff) > 0:
         t = stats.ttest_rel(other, base)
         out["t"], out["p_t"] = float(t.statistic), float(t.pvalue)
@@ -152,8 +180,13 @@ def perplexity_comparison(ppls: list[dict[str, Any]], baseline: str) -> list[dic
     rows = []
     base = by.get(baseline)
     for name, p in by.items():
-        row: dict[str, Any] = {"config": name, "perplexity": p["perplexity"], "mean_nll": p["mean_nll"],
-                               "tokens": p["tokens"], "avg_experts_per_token": p["avg_experts_per_token"]}
+        row: dict[str, Any] = {
+            "config": name,
+            "perplexity": p["perplexity"],
+            "mean_nll": p["mean_nll"],
+            "tokens": p["tokens"],
+            "avg_experts_per_token": p["avg_experts_per_token"],
+        }
         if base is not None and name != baseline and len(base["chunks"]) == len(p["chunks"]):
             b = np.array([c["mean_nll"] for c in base["chunks"]])
             o = np.array([c["mean_nll"] for c in p["chunks"]])
@@ -170,7 +203,7 @@ def temperature_pairs(configs: dict[str, dict[str, Any]]) -> list[tuple[str, str
     names = sorted(configs)
     pairs = []
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             ca, cb = dict(configs[a]), dict(configs[b])
             ta, tb = ca.pop("temperature"), cb.pop("temperature")
             for c in (ca, cb):
@@ -181,8 +214,9 @@ def temperature_pairs(configs: dict[str, dict[str, Any]]) -> list[tuple[str, str
     return pairs
 
 
-def temperature_effect(exps: list[dict[str, Any]], ppls: list[dict[str, Any]],
-                       configs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def temperature_effect(
+    exps: list[dict[str, Any]], ppls: list[dict[str, Any]], configs: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
     """For each temperature pair: same-input selection agreement and downstream differences."""
     by = {(r["config_name"], r["prompt_index"]): r for r in exps}
     ppl = {p["config_name"]: p for p in ppls}
@@ -202,10 +236,17 @@ def temperature_effect(exps: list[dict[str, Any]], ppls: list[dict[str, Any]],
             n += 1
         if n == 0:
             continue
-        row = {"low_t": lo, "high_t": hi, "t_low": configs[lo]["temperature"],
-               "t_high": configs[hi]["temperature"], "prompts": n,
-               "first_layer_tokens": tot_tok, "first_layer_same_k": same_tok,
-               "identical_generations": same_text, "mean_diff_experts": float(np.mean(diffs))}
+        row = {
+            "low_t": lo,
+            "high_t": hi,
+            "t_low": configs[lo]["temperature"],
+            "t_high": configs[hi]["temperature"],
+            "prompts": n,
+            "first_layer_tokens": tot_tok,
+            "first_layer_same_k": same_tok,
+            "identical_generations": same_text,
+            "mean_diff_experts": float(np.mean(diffs)),
+        }
         if lo in ppl and hi in ppl:
             row["ppl_low"], row["ppl_high"] = ppl[lo]["perplexity"], ppl[hi]["perplexity"]
         out.append(row)
@@ -215,17 +256,19 @@ def temperature_effect(exps: list[dict[str, Any]], ppls: list[dict[str, Any]],
 def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     """Per-config means and standard deviations of the seed's metrics."""
     g = df.groupby("config_name", sort=False)
-    t = pd.DataFrame({
-        "avg_experts": g.avg_experts_per_token.mean(),
-        "sd_experts": g.avg_experts_per_token.std(ddof=1),
-        "min_experts": g.min_experts.min(),
-        "max_experts": g.max_experts.max(),
-        "time_s": g.inference_time_sec.mean(),
-        "tokens_per_s": g.tokens_per_sec.mean(),
-        "util_cv": g.expert_utilization_cv.mean(),
-        "max_min_ratio": g.expert_utilization_max_min_ratio.median(),
-        "n": g.size(),
-    })
+    t = pd.DataFrame(
+        {
+            "avg_experts": g.avg_experts_per_token.mean(),
+            "sd_experts": g.avg_experts_per_token.std(ddof=1),
+            "min_experts": g.min_experts.min(),
+            "max_experts": g.max_experts.max(),
+            "time_s": g.inference_time_sec.mean(),
+            "tokens_per_s": g.tokens_per_sec.mean(),
+            "util_cv": g.expert_utilization_cv.mean(),
+            "max_min_ratio": g.expert_utilization_max_min_ratio.median(),
+            "n": g.size(),
+        }
+    )
     return t
 
 
@@ -236,8 +279,15 @@ def layer_hist_frame(exps: list[dict[str, Any]]) -> pd.DataFrame:
         for layer, h in r["per_layer_k_hist"].items():
             for k, c in enumerate(h):
                 if c:
-                    rows.append({"config_name": r["config_name"], "prompt_index": r["prompt_index"],
-                                 "layer": int(layer), "k": k, "count": c})
+                    rows.append(
+                        {
+                            "config_name": r["config_name"],
+                            "prompt_index": r["prompt_index"],
+                            "layer": int(layer),
+                            "k": k,
+                            "count": c,
+                        }
+                    )
     return pd.DataFrame(rows, columns=["config_name", "prompt_index", "layer", "k", "count"])
 
 
@@ -267,10 +317,19 @@ def make_plots(df: pd.DataFrame, hist: pd.DataFrame, out: Path) -> list[str]:
         plt.close(fig)
         written.append(fname)
 
-    _bar("avg_experts_per_token", "experts per token", "avg_experts_comparison.png", "Experts per token")
+    _bar(
+        "avg_experts_per_token",
+        "experts per token",
+        "avg_experts_comparison.png",
+        "Experts per token",
+    )
     _bar("inference_time_sec", "seconds", "inference_time_comparison.png", "Inference time")
-    _bar("expert_utilization_cv", "CV of expert counts", "expert_utilization_cv.png",
-         "Expert utilisation CV (lower = more even)")
+    _bar(
+        "expert_utilization_cv",
+        "CV of expert counts",
+        "expert_utilization_cv.png",
+        "Expert utilisation CV (lower = more even)",
+    )
 
     cats = list(dict.fromkeys(df.prompt_category))
     fig, axes = plt.subplots(1, len(cats), figsize=(4 * len(cats), 4), sharey=True, squeeze=False)
@@ -299,13 +358,32 @@ def make_plots(df: pd.DataFrame, hist: pd.DataFrame, out: Path) -> list[str]:
 
     if not hist.empty:
         layers = sorted(hist.layer.unique())
-        fig, axes = plt.subplots(1, len(order), figsize=(3.2 * len(order), 3.5), sharey=True, squeeze=False)
+        fig, axes = plt.subplots(
+            1, len(order), figsize=(3.2 * len(order), 3.5), sharey=True, squeeze=False
+        )
         for ax, c in zip(axes[0], order, strict=True):
-            sub = hist[hist.config_name == c].groupby(["layer", "k"])["count"].sum().unstack(fill_value=0)
+            sub = (
+                hist[hist.config_name == c]
+                .groupby(["layer", "k"])["count"]
+                .sum()
+                .unstack(fill_value=0)
+            )
             sub = sub.reindex(layers, fill_value=0)
             frac = sub.div(sub.sum(axis=1), axis=0).fillna(0.0)
-            ax.imshow(frac.to_numpy(), aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1,
-                      extent=(frac.columns.min() - 0.5, frac.columns.max() + 0.5, -0.5, len(layers) - 0.5))
+            ax.imshow(
+                frac.to_numpy(),
+                aspect="auto",
+                origin="lower",
+                cmap="viridis",
+                vmin=0,
+                vmax=1,
+                extent=(
+                    frac.columns.min() - 0.5,
+                    frac.columns.max() + 0.5,
+                    -0.5,
+                    len(layers) - 0.5,
+                ),
+            )
             ax.set_title(c, fontsize=9)
             ax.set_xlabel("k")
         axes[0][0].set_ylabel("MoE layer (order)")
@@ -344,39 +422,75 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def build_report(exps: list[dict[str, Any]], ppls: list[dict[str, Any]], meta: dict[str, Any],
-                 output: Path, baseline: str = "topk_8") -> dict[str, Any]:
+def build_report(
+    exps: list[dict[str, Any]],
+    ppls: list[dict[str, Any]],
+    meta: dict[str, Any],
+    output: Path,
+    baseline: str = "topk_8",
+) -> dict[str, Any]:
     """Write CSV, JSON, plots and REPORT.md into ``output``; return the analysis summary."""
     output = Path(output)
     if not exps:
         raise ValueError("no experiment results to analyse")
     df = results_frame(exps)
     hist = layer_hist_frame(exps)
-    atomic_write_text(output / "bh_routing_results.csv", df.to_csv(index=False))
+    # Generated text from small models can hold a bare carriage return; quote every text field so
+    # any
+    # CSV reader keeps it inside its cell.
+    atomic_write_text(
+        output / "bh_routing_results.csv", df.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC)
+    )
     atomic_write_text(output / "per_layer_k_histograms.csv", hist.to_csv(index=False))
-    atomic_write_json(output / "bh_routing_results.json", _clean({"meta": meta, "experiments": exps,
-                                                                   "perplexity": ppls}))
+    atomic_write_json(
+        output / "bh_routing_results.json",
+        _clean({"meta": meta, "experiments": exps, "perplexity": ppls}),
+    )
     configs = {r["config_name"]: r["routing_config"] for r in exps}
     if baseline not in configs:
         baseline = next(iter(configs))
     tests = compare_to_baseline(df, baseline)
     ppl_rows = perplexity_comparison(ppls, baseline) if ppls else []
     if ppl_rows:
-        atomic_write_text(output / "perplexity.csv", pd.DataFrame(
-            [{k: v for k, v in r.items() if k != "nll_test"} for r in ppl_rows]).to_csv(index=False))
+        atomic_write_text(
+            output / "perplexity.csv",
+            pd.DataFrame(
+                [{k: v for k, v in r.items() if k != "nll_test"} for r in ppl_rows]
+            ).to_csv(index=False),
+        )
     temp = temperature_effect(exps, ppls, configs)
     summ = summary_table(df)
-    cat = df.pivot_table(index="config_name", columns="prompt_category", values="avg_experts_per_token",
-                         aggfunc="mean", sort=False)
+    cat = df.pivot_table(
+        index="config_name",
+        columns="prompt_category",
+        values="avg_experts_per_token",
+        aggfunc="mean",
+        sort=False,
+    )
     plots = make_plots(df, hist, output / "plots")
-    layer_avg = (hist.assign(kc=hist.k * hist["count"]).groupby(["config_name", "layer"])[["kc", "count"]]
-                 .sum().pipe(lambda t: t.kc / t["count"]).unstack("layer")) if not hist.empty else None
+    layer_avg = (
+        (
+            hist.assign(kc=hist.k * hist["count"])
+            .groupby(["config_name", "layer"])[["kc", "count"]]
+            .sum()
+            .pipe(lambda t: t.kc / t["count"])
+            .unstack("layer")
+        )
+        if not hist.empty
+        else None
+    )
     analysis = {
-        "baseline": baseline, "meta": meta, "configs": configs,
+        "baseline": baseline,
+        "meta": meta,
+        "configs": configs,
         "summary": summ.reset_index().to_dict(orient="records"),
         "by_category": cat.reset_index().to_dict(orient="records"),
-        "tests": tests, "perplexity": ppl_rows, "temperature": temp,
-        "per_layer_avg_k": layer_avg.reset_index().to_dict(orient="records") if layer_avg is not None else [],
+        "tests": tests,
+        "perplexity": ppl_rows,
+        "temperature": temp,
+        "per_layer_avg_k": layer_avg.reset_index().to_dict(orient="records")
+        if layer_avg is not None
+        else [],
         "plots": plots,
     }
     atomic_write_json(output / "analysis_summary.json", _clean(analysis))
@@ -401,107 +515,183 @@ def _conclusions(a: dict[str, Any]) -> list[str]:
     for cfg, r in exp_rows.items():
         sig = r["p_t_holm"] is not None and r["p_t_holm"] < 0.05
         direction = "fewer" if r["mean_diff"] < 0 else "more"
-        s = (f"**{cfg}** used {_f(r['mean_config'])} experts per token against {_f(r['mean_baseline'])} for "
-             f"{base} ({_f(r['pct_change'], 1)} %, 95 % bootstrap CI of the difference "
-             f"[{_f(r['ci_low'])}, {_f(r['ci_high'])}]); ")
+        s = (
+            f"**{cfg}** used {_f(r['mean_config'])} experts per token against "
+            f"{_f(r['mean_baseline'])} for "
+            f"{base} ({_f(r['pct_change'], 1)} %, 95 % bootstrap CI of the difference "
+            f"[{_f(r['ci_low'])}, {_f(r['ci_high'])}]); "
+        )
         if r["mean_diff"] == 0:
             s += "no change at all. "
         elif sig:
-            s += f"{direction} experts, significant after Holm (p_holm {_p(r['p_t_holm'])}, d_z {_f(r['d_z'], 2)}). "
+            s += (
+                f"{direction} experts, significant after Holm "
+                f"(p_holm {_p(r['p_t_holm'])}, d_z {_f(r['d_z'], 2)}). "
+            )
         else:
             s += f"not significant after Holm (p_holm {_p(r['p_t_holm'])}). "
         t = tps_rows.get(cfg)
         if t is not None:
             tsig = t["p_t_holm"] is not None and t["p_t_holm"] < 0.05
-            s += (f"Throughput {_f(t['mean_config'], 1)} vs {_f(t['mean_baseline'], 1)} tokens/s "
-                  f"({_f(t['pct_change'], 1)} %, {'significant' if tsig else 'not significant'} after Holm). ")
+            s += (
+                f"Throughput {_f(t['mean_config'], 1)} vs {_f(t['mean_baseline'], 1)} tokens/s "
+                f"({_f(t['pct_change'], 1)} %, {'significant' if tsig else 'not significant'} "
+                "after Holm). "
+            )
         if cfg in ppl and base in ppl:
             d = (ppl[cfg]["perplexity"] / ppl[base]["perplexity"] - 1) * 100
             nt = ppl[cfg].get("nll_test", {})
             psig = nt.get("p_t_holm") is not None and nt["p_t_holm"] < 0.05
-            s += (f"Held-out perplexity {_f(ppl[cfg]['perplexity'])} vs {_f(ppl[base]['perplexity'])} "
-                  f"({d:+.2f} %; per-chunk NLL difference {'significant' if psig else 'not significant'} "
-                  f"after Holm).")
+            s += (
+                f"Held-out perplexity {_f(ppl[cfg]['perplexity'])} vs "
+                f"{_f(ppl[base]['perplexity'])} "
+                f"({d:+.2f} %; per-chunk NLL difference "
+                f"{'significant' if psig else 'not significant'} "
+                f"after Holm)."
+            )
         out.append(s)
     return out
 
 
-def render_report(a: dict[str, Any], summ: pd.DataFrame, cat: pd.DataFrame,
-                  layer_avg: pd.DataFrame | None) -> str:
+def render_report(
+    a: dict[str, Any], summ: pd.DataFrame, cat: pd.DataFrame, layer_avg: pd.DataFrame | None
+) -> str:
     """The markdown report; every sentence with a number is computed from ``a``."""
     meta = a["meta"]
     base = a["baseline"]
     L: list[str] = ["# BH routing vs top-k: report", ""]
     model = meta.get("model_id") or (a["summary"] and "unknown")
     n_prompts = int(summ["n"].max())
-    L += ["## Setup", "",
-          f"- Model: `{model}` ({meta.get('architecture', '?')}, {meta.get('num_experts', '?')} experts, "
-          f"native top-{meta.get('native_top_k', '?')}, {meta.get('num_moe_layers', '?')} MoE layers, "
-          f"native renormalisation: {meta.get('native_renormalize', '?')})",
-          f"- Experts implementation: `{meta.get('experts_implementation', '?')}`; device "
-          f"`{meta.get('device', '?')}`, dtype `{meta.get('dtype', '?')}`; torch {meta.get('torch', '?')}, "
-          f"transformers {meta.get('transformers', '?')}",
-          f"- {len(a['configs'])} configs × {n_prompts} prompts, greedy decoding; baseline `{base}`.",
-          ]
+    L += [
+        "## Setup",
+        "",
+        f"- Model: `{model}` ({meta.get('architecture', '?')}, {meta.get('num_experts', '?')} "
+        "experts, "
+        f"native top-{meta.get('native_top_k', '?')}, {meta.get('num_moe_layers', '?')} MoE "
+        "layers, "
+        f"native renormalisation: {meta.get('native_renormalize', '?')})",
+        f"- Experts implementation: `{meta.get('experts_implementation', '?')}`; device "
+        f"`{meta.get('device', '?')}`, dtype `{meta.get('dtype', '?')}`; torch "
+        f"{meta.get('torch', '?')}, "
+        f"transformers {meta.get('transformers', '?')}",
+        f"- {len(a['configs'])} configs × {n_prompts} prompts, greedy decoding; baseline `{base}`.",
+    ]
     null = meta.get("null")
     if null:
-        L.append(f"- Empirical null: {null['calibration_tokens']} calibration tokens, at least "
-                 f"{min(null['samples_per_layer'].values())} scores per layer; smallest attainable p "
-                 f"{_f(null['min_attainable_p'])} (BH at rank 1 needs p ≤ alpha/E, e.g. "
-                 f"{_f(0.01 / null['num_experts'])} for alpha 0.01).")
+        L.append(
+            f"- Empirical null: {null['calibration_tokens']} calibration tokens, at least "
+            f"{min(null['samples_per_layer'].values())} scores per layer; smallest attainable p "
+            f"{_f(null['min_attainable_p'])} (BH at rank 1 needs p ≤ alpha/E, e.g. "
+            f"{_f(0.01 / null['num_experts'])} for alpha 0.01)."
+        )
     if str(model).startswith("tiny-"):
-        L.append("- **This run used a tiny random model.** The numbers test the pipeline; they say nothing "
-                 "about how BH routing behaves in a trained MoE.")
-    L += ["", "## Configurations", "", "| config | method | alpha | temperature | min_k | max_k | p-value | "
-          "correction | renormalize |", "|---|---|---|---|---|---|---|---|---|"]
+        L.append(
+            "- **This run used a tiny random model.** The numbers test the pipeline; they say "
+            "nothing "
+            "about how BH routing behaves in a trained MoE."
+        )
+    L += [
+        "",
+        "## Configurations",
+        "",
+        "| config | method | alpha | temperature | min_k | max_k | p-value | "
+        "correction | renormalize |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, c in a["configs"].items():
         if c["method"] == "topk":
-            L.append(f"| {name} | top-{c['k']} | – | {c['temperature']} | – | – | – | – | {c['renormalize']} |")
+            L.append(
+                f"| {name} | top-{c['k']} | – | {c['temperature']} | – | – | – | – | "
+                f"{c['renormalize']} |"
+            )
         else:
-            L.append(f"| {name} | BH | {c['alpha']} | {c['temperature']} | {c['min_k']} | {c['max_k']} | "
-                     f"{c['p_value']} | {c['correction']} | {c['renormalize']} |")
-    L += ["", "## Summary by configuration", "",
-          "Means over prompts; experts per token is averaged over every (token, MoE layer) routing "
-          "decision, prompt and generated tokens alike.", "", _md_table(summ, "config"), ""]
+            L.append(
+                f"| {name} | BH | {c['alpha']} | {c['temperature']} | {c['min_k']} | {c['max_k']} "
+                "| "
+                f"{c['p_value']} | {c['correction']} | {c['renormalize']} |"
+            )
+    L += [
+        "",
+        "## Summary by configuration",
+        "",
+        "Means over prompts; experts per token is averaged over every (token, MoE layer) routing "
+        "decision, prompt and generated tokens alike.",
+        "",
+        _md_table(summ, "config"),
+        "",
+    ]
     if a["perplexity"]:
-        L += ["## Held-out perplexity", "", "| config | perplexity | mean NLL | tokens | experts/token | "
-              "Δ NLL vs baseline | p (t, Holm) |", "|---|---|---|---|---|---|---|"]
+        L += [
+            "## Held-out perplexity",
+            "",
+            "| config | perplexity | mean NLL | tokens | experts/token | "
+            "Δ NLL vs baseline | p (t, Holm) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in a["perplexity"]:
             t = r.get("nll_test", {})
-            L.append(f"| {r['config']} | {_f(r['perplexity'])} | {_f(r['mean_nll'])} | {r['tokens']} | "
-                     f"{_f(r['avg_experts_per_token'])} | {_f(t.get('mean_diff'))} | {_p(t.get('p_t_holm'))} |")
+            L.append(
+                f"| {r['config']} | {_f(r['perplexity'])} | {_f(r['mean_nll'])} | {r['tokens']} | "
+                f"{_f(r['avg_experts_per_token'])} | {_f(t.get('mean_diff'))} | "
+                f"{_p(t.get('p_t_holm'))} |"
+            )
         L.append("")
-    L += ["## Statistical tests against the baseline", "",
-          f"Paired by prompt (n = {n_prompts}). Δ = config − {base}; CI = 95 % paired bootstrap "
-          f"({N_BOOT} resamples) of the mean Δ; Holm adjusts across the {len(a['configs']) - 1} compared "
-          "configs within each metric.", ""]
+    L += [
+        "## Statistical tests against the baseline",
+        "",
+        f"Paired by prompt (n = {n_prompts}). Δ = config − {base}; CI = 95 % paired bootstrap "
+        f"({N_BOOT} resamples) of the mean Δ; Holm adjusts across the {len(a['configs']) - 1} "
+        "compared "
+        "configs within each metric.",
+        "",
+    ]
     for metric, rows in a["tests"].items():
         label = TESTED_METRICS[metric][0]
-        L += [f"### {label}", "", "| config | mean | Δ | Δ % | 95 % CI | t | p | p Holm | d_z | "
-              "Wilcoxon p | Wilcoxon p Holm |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        L += [
+            f"### {label}",
+            "",
+            "| config | mean | Δ | Δ % | 95 % CI | t | p | p Holm | d_z | "
+            "Wilcoxon p | Wilcoxon p Holm |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in rows:
-            L.append(f"| {r['config']} | {_f(r['mean_config'])} | {_f(r['mean_diff'])} | "
-                     f"{_f(r['pct_change'], 1)} | [{_f(r['ci_low'])}, {_f(r['ci_high'])}] | {_f(r['t'], 2)} | "
-                     f"{_p(r['p_t'])} | {_p(r['p_t_holm'])} | {_f(r['d_z'], 2)} | {_p(r['p_wilcoxon'])} | "
-                     f"{_p(r['p_wilcoxon_holm'])} |")
+            L.append(
+                f"| {r['config']} | {_f(r['mean_config'])} | {_f(r['mean_diff'])} | "
+                f"{_f(r['pct_change'], 1)} | [{_f(r['ci_low'])}, {_f(r['ci_high'])}] | "
+                f"{_f(r['t'], 2)} | "
+                f"{_p(r['p_t'])} | {_p(r['p_t_holm'])} | {_f(r['d_z'], 2)} | "
+                f"{_p(r['p_wilcoxon'])} | "
+                f"{_p(r['p_wilcoxon_holm'])} |"
+            )
         L.append("")
     L += ["## Experts per token by prompt category", "", _md_table(cat, "config"), ""]
     if layer_avg is not None:
         L += ["## Mean k per MoE layer", "", _md_table(layer_avg, "config"), ""]
     L += ["## What temperature does and does not change", ""]
-    L.append("Both p-value methods are computed on untempered router scores (the Gaussian z-score is "
-             "also invariant to any rescaling of a token's logits), so **temperature cannot change which "
-             "experts are selected for a given hidden state**. It changes only the mixing weights "
-             "softmax(logits / T) of the selected experts. Any difference in expert counts between "
-             "configs that differ only in temperature therefore comes from changed hidden states in "
-             "later layers and tokens, not from the selection rule.")
+    L.append(
+        "Both p-value methods are computed on untempered router scores (the Gaussian z-score is "
+        "also invariant to any rescaling of a token's logits), so **temperature cannot change "
+        "which "
+        "experts are selected for a given hidden state**. It changes only the mixing weights "
+        "softmax(logits / T) of the selected experts. Any difference in expert counts between "
+        "configs that differ only in temperature therefore comes from changed hidden states in "
+        "later layers and tokens, not from the selection rule."
+    )
     for t in a["temperature"]:
-        frac = t["first_layer_same_k"] / t["first_layer_tokens"] if t["first_layer_tokens"] else float("nan")
-        s = (f"- `{t['low_t']}` (T = {t['t_low']}) vs `{t['high_t']}` (T = {t['t_high']}): at the first MoE "
-             f"layer on the prompt tokens, where both see identical inputs, k agreed on "
-             f"{t['first_layer_same_k']}/{t['first_layer_tokens']} tokens ({_f(frac * 100, 1)} %). "
-             f"Downstream, {t['identical_generations']}/{t['prompts']} generations were identical and the "
-             f"mean experts per token differed by {_f(t['mean_diff_experts'])}")
+        frac = (
+            t["first_layer_same_k"] / t["first_layer_tokens"]
+            if t["first_layer_tokens"]
+            else float("nan")
+        )
+        s = (
+            f"- `{t['low_t']}` (T = {t['t_low']}) vs `{t['high_t']}` (T = {t['t_high']}): at the "
+            "first MoE "
+            f"layer on the prompt tokens, where both see identical inputs, k agreed on "
+            f"{t['first_layer_same_k']}/{t['first_layer_tokens']} tokens ({_f(frac * 100, 1)} %). "
+            f"Downstream, {t['identical_generations']}/{t['prompts']} generations were identical "
+            "and the "
+            f"mean experts per token differed by {_f(t['mean_diff_experts'])}"
+        )
         if "ppl_low" in t:
             s += f"; held-out perplexity {_f(t['ppl_low'])} vs {_f(t['ppl_high'])}"
         L.append(s + ".")
@@ -509,10 +699,18 @@ def render_report(a: dict[str, Any], summ: pd.DataFrame, cat: pd.DataFrame,
         L.append("- No pair of configs in this run differs only in temperature.")
     L += ["", "## Conclusions", ""]
     L += [f"- {c}" for c in _conclusions(a)]
-    L += [f"- Results rest on {n_prompts} prompts; with so few pairs, treat p-values near 0.05 as "
-          "inconclusive and read the bootstrap intervals first.", ""]
+    L += [
+        f"- Results rest on {n_prompts} prompts; with so few pairs, treat p-values near 0.05 as "
+        "inconclusive and read the bootstrap intervals first.",
+        "",
+    ]
     L += ["## Plots", ""] + [f"![{p}](plots/{p})" for p in a["plots"]] + [""]
-    L += ["## Files", "", "- `bh_routing_results.csv`, `bh_routing_results.json`: one row per experiment",
-          "- `per_layer_k_histograms.csv`, `perplexity.csv`, `analysis_summary.json`",
-          "- `experiment_log.txt`, `checkpoints/`", ""]
+    L += [
+        "## Files",
+        "",
+        "- `bh_routing_results.csv`, `bh_routing_results.json`: one row per experiment",
+        "- `per_layer_k_histograms.csv`, `perplexity.csv`, `analysis_summary.json`",
+        "- `experiment_log.txt`, `checkpoints/`",
+        "",
+    ]
     return "\n".join(L)

@@ -13,15 +13,22 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from experiments.bh_routing.cli_common import run_cli  # noqa: E402
+from experiments.bh_routing.cli_common import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns a process exit code."""
-    p = argparse.ArgumentParser(prog="analyze_bh_results.py", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--output", type=Path, default=Path("./results"), help="results directory of a run")
-    p.add_argument("--baseline", default="topk_8", help="config every other config is compared with")
+    p = argparse.ArgumentParser(
+        prog="analyze_bh_results.py",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--output", type=Path, default=Path("./results"), help="results directory of a run"
+    )
+    p.add_argument(
+        "--baseline", default="topk_8", help="config every other config is compared with"
+    )
     args = p.parse_args(argv)
 
     def body() -> int:

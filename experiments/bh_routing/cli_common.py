@@ -28,18 +28,23 @@ def setup_logging(output: Path, verbose: bool = False) -> logging.Logger:
 
 
 def run_cli(body: Callable[[], int]) -> int:
-    """Run ``body``; turn expected failures into one-line errors and exit codes, never tracebacks."""
+    """Run ``body``; turn expected failures into one-line errors and exit codes, never
+    tracebacks."""
     try:
         return body()
     except KeyboardInterrupt:
-        print("interrupted; finished experiments are saved, rerun the same command to resume",
-              file=sys.stderr)
+        print(
+            "interrupted; finished experiments are saved, rerun the same command to resume",
+            file=sys.stderr,
+        )
         return 130
     except (ValueError, FileNotFoundError, PermissionError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:  # torch: out of memory, device errors
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        hint = " (try --device cpu, --max-tokens 20 or --no-fp16)" if "memory" in msg.lower() else ""
+        hint = (
+            " (try --device cpu, --max-tokens 20 or --no-fp16)" if "memory" in msg.lower() else ""
+        )
         print(f"error: {msg}{hint}", file=sys.stderr)
         return 1

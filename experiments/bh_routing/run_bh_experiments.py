@@ -2,7 +2,8 @@
 
 Examples:
     uv run python experiments/bh_routing/run_bh_experiments.py --model tiny-olmoe --device cpu
-    uv run python experiments/bh_routing/run_bh_experiments.py --max-tokens 20 --checkpoint-interval 3
+    uv run python experiments/bh_routing/run_bh_experiments.py --max-tokens 20 \
+        --checkpoint-interval 3
     uv run python experiments/bh_routing/run_bh_experiments.py --no-resume --output ./results
 """
 
@@ -15,9 +16,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from experiments.bh_routing.cli_common import run_cli, setup_logging  # noqa: E402
-from experiments.bh_routing.models import TINY_MODELS  # noqa: E402
-from experiments.bh_routing.runner import DEFAULT_MODEL, RunSettings  # noqa: E402
+from experiments.bh_routing.cli_common import run_cli, setup_logging
+from experiments.bh_routing.models import TINY_MODELS
+from experiments.bh_routing.runner import DEFAULT_MODEL, RunSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,32 +26,64 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="run_bh_experiments.py",
         description="Compare Benjamini-Hochberg expert selection with top-k routing in MoE models. "
-                    f"Offline tiny random models: {', '.join(TINY_MODELS)}.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL, help="HF model id, local directory, or tiny-* name")
+        f"Offline tiny random models: {', '.join(TINY_MODELS)}.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help="HF model id, local directory, or tiny-* name"
+    )
     p.add_argument("--output", type=Path, default=Path("./results"), help="output directory")
-    p.add_argument("--max-tokens", type=int, default=50, help="maximum tokens to generate per prompt")
-    p.add_argument("--checkpoint-interval", type=int, default=5,
-                   help="rewrite latest_checkpoint.json every N experiments (each experiment is also "
-                        "saved on its own as soon as it finishes)")
+    p.add_argument(
+        "--max-tokens", type=int, default=50, help="maximum tokens to generate per prompt"
+    )
+    p.add_argument(
+        "--checkpoint-interval",
+        type=int,
+        default=5,
+        help="rewrite latest_checkpoint.json every N experiments (each experiment is also "
+        "saved on its own as soon as it finishes)",
+    )
     p.add_argument("--no-resume", action="store_true", help="do not resume from checkpoint")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
     p.add_argument("--no-fp16", action="store_true", help="use float32 instead of bfloat16 on CUDA")
-    p.add_argument("--configs", type=Path, default=None,
-                   help="JSON file {name: config} with custom configs added to the five defaults")
+    p.add_argument(
+        "--configs",
+        type=Path,
+        default=None,
+        help="JSON file {name: config} with custom configs added to the five defaults",
+    )
     p.add_argument("--only", default=None, help="comma-separated config names to run")
-    p.add_argument("--prompts", type=Path, default=None, help="prompts JSON file (default: 12 built-in)")
+    p.add_argument(
+        "--prompts", type=Path, default=None, help="prompts JSON file (default: 12 built-in)"
+    )
     p.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
-    p.add_argument("--calibration-text", type=Path, default=None,
-                   help="held-out text for the empirical null (default: data/calibration.txt)")
-    p.add_argument("--heldout-text", type=Path, default=None,
-                   help="held-out text for perplexity (default: data/heldout.txt)")
+    p.add_argument(
+        "--calibration-text",
+        type=Path,
+        default=None,
+        help="held-out text for the empirical null (default: data/calibration.txt)",
+    )
+    p.add_argument(
+        "--heldout-text",
+        type=Path,
+        default=None,
+        help="held-out text for perplexity (default: data/heldout.txt)",
+    )
     p.add_argument("--no-perplexity", action="store_true", help="skip held-out perplexity")
-    p.add_argument("--experts-implementation", choices=["eager", "grouped_mm", "batched_mm"], default=None,
-                   help="transformers experts kernel (default: the model's default)")
-    p.add_argument("--seed", type=int, default=0, help="seed for tiny-model weights and null subsampling")
-    p.add_argument("--report-only", action="store_true",
-                   help="rebuild CSV/plots/REPORT.md from saved JSON without loading a model")
+    p.add_argument(
+        "--experts-implementation",
+        choices=["eager", "grouped_mm", "batched_mm"],
+        default=None,
+        help="transformers experts kernel (default: the model's default)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed for tiny-model weights and null subsampling"
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild CSV/plots/REPORT.md from saved JSON without loading a model",
+    )
     return p
 
 
@@ -69,18 +102,33 @@ def main(argv: list[str] | None = None) -> int:
             from experiments.bh_routing.runner import DATA, ExperimentRunner
 
             s = RunSettings(
-                model=args.model, output=out, max_tokens=args.max_tokens,
-                checkpoint_interval=args.checkpoint_interval, resume=not args.no_resume,
-                device=args.device, fp16=not args.no_fp16,
-                experts_implementation=args.experts_implementation, configs_file=args.configs,
-                only_configs=[c.strip() for c in args.only.split(",") if c.strip()] if args.only else None,
-                prompts_file=args.prompts, max_prompts=args.max_prompts,
+                model=args.model,
+                output=out,
+                max_tokens=args.max_tokens,
+                checkpoint_interval=args.checkpoint_interval,
+                resume=not args.no_resume,
+                device=args.device,
+                fp16=not args.no_fp16,
+                experts_implementation=args.experts_implementation,
+                configs_file=args.configs,
+                only_configs=[c.strip() for c in args.only.split(",") if c.strip()]
+                if args.only
+                else None,
+                prompts_file=args.prompts,
+                max_prompts=args.max_prompts,
                 calibration_file=args.calibration_text or DATA / "calibration.txt",
                 heldout_file=args.heldout_text or DATA / "heldout.txt",
-                perplexity=not args.no_perplexity, seed=args.seed)
+                perplexity=not args.no_perplexity,
+                seed=args.seed,
+            )
             exps, ppls, meta = ExperimentRunner(s).run_all()
         analysis = build_report(exps, ppls, meta, out)
-        log.info("wrote %s (%d experiments, %d plots)", out / "REPORT.md", len(exps), len(analysis["plots"]))
+        log.info(
+            "wrote %s (%d experiments, %d plots)",
+            out / "REPORT.md",
+            len(exps),
+            len(analysis["plots"]),
+        )
         return 0
 
     return run_cli(body)

@@ -35,15 +35,39 @@ BASELINE = "topk_8"
 #: The seed's five configurations. min_k = 1 (not stated in the seed) keeps every MoE layer active
 #: for every token; set min_k = 0 in a custom config to allow skipping a layer's experts entirely.
 ROUTING_CONFIGS: dict[str, dict[str, Any]] = {
-    "topk_8": {"method": "topk", "k": 8, "description": "Baseline (OLMoE default): always 8 experts"},
-    "bh_strict": {"method": "bh", "alpha": 0.01, "temperature": 1.0, "max_k": 8,
-                  "description": "BH, FDR alpha=0.01 (maximum sparsity)"},
-    "bh_moderate": {"method": "bh", "alpha": 0.05, "temperature": 1.0, "max_k": 8,
-                    "description": "BH, FDR alpha=0.05 (balanced)"},
-    "bh_loose": {"method": "bh", "alpha": 0.10, "temperature": 1.0, "max_k": 8,
-                 "description": "BH, FDR alpha=0.10 (minimal filtering)"},
-    "bh_adaptive": {"method": "bh", "alpha": 0.05, "temperature": 2.0, "max_k": 8,
-                    "description": "BH, alpha=0.05 with temperature 2.0 on the mixing weights"},
+    "topk_8": {
+        "method": "topk",
+        "k": 8,
+        "description": "Baseline (OLMoE default): always 8 experts",
+    },
+    "bh_strict": {
+        "method": "bh",
+        "alpha": 0.01,
+        "temperature": 1.0,
+        "max_k": 8,
+        "description": "BH, FDR alpha=0.01 (maximum sparsity)",
+    },
+    "bh_moderate": {
+        "method": "bh",
+        "alpha": 0.05,
+        "temperature": 1.0,
+        "max_k": 8,
+        "description": "BH, FDR alpha=0.05 (balanced)",
+    },
+    "bh_loose": {
+        "method": "bh",
+        "alpha": 0.10,
+        "temperature": 1.0,
+        "max_k": 8,
+        "description": "BH, FDR alpha=0.10 (minimal filtering)",
+    },
+    "bh_adaptive": {
+        "method": "bh",
+        "alpha": 0.05,
+        "temperature": 2.0,
+        "max_k": 8,
+        "description": "BH, alpha=0.05 with temperature 2.0 on the mixing weights",
+    },
 }
 
 
@@ -56,13 +80,18 @@ def _read_json(path: Path, what: str) -> Any:
         raise ValueError(f"{what} file {path} is not valid JSON: {exc}") from None
 
 
-def load_configs(extra_file: Path | None = None, only: list[str] | None = None) -> dict[str, RoutingConfig]:
-    """The seed's configs plus custom ones from a JSON file ``{name: {...}}``, optionally filtered."""
+def load_configs(
+    extra_file: Path | None = None, only: list[str] | None = None
+) -> dict[str, RoutingConfig]:
+    """The seed's configs plus custom ones from a JSON file ``{name: {...}}``, optionally
+    filtered."""
     raw: dict[str, Any] = dict(ROUTING_CONFIGS)
     if extra_file is not None:
         extra = _read_json(Path(extra_file), "configs")
         if not isinstance(extra, dict) or not extra:
-            raise ValueError(f"configs file {extra_file} must hold a non-empty JSON object {{name: config}}")
+            raise ValueError(
+                f"configs file {extra_file} must hold a non-empty JSON object {{name: config}}"
+            )
         raw.update(extra)
     configs = {name: RoutingConfig.from_dict(name, spec) for name, spec in raw.items()}
     if only:
@@ -83,8 +112,13 @@ def load_prompts(path: Path | None = None) -> list[dict[str, str]]:
     for i, p in enumerate(data):
         if not isinstance(p, dict) or not isinstance(p.get("text"), str) or not p["text"].strip():
             raise ValueError(f"prompts file {path}: entry {i} needs a non-empty 'text' string")
-        out.append({"text": p["text"], "category": str(p.get("category", "uncategorised")),
-                    "description": str(p.get("description", ""))})
+        out.append(
+            {
+                "text": p["text"],
+                "category": str(p.get("category", "uncategorised")),
+                "description": str(p.get("description", "")),
+            }
+        )
     return out
 
 
@@ -140,7 +174,8 @@ def _sha(text: str) -> str:
 
 
 def pooled_k_stats(k_hist: dict[str, list[int]]) -> dict[str, float | int]:
-    """Mean/std/min/max of k over all (token, MoE layer) routing decisions, from per-layer histograms."""
+    """Mean/std/min/max of k over all (token, MoE layer) routing decisions, from per-layer
+    histograms."""
     width = max(len(h) for h in k_hist.values())
     total = [0] * width
     for h in k_hist.values():
@@ -158,8 +193,10 @@ def pooled_k_stats(k_hist: dict[str, list[int]]) -> dict[str, float | int]:
 def utilisation_stats(expert_counts: dict[str, list[int]]) -> dict[str, float | None]:
     """Load-balance metrics from per-layer expert selection counts.
 
-    CV = population std / mean of the per-expert counts of a layer, averaged over layers. The max/min
-    ratio is the median over layers of max/min count, over layers where every expert was used at least
+    CV = population std / mean of the per-expert counts of a layer, averaged over layers. The
+    max/min
+    ratio is the median over layers of max/min count, over layers where every expert was used at
+    least
     once; ``None`` when no layer qualifies (an unused expert makes the ratio infinite).
     """
     cvs, ratios, unused = [], [], []
@@ -172,8 +209,11 @@ def utilisation_stats(expert_counts: dict[str, list[int]]) -> dict[str, float | 
             ratios.append(t.max().item() / lo)
         unused.append(float((t == 0).double().mean().item()))
     ratio = float(torch.tensor(ratios).median().item()) if ratios else None
-    return {"cv": sum(cvs) / len(cvs), "max_min_ratio": ratio,
-            "unused_expert_frac": sum(unused) / len(unused)}
+    return {
+        "cv": sum(cvs) / len(cvs),
+        "max_min_ratio": ratio,
+        "unused_expert_frac": sum(unused) / len(unused),
+    }
 
 
 class Checkpoint:
@@ -201,23 +241,28 @@ class Checkpoint:
     def load(self) -> dict[str, dict[str, Any]]:
         """Load finished experiments; raise ``ValueError`` if they came from different settings."""
         found: dict[str, dict[str, Any]] = {}
-        if self.latest.exists():
+        files = sorted(self.exp_dir.glob("*.json")) if self.exp_dir.exists() else []
+        # Per-experiment files are the source of truth (deleting one reruns that experiment); the
+        # aggregate is only read when they are missing, e.g. when just latest_checkpoint.json was
+        # copied.
+        if not files and self.latest.exists():
             try:
                 agg = json.loads(self.latest.read_text(encoding="utf-8"))
                 found.update(agg.get("results", {}))
             except json.JSONDecodeError:
-                log.warning("ignoring unreadable %s (per-experiment files are used instead)", self.latest)
-        if self.exp_dir.exists():
-            for f in sorted(self.exp_dir.glob("*.json")):
-                try:
-                    found[f.stem] = json.loads(f.read_text(encoding="utf-8"))
-                except json.JSONDecodeError:
-                    log.warning("ignoring unreadable checkpoint %s; that experiment reruns", f)
+                log.warning("ignoring unreadable %s", self.latest)
+        for f in files:
+            try:
+                found[f.stem] = json.loads(f.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                log.warning("ignoring unreadable checkpoint %s; that experiment reruns", f)
         for key, res in found.items():
             if res.get("fingerprint") != self.fingerprint:
                 raise ValueError(
-                    f"checkpoint in {self.dir} was made with different settings (experiment {key}); "
-                    "rerun with --no-resume to start fresh or choose another --output")
+                    f"checkpoint in {self.dir} was made with different settings (experiment "
+                    f"{key}); "
+                    "rerun with --no-resume to start fresh or choose another --output"
+                )
         self.results = found
         return found
 
@@ -228,12 +273,15 @@ class Checkpoint:
 
     def save_latest(self) -> None:
         """Write the aggregate checkpoint atomically."""
-        atomic_write_json(self.latest, {
-            "fingerprint": self.fingerprint,
-            "saved_at": datetime.now(UTC).isoformat(),
-            "completed": sorted(self.results),
-            "results": self.results,
-        })
+        atomic_write_json(
+            self.latest,
+            {
+                "fingerprint": self.fingerprint,
+                "saved_at": datetime.now(UTC).isoformat(),
+                "completed": sorted(self.results),
+                "results": self.results,
+            },
+        )
 
 
 def exp_key(config: str, prompt_index: int) -> str:
@@ -256,7 +304,9 @@ class ExperimentRunner:
         prompts = load_prompts(settings.prompts_file)
         self.prompts = prompts[: settings.max_prompts] if settings.max_prompts else prompts
         self.calibration_text = read_text(settings.calibration_file, "calibration")
-        self.heldout_text = read_text(settings.heldout_file, "held-out") if settings.perplexity else ""
+        self.heldout_text = (
+            read_text(settings.heldout_file, "held-out") if settings.perplexity else ""
+        )
         self.lm: LoadedModel | None = None
         self.ctl: RoutingController | None = None
         self.meta: dict[str, Any] = {}
@@ -266,10 +316,16 @@ class ExperimentRunner:
         """What must match for a saved result to be reused on resume."""
         s = self.s
         return {
-            "model": s.model, "max_tokens": s.max_tokens, "device": s.device, "fp16": s.fp16,
-            "experts_implementation": s.experts_implementation, "seed": s.seed,
-            "calibration_sha": _sha(self.calibration_text), "heldout_sha": _sha(self.heldout_text),
-            "ppl_chunk_tokens": s.ppl_chunk_tokens, "ppl_max_tokens": s.ppl_max_tokens,
+            "model": s.model,
+            "max_tokens": s.max_tokens,
+            "device": s.device,
+            "fp16": s.fp16,
+            "experts_implementation": s.experts_implementation,
+            "seed": s.seed,
+            "calibration_sha": _sha(self.calibration_text),
+            "heldout_sha": _sha(self.heldout_text),
+            "ppl_chunk_tokens": s.ppl_chunk_tokens,
+            "ppl_max_tokens": s.ppl_max_tokens,
         }
 
     def setup(self) -> None:
@@ -277,16 +333,28 @@ class ExperimentRunner:
         s = self.s
         log.info("loading model %s (device=%s, fp16=%s)", s.model, s.device, s.fp16)
         torch.manual_seed(s.seed)
-        self.lm = load_model(s.model, device=s.device, fp16=s.fp16,
-                             experts_implementation=s.experts_implementation, seed=s.seed)
+        self.lm = load_model(
+            s.model,
+            device=s.device,
+            fp16=s.fp16,
+            experts_implementation=s.experts_implementation,
+            seed=s.seed,
+        )
         self.ctl = patch_model(self.lm.model)
         summary = model_summary(self.lm.model, self.ctl)
         log.info("model: %s", summary)
         null_info = self.calibrate()
-        self.meta = {"model_id": s.model, "device": str(self.lm.device), "dtype": str(self.lm.dtype),
-                     **summary, "null": null_info, "torch": torch.__version__,
-                     "configs": {n: c.as_dict() for n, c in self.configs.items()},
-                     "prompts": self.prompts, "settings": self.fingerprint()}
+        self.meta = {
+            "model_id": s.model,
+            "device": str(self.lm.device),
+            "dtype": str(self.lm.dtype),
+            **summary,
+            "null": null_info,
+            "torch": torch.__version__,
+            "configs": {n: c.as_dict() for n, c in self.configs.items()},
+            "prompts": self.prompts,
+            "settings": self.fingerprint(),
+        }
         import transformers
 
         self.meta["transformers"] = transformers.__version__
@@ -295,41 +363,60 @@ class ExperimentRunner:
     @torch.no_grad()
     def calibrate(self) -> dict[str, Any]:
         """Run native routing on the calibration text and build the per-layer empirical null."""
-        assert self.lm is not None and self.ctl is not None
+        assert self.lm is not None
+        assert self.ctl is not None
         tok = self.lm.tokenizer
         ids = tok(self.calibration_text, return_tensors="pt").input_ids[0]
         chunk = 256
         self.ctl.set_config(None)
         self.ctl.begin_calibration()
         for start in range(0, ids.numel(), chunk):
-            piece = ids[start:start + chunk].unsqueeze(0).to(self.lm.device)
+            piece = ids[start : start + chunk].unsqueeze(0).to(self.lm.device)
             if piece.numel() > 1:
                 self.lm.model(piece)
         null = self.ctl.end_calibration(seed=self.s.seed)
         sizes = {layer: null.size(layer) for layer in null.layers}
         e = self.ctl.layers[0].family.num_experts(self.ctl.layers[0].router)
         n_min = min(sizes.values())
-        info = {"calibration_tokens": int(ids.numel()), "samples_per_layer": sizes,
-                "min_attainable_p": 1.0 / (n_min + 1), "num_experts": e}
-        log.info("empirical null: %d calibration tokens, >= %d samples per layer, min p %.2e",
-                 ids.numel(), n_min, info["min_attainable_p"])
+        info = {
+            "calibration_tokens": int(ids.numel()),
+            "samples_per_layer": sizes,
+            "min_attainable_p": 1.0 / (n_min + 1),
+            "num_experts": e,
+        }
+        log.info(
+            "empirical null: %d calibration tokens, >= %d samples per layer, min p %.2e",
+            ids.numel(),
+            n_min,
+            info["min_attainable_p"],
+        )
         for cfg in self.configs.values():
             if cfg.method == "bh" and cfg.p_value == "empirical":
-                first = (cfg.alpha / e) if cfg.correction == "bh" else \
-                    cfg.alpha / e / sum(1.0 / i for i in range(1, e + 1))
+                first = (
+                    (cfg.alpha / e)
+                    if cfg.correction == "bh"
+                    else cfg.alpha / e / sum(1.0 / i for i in range(1, e + 1))
+                )
                 if info["min_attainable_p"] > first:
-                    log.warning("config %s: the null (n=%d) cannot give p <= %.2e, so BH can never "
-                                "reject at rank 1; use more calibration text", cfg.name, n_min, first)
+                    log.warning(
+                        "config %s: the null (n=%d) cannot give p <= %.2e, so BH can never "
+                        "reject at rank 1; use more calibration text",
+                        cfg.name,
+                        n_min,
+                        first,
+                    )
         return info
 
     @torch.no_grad()
     def _warmup(self) -> None:
         # The first generate call pays for lazy initialisation; keep it out of the first timing.
-        assert self.lm is not None and self.ctl is not None
+        assert self.lm is not None
+        assert self.ctl is not None
         self.ctl.set_config(None)
         ids = self.lm.tokenizer("warm up", return_tensors="pt").to(self.lm.device)
-        self.lm.model.generate(**ids, max_new_tokens=2, do_sample=False,
-                               pad_token_id=self.lm.tokenizer.pad_token_id)
+        self.lm.model.generate(
+            **ids, max_new_tokens=2, do_sample=False, pad_token_id=self.lm.tokenizer.pad_token_id
+        )
 
     # -- one experiment -------------------------------------------------------------------------
     def _sync(self) -> None:
@@ -338,8 +425,10 @@ class ExperimentRunner:
 
     @torch.no_grad()
     def run_one(self, cfg: RoutingConfig, prompt_index: int) -> dict[str, Any]:
-        """Greedy-generate for one prompt under one config and return the seed's metrics and more."""
-        assert self.lm is not None and self.ctl is not None
+        """Greedy-generate for one prompt under one config and return the seed's metrics and
+        more."""
+        assert self.lm is not None
+        assert self.ctl is not None
         prompt = self.prompts[prompt_index]
         tok = self.lm.tokenizer
         enc = tok(prompt["text"], return_tensors="pt").to(self.lm.device)
@@ -348,8 +437,9 @@ class ExperimentRunner:
         self.ctl.start_recording()
         self._sync()
         t0 = time.perf_counter()
-        out = self.lm.model.generate(**enc, max_new_tokens=self.s.max_tokens, do_sample=False,
-                                     pad_token_id=tok.pad_token_id)
+        out = self.lm.model.generate(
+            **enc, max_new_tokens=self.s.max_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+        )
         self._sync()
         elapsed = time.perf_counter() - t0
         rec = self.ctl.stop_recording()
@@ -357,8 +447,10 @@ class ExperimentRunner:
         n_out = int(gen_ids.numel())
         ks = pooled_k_stats(rec["k_hist"])
         util = utilisation_stats(rec["expert_counts"])
-        per_layer_avg = {layer: sum(i * c for i, c in enumerate(h)) / max(sum(h), 1)
-                         for layer, h in rec["k_hist"].items()}
+        per_layer_avg = {
+            layer: sum(i * c for i, c in enumerate(h)) / max(sum(h), 1)
+            for layer, h in rec["k_hist"].items()
+        }
         first_layer = str(self.ctl.layers[0].layer)
         return {
             "config_name": cfg.name,
@@ -395,31 +487,45 @@ class ExperimentRunner:
     @torch.no_grad()
     def perplexity(self, cfg: RoutingConfig) -> dict[str, Any]:
         """Teacher-forced perplexity of the held-out text under ``cfg``, chunk by chunk."""
-        assert self.lm is not None and self.ctl is not None
-        ids = self.lm.tokenizer(self.heldout_text, return_tensors="pt").input_ids[0][: self.s.ppl_max_tokens]
+        assert self.lm is not None
+        assert self.ctl is not None
+        ids = self.lm.tokenizer(self.heldout_text, return_tensors="pt").input_ids[0][
+            : self.s.ppl_max_tokens
+        ]
         self.ctl.set_config(cfg)
         self.ctl.start_recording()
         nll_sum, n_tok, chunks = 0.0, 0, []
         for start in range(0, ids.numel(), self.s.ppl_chunk_tokens):
-            piece = ids[start:start + self.s.ppl_chunk_tokens].unsqueeze(0).to(self.lm.device)
+            piece = ids[start : start + self.s.ppl_chunk_tokens].unsqueeze(0).to(self.lm.device)
             if piece.numel() < 2:
                 continue
             logits = self.lm.model(piece).logits.float()
-            nll = torch.nn.functional.cross_entropy(logits[0, :-1], piece[0, 1:], reduction="sum").item()
+            nll = torch.nn.functional.cross_entropy(
+                logits[0, :-1], piece[0, 1:], reduction="sum"
+            ).item()
             n = piece.numel() - 1
             chunks.append({"nll_sum": nll, "tokens": n, "mean_nll": nll / n})
             nll_sum += nll
             n_tok += n
         rec = self.ctl.stop_recording()
         ks = pooled_k_stats(rec["k_hist"])
-        return {"config_name": cfg.name, "perplexity": math.exp(nll_sum / n_tok), "mean_nll": nll_sum / n_tok,
-                "tokens": n_tok, "chunks": chunks, "avg_experts_per_token": ks["mean"],
-                "per_layer_k_hist": rec["k_hist"], "routing_config": cfg.as_dict(),
-                "experts_implementation": self.ctl.experts_implementation, "model": self.s.model}
+        return {
+            "config_name": cfg.name,
+            "perplexity": math.exp(nll_sum / n_tok),
+            "mean_nll": nll_sum / n_tok,
+            "tokens": n_tok,
+            "chunks": chunks,
+            "avg_experts_per_token": ks["mean"],
+            "per_layer_k_hist": rec["k_hist"],
+            "routing_config": cfg.as_dict(),
+            "experts_implementation": self.ctl.experts_implementation,
+            "model": self.s.model,
+        }
 
     # -- the loop -------------------------------------------------------------------------------
     def run_all(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
-        """Run (or resume) every experiment; returns (experiment results, perplexity results, meta)."""
+        """Run (or resume) every experiment; returns (experiment results, perplexity results,
+        meta)."""
         from tqdm import tqdm
 
         fp = self.fingerprint()
@@ -437,11 +543,17 @@ class ExperimentRunner:
                 jobs.append((ppl_key(name), cfg, None))
         for key, cfg, _ in jobs:
             if key in done and done[key].get("routing_config") != cfg.as_dict():
-                raise ValueError(f"checkpoint for {key} used a different definition of config "
-                                 f"{cfg.name!r}; rerun with --no-resume or rename the config")
+                raise ValueError(
+                    f"checkpoint for {key} used a different definition of config "
+                    f"{cfg.name!r}; rerun with --no-resume or rename the config"
+                )
         todo = [j for j in jobs if j[0] not in done]
-        log.info("%d experiments in total, %d already done, %d to run", len(jobs), len(jobs) - len(todo),
-                 len(todo))
+        log.info(
+            "%d experiments in total, %d already done, %d to run",
+            len(jobs),
+            len(jobs) - len(todo),
+            len(todo),
+        )
         if todo:
             self.setup()
         since_save = 0
@@ -452,11 +564,20 @@ class ExperimentRunner:
             res["fingerprint"] = fp
             ckpt.save_experiment(key, res)
             if pidx is not None:
-                log.info("%s: %.2f experts/token, %.1f tok/s, %d tokens", key, res["avg_experts_per_token"],
-                         res["tokens_per_sec"], res["num_output_tokens"])
+                log.info(
+                    "%s: %.2f experts/token, %.1f tok/s, %d tokens",
+                    key,
+                    res["avg_experts_per_token"],
+                    res["tokens_per_sec"],
+                    res["num_output_tokens"],
+                )
             else:
-                log.info("%s: perplexity %.3f, %.2f experts/token", key, res["perplexity"],
-                         res["avg_experts_per_token"])
+                log.info(
+                    "%s: perplexity %.3f, %.2f experts/token",
+                    key,
+                    res["perplexity"],
+                    res["avg_experts_per_token"],
+                )
             since_save += 1
             if since_save >= self.s.checkpoint_interval:
                 ckpt.save_latest()

@@ -2,11 +2,13 @@
 
 Per token there are m = E hypotheses, one per expert ("this expert's router score is no larger than
 a typical score"). The selector turns router scores into p-values, finds the BH cut-off
-k* = max{k : p_(k) <= alpha * k / m} (0 if none), clamps it to [min_k, max_k] and returns fixed-width
+k* = max{k : p_(k) <= alpha * k / m} (0 if none), clamps it to [min_k, max_k] and returns
+fixed-width
 ``(T, max_k)`` tensors: the first k slots of a row hold the selected experts ordered by score, the
 remaining slots hold a sentinel index and weight 0.
 
-Experts are sorted by score first and the p-values are computed on the sorted scores, so the selected
+Experts are sorted by score first and the p-values are computed on the sorted scores, so the
+selected
 set is always a prefix of top-k-by-score; with min_k = max_k = k the selector is exactly top-k.
 """
 
@@ -40,7 +42,8 @@ class Selection:
 class EmpiricalNull:
     """Per-layer empirical null distribution of router scores from held-out calibration text.
 
-    p(s) = (1 + #{null >= s}) / (n + 1): the standard finite-sample-valid permutation-style p-value, so
+    p(s) = (1 + #{null >= s}) / (n + 1): the standard finite-sample-valid permutation-style
+    p-value, so
     p is never 0 and the smallest attainable p is 1 / (n + 1).
     """
 
@@ -113,8 +116,14 @@ def gaussian_pvalues(scores: torch.Tensor) -> torch.Tensor:
     return torch.special.ndtr(-z)
 
 
-def bh_thresholds(m: int, alpha: float, correction: Correction, *, device: torch.device | None = None,
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def bh_thresholds(
+    m: int,
+    alpha: float,
+    correction: Correction,
+    *,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """BH (or BY) step-up thresholds ``alpha * k / m`` (divided by sum 1/i for BY), k = 1..m.
 
     Computed as ``(k / m) * alpha`` in the same order statsmodels uses, so float64 inputs agree with
@@ -128,13 +137,21 @@ def bh_thresholds(m: int, alpha: float, correction: Correction, *, device: torch
     return (ecdf * alpha).to(dtype)
 
 
-def bh_count(sorted_pvalues: torch.Tensor, alpha: float, correction: Correction = "bh") -> torch.Tensor:
+def bh_count(
+    sorted_pvalues: torch.Tensor, alpha: float, correction: Correction = "bh"
+) -> torch.Tensor:
     """Number of BH rejections per row, given p-values sorted ascending along the last dimension."""
     m = sorted_pvalues.shape[-1]
-    thr = bh_thresholds(m, alpha, correction, device=sorted_pvalues.device,
-                        dtype=sorted_pvalues.dtype if sorted_pvalues.is_floating_point() else torch.float32)
+    thr = bh_thresholds(
+        m,
+        alpha,
+        correction,
+        device=sorted_pvalues.device,
+        dtype=sorted_pvalues.dtype if sorted_pvalues.is_floating_point() else torch.float32,
+    )
     ranks = torch.arange(1, m + 1, device=sorted_pvalues.device)
-    # Step-up: the largest rank whose p-value is under its threshold; everything before it is rejected
+    # Step-up: the largest rank whose p-value is under its threshold; everything before it is
+    # rejected
     # too, even when its own p-value is above its own threshold.
     passing = sorted_pvalues <= thr
     return torch.where(passing, ranks, torch.zeros_like(ranks)).amax(dim=-1)
@@ -145,13 +162,23 @@ def validate_params(alpha: float, min_k: int, max_k: int, num_experts: int) -> N
     if not (0.0 < alpha <= 1.0) or math.isnan(alpha):
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
     if min_k < 0 or max_k < 1 or min_k > max_k:
-        raise ValueError(f"need 0 <= min_k <= max_k and max_k >= 1, got min_k={min_k}, max_k={max_k}")
+        raise ValueError(
+            f"need 0 <= min_k <= max_k and max_k >= 1, got min_k={min_k}, max_k={max_k}"
+        )
     if num_experts < 1:
         raise ValueError(f"num_experts must be positive, got {num_experts}")
 
 
-def select_from_sorted(sorted_pvalues: torch.Tensor, order: torch.Tensor, *, alpha: float, min_k: int,
-                       max_k: int, correction: Correction = "bh", sentinel: int) -> Selection:
+def select_from_sorted(
+    sorted_pvalues: torch.Tensor,
+    order: torch.Tensor,
+    *,
+    alpha: float,
+    min_k: int,
+    max_k: int,
+    correction: Correction = "bh",
+    sentinel: int,
+) -> Selection:
     """BH selection when experts are already sorted best-first and p-values follow that order.
 
     ``sorted_pvalues`` must be non-decreasing along the last dimension (true when they come from a
@@ -168,29 +195,54 @@ def select_from_sorted(sorted_pvalues: torch.Tensor, order: torch.Tensor, *, alp
     return Selection(indices=indices, mask=mask, k=k)
 
 
-def select_from_pvalues(pvalues: torch.Tensor, *, alpha: float, min_k: int = 0, max_k: int | None = None,
-                        correction: Correction = "bh", sentinel: int | None = None) -> Selection:
-    """BH selection on arbitrary p-values ``(T, m)``: keep the k* smallest, clamped to [min_k, max_k].
+def select_from_pvalues(
+    pvalues: torch.Tensor,
+    *,
+    alpha: float,
+    min_k: int = 0,
+    max_k: int | None = None,
+    correction: Correction = "bh",
+    sentinel: int | None = None,
+) -> Selection:
+    """BH selection on arbitrary p-values ``(T, m)``: keep the k* smallest, clamped to [min_k,
+    max_k].
 
     This is the textbook procedure; it is what the tests compare with statsmodels.
     """
     m = pvalues.shape[-1]
     max_k = m if max_k is None else max_k
     sorted_p, order = torch.sort(pvalues, dim=-1, stable=True)
-    return select_from_sorted(sorted_p, order, alpha=alpha, min_k=min_k, max_k=max_k,
-                              correction=correction, sentinel=m if sentinel is None else sentinel)
+    return select_from_sorted(
+        sorted_p,
+        order,
+        alpha=alpha,
+        min_k=min_k,
+        max_k=max_k,
+        correction=correction,
+        sentinel=m if sentinel is None else sentinel,
+    )
 
 
-def select_from_scores(scores: torch.Tensor, *, alpha: float, min_k: int, max_k: int,
-                       method: PValueMethod = "empirical", null: EmpiricalNull | None = None,
-                       layer: int = 0, correction: Correction = "bh",
-                       sentinel: int | None = None,
-                       sort_key: torch.Tensor | None = None) -> Selection:
+def select_from_scores(
+    scores: torch.Tensor,
+    *,
+    alpha: float,
+    min_k: int,
+    max_k: int,
+    method: PValueMethod = "empirical",
+    null: EmpiricalNull | None = None,
+    layer: int = 0,
+    correction: Correction = "bh",
+    sentinel: int | None = None,
+    sort_key: torch.Tensor | None = None,
+) -> Selection:
     """BH selection on router scores ``(T, E)``, higher score = stronger expert.
 
     Experts are sorted descending by ``sort_key`` (default: the scores; adapters pass the tensor the
-    native router ranks by, e.g. softmax probabilities) and p-values are computed on the scores in that
-    order, so the selection is a prefix of the native top-k order and min_k = max_k = k reproduces it.
+    native router ranks by, e.g. softmax probabilities) and p-values are computed on the scores in
+    that
+    order, so the selection is a prefix of the native top-k order and min_k = max_k = k reproduces
+    it.
     """
     e = scores.shape[-1]
     key = scores if sort_key is None else sort_key
@@ -207,8 +259,15 @@ def select_from_scores(scores: torch.Tensor, *, alpha: float, min_k: int, max_k:
     # The sort key and the scores rank experts identically up to float rounding; cummax keeps the
     # p-values non-decreasing along the sorted axis so the BH prefix logic stays valid on near-ties.
     p = torch.cummax(p, dim=-1).values
-    return select_from_sorted(p, order, alpha=alpha, min_k=min_k, max_k=max_k, correction=correction,
-                              sentinel=e if sentinel is None else sentinel)
+    return select_from_sorted(
+        p,
+        order,
+        alpha=alpha,
+        min_k=min_k,
+        max_k=max_k,
+        correction=correction,
+        sentinel=e if sentinel is None else sentinel,
+    )
 
 
 def select_topk(scores: torch.Tensor, k: int, *, sentinel: int | None = None) -> Selection:
@@ -229,7 +288,8 @@ Method = Literal["topk", "bh"]
 class RoutingConfig:
     """One routing configuration of the experiment (the seed's ``ROUTING_CONFIGS`` entries).
 
-    ``renormalize=None`` keeps the model's native behaviour (OLMoE: no renormalisation, Mixtral: always);
+    ``renormalize=None`` keeps the model's native behaviour (OLMoE: no renormalisation, Mixtral:
+    always);
     True/False forces it. ``temperature`` divides the router logits before the mixing weights are
     computed; it never enters the p-values (see module docs of ``adapters``).
     """
@@ -254,7 +314,9 @@ class RoutingConfig:
         known = {f for f in cls.__dataclass_fields__ if f != "name"}
         unknown = set(spec) - known
         if unknown:
-            raise ValueError(f"config {name!r}: unknown keys {sorted(unknown)}; allowed {sorted(known)}")
+            raise ValueError(
+                f"config {name!r}: unknown keys {sorted(unknown)}; allowed {sorted(known)}"
+            )
         kwargs: dict[str, object] = dict(spec)
         try:
             cfg = cls(name=name, **kwargs)  # type: ignore[arg-type]
@@ -265,6 +327,7 @@ class RoutingConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` if a field is out of range or of the wrong type."""
+
         def _num(v: object, what: str) -> float:
             if isinstance(v, bool) or not isinstance(v, int | float):
                 raise ValueError(f"config {self.name!r}: {what} must be a number, got {v!r}")
@@ -276,7 +339,9 @@ class RoutingConfig:
             return v
 
         if self.method not in ("topk", "bh"):
-            raise ValueError(f"config {self.name!r}: method must be 'topk' or 'bh', got {self.method!r}")
+            raise ValueError(
+                f"config {self.name!r}: method must be 'topk' or 'bh', got {self.method!r}"
+            )
         if self.p_value not in ("empirical", "gaussian"):
             raise ValueError(f"config {self.name!r}: p_value must be 'empirical' or 'gaussian'")
         if self.correction not in ("bh", "by"):
@@ -293,7 +358,9 @@ class RoutingConfig:
             raise ValueError(f"config {self.name!r}: alpha must be in (0, 1], got {a}")
         lo, hi = _int(self.min_k, "min_k"), _int(self.max_k, "max_k")
         if lo < 0 or hi < 1 or lo > hi:
-            raise ValueError(f"config {self.name!r}: need 0 <= min_k <= max_k, max_k >= 1 (got {lo}, {hi})")
+            raise ValueError(
+                f"config {self.name!r}: need 0 <= min_k <= max_k, max_k >= 1 (got {lo}, {hi})"
+            )
 
     @property
     def width(self) -> int:

@@ -60,7 +60,9 @@ def test_matches_statsmodels_fdr(alpha: float, correction: str) -> None:
 def test_null_share_of_tokens_with_any_expert_is_alpha(null: EmpiricalNull) -> None:
     scores = torch.randn(6000, 16, generator=torch.Generator().manual_seed(4))
     for alpha in (0.05, 0.1):
-        emp = select_from_scores(scores, alpha=alpha, min_k=0, max_k=8, method="empirical", null=null)
+        emp = select_from_scores(
+            scores, alpha=alpha, min_k=0, max_k=8, method="empirical", null=null
+        )
         share = (emp.k >= 1).float().mean().item()
         # Under a complete null BH's FDR equals P(any rejection) = alpha for independent p-values.
         assert abs(share - alpha) < 0.02, share
@@ -70,7 +72,9 @@ def test_null_share_of_tokens_with_any_expert_is_alpha(null: EmpiricalNull) -> N
 
 
 @pytest.mark.parametrize("planted", [1, 3, 6])
-def test_planted_strong_experts_give_k_about_their_number(planted: int, null: EmpiricalNull) -> None:
+def test_planted_strong_experts_give_k_about_their_number(
+    planted: int, null: EmpiricalNull
+) -> None:
     g = torch.Generator().manual_seed(5)
     scores = torch.randn(2000, 64, generator=g)
     scores[:, :planted] += 6.0
@@ -93,7 +97,9 @@ def test_k_is_non_decreasing_in_alpha(null: EmpiricalNull) -> None:
     prev = None
     for alpha in (0.001, 0.01, 0.05, 0.1, 0.3, 0.7, 1.0):
         for method in ("empirical", "gaussian"):
-            k = select_from_scores(scores, alpha=alpha, min_k=0, max_k=32, method=method, null=null).k
+            k = select_from_scores(
+                scores, alpha=alpha, min_k=0, max_k=32, method=method, null=null
+            ).k
             if prev is not None and method in prev:
                 assert bool((k >= prev[method]).all())
             prev = {**(prev or {}), method: k}
@@ -148,13 +154,17 @@ def test_sentinel_slots_match_dropping_experts(impl: str) -> None:
     """BH output with empty slots equals top-k re-run with exactly the selected experts' weights."""
     lm = load_model("tiny-olmoe", device="cpu", experts_implementation=impl)
     ctl = patch_model(lm.model)
-    ids = lm.tokenizer("Sentinel slots must cost nothing and add nothing.", return_tensors="pt").input_ids
+    ids = lm.tokenizer(
+        "Sentinel slots must cost nothing and add nothing.", return_tensors="pt"
+    ).input_ids
     ctl.set_config(RoutingConfig("g", method="bh", p_value="gaussian", alpha=0.5, min_k=0, max_k=8))
     with torch.no_grad():
         out_impl = lm.model(ids).logits
     eager = load_model("tiny-olmoe", device="cpu", experts_implementation="eager")
     ectl = patch_model(eager.model)
-    ectl.set_config(RoutingConfig("g", method="bh", p_value="gaussian", alpha=0.5, min_k=0, max_k=8))
+    ectl.set_config(
+        RoutingConfig("g", method="bh", p_value="gaussian", alpha=0.5, min_k=0, max_k=8)
+    )
     with torch.no_grad():
         out_eager = eager.model(ids).logits
     assert torch.allclose(out_impl, out_eager, atol=1e-5)
@@ -167,7 +177,9 @@ def test_temperature_does_not_change_selection() -> None:
     with torch.no_grad():
         lm.model(lm.tokenizer("calibration text " * 40, return_tensors="pt").input_ids)
     ctl.end_calibration()
-    ids = lm.tokenizer("Temperature only changes the mixing weights.", return_tensors="pt").input_ids
+    ids = lm.tokenizer(
+        "Temperature only changes the mixing weights.", return_tensors="pt"
+    ).input_ids
     ks = {}
     for t in (0.5, 1.0, 4.0):
         ctl.set_config(RoutingConfig(f"t{t}", alpha=0.3, temperature=t, min_k=0, max_k=8))

@@ -1,0 +1,177 @@
+"""Runner, resume, report-from-JSON and CLI of the BH routing experiment on a tiny model."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiments.bh_routing import analyze_bh_results, run_bh_experiments
+from experiments.bh_routing.adapters import patch_model
+from experiments.bh_routing.models import build_tiny, load_model, tiny_tokenizer
+from experiments.bh_routing.selector import RoutingConfig
+
+ARGS = [
+    "--model",
+    "tiny-olmoe",
+    "--device",
+    "cpu",
+    "--max-tokens",
+    "4",
+    "--max-prompts",
+    "2",
+    "--only",
+    "topk_8,bh_moderate,bh_adaptive",
+    "--checkpoint-interval",
+    "2",
+]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bh_run")
+    assert run_bh_experiments.main([*ARGS, "--output", str(out)]) == 0
+    return out
+
+
+def _finished(out: Path) -> dict[str, str]:
+    return {
+        f.name: json.loads(f.read_text())["finished_at"]
+        if "__perplexity" not in f.name
+        else f.read_text()
+        for f in (out / "checkpoints" / "experiments").glob("*.json")
+    }
+
+
+def test_cli_end_to_end_writes_seed_outputs(run_dir: Path) -> None:
+    for name in (
+        "bh_routing_results.csv",
+        "analysis_summary.json",
+        "REPORT.md",
+        "experiment_log.txt",
+        "checkpoints/latest_checkpoint.json",
+        "per_layer_k_histograms.csv",
+        "perplexity.csv",
+    ):
+        assert (run_dir / name).is_file(), name
+    for plot in (
+        "avg_experts_comparison.png",
+        "inference_time_comparison.png",
+        "expert_utilization_cv.png",
+        "experts_by_category.png",
+        "experts_vs_latency.png",
+    ):
+        assert (run_dir / "plots" / plot).stat().st_size > 1000
+    rows = list(csv.DictReader((run_dir / "bh_routing_results.csv").open(newline="")))
+    assert len(rows) == 6
+    topk = [r for r in rows if r["config_name"] == "topk_8"]
+    assert all(float(r["avg_experts_per_token"]) == 8.0 for r in topk)
+    assert all(r["experts_implementation"] for r in rows)
+    bh = [float(r["avg_experts_per_token"]) for r in rows if r["config_name"] == "bh_moderate"]
+    assert all(1.0 <= k <= 8.0 for k in bh)
+    summary = json.loads((run_dir / "analysis_summary.json").read_text())
+    tested = {r["config"] for r in summary["tests"]["avg_experts_per_token"]}
+    assert tested == {"bh_moderate", "bh_adaptive"}
+    assert (
+        summary["temperature"][0]["first_layer_same_k"]
+        == summary["temperature"][0]["first_layer_tokens"]
+    )
+    report = (run_dir / "REPORT.md").read_text()
+    assert "What temperature does and does not change" in report
+    assert "tiny random model" in report
+    assert "experts per token against" in report
+    log = (run_dir / "experiment_log.txt").read_text()
+    assert "bh_moderate__p01" in log
+
+
+def test_resume_skips_finished_experiments(run_dir: Path) -> None:
+    before = _finished(run_dir)
+    victim = run_dir / "checkpoints" / "experiments" / "bh_moderate__p01.json"
+    victim.unlink()
+    assert run_bh_experiments.main([*ARGS, "--output", str(run_dir)]) == 0
+    after = _finished(run_dir)
+    assert set(after) == set(before)
+    changed = {k for k in before if before[k] != after[k]}
+    assert changed == {"bh_moderate__p01.json"}
+    log = (run_dir / "experiment_log.txt").read_text()
+    assert "9 experiments in total, 8 already done, 1 to run" in log
+
+
+def test_resume_refuses_different_settings(
+    run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [a if a != "4" else "5" for a in ARGS]  # --max-tokens 5
+    assert run_bh_experiments.main([*args, "--output", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "different settings" in err and "Traceback" not in err
+
+
+def test_report_rebuilt_from_json_without_model(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def _no_model(*_a: object, **_k: object) -> None:
+        raise AssertionError("the report must not load a model")
+
+    monkeypatch.setattr("experiments.bh_routing.models.load_model", _no_model)
+    monkeypatch.setattr("experiments.bh_routing.runner.load_model", _no_model)
+    (run_dir / "REPORT.md").unlink()
+    (run_dir / "bh_routing_results.csv").unlink()
+    assert analyze_bh_results.main(["--output", str(run_dir)]) == 0
+    assert "## Statistical tests against the baseline" in (run_dir / "REPORT.md").read_text()
+    assert len(list(csv.DictReader((run_dir / "bh_routing_results.csv").open(newline="")))) == 6
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--model", "tiny-olmoe", "--max-tokens", "0"], "--max-tokens"),
+        (["--model", "tiny-nope", "--device", "cpu"], "unknown tiny model"),
+        (["--model", "tiny-olmoe", "--only", "bh_nonexistent"], "unknown config"),
+        (["--model", "tiny-olmoe", "--device", "tpu"], "--device"),
+    ],
+)
+def test_bad_input_gives_clear_error(
+    argv: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_bh_experiments.main([*argv, "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_bad_configs_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "c.json"
+    bad.write_text('{"mine": {"method": "bh", "alpha": 2}}')
+    assert run_bh_experiments.main(["--configs", str(bad), "--output", str(tmp_path)]) == 2
+    assert "alpha must be in (0, 1]" in capsys.readouterr().err
+    bad.write_text("{not json")
+    assert run_bh_experiments.main(["--configs", str(bad), "--output", str(tmp_path)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    assert analyze_bh_results.main(["--output", str(tmp_path / "missing")]) == 2
+
+
+@pytest.mark.parametrize("main", [run_bh_experiments.main, analyze_bh_results.main])
+def test_help(main: object, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])  # type: ignore[operator]
+    assert exc.value.code == 0
+    assert "--output" in capsys.readouterr().out
+
+
+def test_loading_path_via_save_pretrained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The from_pretrained path a hub id takes, exercised on a saved tiny model."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = build_tiny("tiny-mixtral", seed=3).eval()
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    lm = load_model(str(tmp_path), device="cpu", fp16=False)
+    ids = lm.tokenizer("saved and loaded", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = model(ids).logits
+        ctl = patch_model(lm.model)
+        ctl.set_config(RoutingConfig("k2", method="bh", p_value="gaussian", min_k=2, max_k=2))
+        assert torch.allclose(lm.model(ids).logits, ref, atol=1e-6)
+    with pytest.raises(ValueError, match="cannot load model"):
+        load_model(str(tmp_path / "nothing-here"), device="cpu")
