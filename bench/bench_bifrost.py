@@ -77,7 +77,9 @@ def main() -> None:
         def plain() -> None:
             subprocess.run(rsync, input=files, check=True)
 
-        host.exec("rm -rf ~/bench-plain-rsync ~/.bifrost/workspaces/benchproj ~/.bifrost/state/benchproj")
+        host.exec(
+            "rm -rf ~/bench-plain-rsync ~/.bifrost/workspaces/benchproj ~/.bifrost/state/benchproj"
+        )
         first_b = timed(lambda: host.push(proj, name="benchproj"), 1)[0]
         first_r = timed(plain, 1)[0]
         (proj / "pkg0" / "mod0.py").write_text("# changed\n")
