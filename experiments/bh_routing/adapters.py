@@ -21,8 +21,9 @@ there
 the slot is padded with the token's best expert and weight 0.
 
 What the p-values are computed on (per family, always at temperature 1):
-- softmax routers (OLMoE, Qwen3-MoE, Qwen3-Next, Mixtral, GPT-OSS): centred logits ``l - mean(l)``.
-  Softmax ignores a per-token shift, so centring removes a nuisance without changing the ranking.
+- softmax routers (OLMoE, Qwen3-MoE, Qwen3-Next, Mixtral): log softmax probabilities, i.e. logits
+  minus a per-token constant. Softmax ignores a per-token shift, so removing it drops a nuisance
+  without changing the ranking. GPT-OSS: centred logits ``l - mean(l)`` (same idea).
 - GLM-4.5 (sigmoid router): ``sigmoid(l) + e_score_correction_bias``, the score GLM itself ranks by;
   experts outside the token's selected groups get p = 1 (group-limited routing is kept).
 Temperature only rescales the logits that build the mixing weights. Because both p-value methods are
@@ -46,6 +47,7 @@ from experiments.bh_routing.selector import (
     RoutingConfig,
     Selection,
     select_from_scores,
+    select_sorted_scores,
     select_topk,
 )
 
@@ -58,12 +60,22 @@ class Scored:
 
     logits: torch.Tensor  # what the router returns as router_logits
     sort_key: torch.Tensor  # what the native router ranks experts by (higher = better)
-    pscores: torch.Tensor  # float32 scores the p-values are computed on
+    # float32 scores the p-values are computed on; None means centred logits, computed only when a
+    # BH config needs them so top-k pays nothing for them
+    pscores: torch.Tensor | None
     excluded: torch.Tensor | None  # bool (T, E): experts that may not be chosen (GLM groups)
 
 
 class Family:
     """How one architecture's router scores experts and turns a selection into mixing weights."""
+
+    @staticmethod
+    def pvalue_scores(scored: Scored) -> torch.Tensor:
+        """Scores the p-values use: the family's own, else centred float32 logits."""
+        if scored.pscores is not None:
+            return scored.pscores
+        lf = scored.logits.float()
+        return lf - lf.mean(dim=-1, keepdim=True)
 
     name = "base"
     router_attr = "gate"
@@ -111,10 +123,7 @@ class SoftmaxFamily(Family):
         hidden = hidden.reshape(-1, router.hidden_dim)
         logits = F.linear(hidden, router.weight)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float)
-        lf = logits.float()
-        return Scored(
-            logits=logits, sort_key=probs, pscores=lf - lf.mean(dim=-1, keepdim=True), excluded=None
-        )
+        return Scored(logits=logits, sort_key=probs, pscores=None, excluded=None)
 
     def weights(
         self,
@@ -163,13 +172,7 @@ class GptOssFamily(Family):
         """Biased logits, as the native router."""
         hidden = hidden.reshape(-1, router.hidden_dim)
         logits = F.linear(hidden, router.weight, router.bias)
-        lf = logits.float()
-        return Scored(
-            logits=logits,
-            sort_key=logits,
-            pscores=lf - lf.mean(dim=-1, keepdim=True),
-            excluded=None,
-        )
+        return Scored(logits=logits, sort_key=logits, pscores=None, excluded=None)
 
     def weights(
         self,
@@ -322,7 +325,12 @@ class RoutingController:
         cfg = self.config
         if self.calibrating:
             scored = pl.family.score(pl.router, hidden_states)
-            ps = scored.pscores if scored.excluded is None else scored.pscores[~scored.excluded]
+            if scored.pscores is None and isinstance(pl.family, SoftmaxFamily):
+                ps = scored.sort_key.log()  # the quantity the fast path tests
+            else:
+                ps = Family.pvalue_scores(scored)
+            if scored.excluded is not None:
+                ps = ps[~scored.excluded]
             self.calibration.setdefault(pl.layer, []).append(ps.detach().reshape(-1).float().cpu())
             return pl.original_forward(hidden_states)
         if cfg is None:
@@ -347,10 +355,9 @@ class RoutingController:
         renorm = fam.native_renormalize(router) if cfg.renormalize is None else cfg.renormalize
         weights = fam.weights(router, scored, sel.indices, sel.mask, cfg.temperature, renorm)
         indices = sel.indices
-        if not sel.mask.all() and not (
-            fam.eager_takes_sentinel or self.experts_implementation != "eager"
-        ):
+        if not fam.eager_takes_sentinel and self.experts_implementation == "eager":
             # GPT-OSS eager one_hot has no sentinel class: pad with the best expert at weight 0.
+            # (Unconditional torch.where: checking mask.all() first would sync the device.)
             best = scored.sort_key.argmax(dim=-1, keepdim=True)
             indices = torch.where(sel.mask, indices, best.expand_as(indices))
         if self.recording:
@@ -358,11 +365,28 @@ class RoutingController:
         return scored.logits, weights, indices
 
     def _bh(self, pl: PatchedLayer, scored: Scored, cfg: RoutingConfig, e: int) -> Selection:
-        pscores = scored.pscores
+        if scored.pscores is None and isinstance(pl.family, SoftmaxFamily):
+            # Fast path: log-probabilities are the logits minus a per-token constant, so they give
+            # the same p-values as centred logits up to that shift (the null is calibrated on the
+            # same quantity) and come pre-sorted from sorting the probabilities: no gather needed.
+            sorted_probs, order = torch.sort(scored.sort_key, dim=-1, descending=True, stable=True)
+            return select_sorted_scores(
+                sorted_probs.log(),
+                order,
+                alpha=cfg.alpha,
+                min_k=cfg.min_k,
+                max_k=cfg.max_k,
+                method=cfg.p_value,
+                null=self.null,
+                layer=pl.layer,
+                correction=cfg.correction,
+                sentinel=e,
+            )
+        pscores = Family.pvalue_scores(scored)
         if scored.excluded is not None:
             # Excluded experts sort last (key -inf); give them a score no null exceeds -> p = 1.
             pscores = pscores.masked_fill(scored.excluded, float("-inf"))
-        sel = select_from_scores(
+        return select_from_scores(
             pscores,
             alpha=cfg.alpha,
             min_k=cfg.min_k,
@@ -374,7 +398,6 @@ class RoutingController:
             sentinel=e,
             sort_key=scored.sort_key,
         )
-        return sel
 
     def _record(self, pl: PatchedLayer, k: torch.Tensor, indices: torch.Tensor, width: int) -> None:
         e = pl.family.num_experts(pl.router)

@@ -59,6 +59,7 @@ class EmpiricalNull:
                 raise ValueError(f"empirical null for layer {layer} has no finite samples")
             self._sorted[int(layer)] = torch.sort(flat).values.cpu()
         self._device_cache: dict[tuple[int, str], torch.Tensor] = {}
+        self._count_cache: dict[tuple[int, str, int], torch.Tensor] = {}
 
     @property
     def layers(self) -> list[int]:
@@ -93,6 +94,29 @@ class EmpiricalNull:
         below = torch.searchsorted(null, flat, right=False)
         p = (1.0 + (n - below).to(torch.float32)) / (n + 1.0)
         return p.reshape(scores.shape)
+
+    def count_thresholds(self, layer: int, thresholds: torch.Tensor) -> torch.Tensor:
+        """Per-rank integer cut-offs c_r with p <= t_r  <=>  #{null < s} >= c_r.
+
+        p = (1 + n - below) / (n + 1) <= t  <=>  below >= n + 1 - t (n + 1). Comparing the integer
+        count skips computing p at all, which matters when this runs for every layer and token.
+        """
+        key = (layer, str(thresholds.device), thresholds.data_ptr())
+        c = self._count_cache.get(key)
+        if c is None:
+            n = self.size(layer)
+            c = torch.ceil((n + 1) - thresholds.double() * (n + 1) - 1e-9).to(torch.long)
+            self._count_cache[key] = c
+        return c
+
+    def below(self, layer: int, scores: torch.Tensor) -> torch.Tensor:
+        """#{null < s} for each score (any shape)."""
+        key = (layer, str(scores.device))
+        null = self._device_cache.get(key)
+        if null is None:
+            null = self._sorted[layer].to(scores.device)
+            self._device_cache[key] = null
+        return torch.searchsorted(null, scores.float().contiguous(), right=False)
 
     def state(self) -> dict[str, list[float]]:
         """Serialisable form (used to cache a calibration next to results)."""
@@ -137,24 +161,45 @@ def bh_thresholds(
     return (ecdf * alpha).to(dtype)
 
 
+_THRESHOLDS: dict[tuple[int, float, str, str, torch.dtype], torch.Tensor] = {}
+
+
+def _cached_thresholds(
+    m: int, alpha: float, correction: Correction, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    # Built once per (m, alpha, correction, device, dtype): decoding calls this every layer and
+    # every step.
+    key = (m, alpha, correction, str(device), dtype)
+    thr = _THRESHOLDS.get(key)
+    if thr is None:
+        thr = bh_thresholds(m, alpha, correction, device=device, dtype=dtype)
+        _THRESHOLDS[key] = thr
+    return thr
+
+
 def bh_count(
     sorted_pvalues: torch.Tensor, alpha: float, correction: Correction = "bh"
 ) -> torch.Tensor:
     """Number of BH rejections per row, given p-values sorted ascending along the last dimension."""
     m = sorted_pvalues.shape[-1]
-    thr = bh_thresholds(
-        m,
-        alpha,
-        correction,
-        device=sorted_pvalues.device,
-        dtype=sorted_pvalues.dtype if sorted_pvalues.is_floating_point() else torch.float32,
-    )
-    ranks = torch.arange(1, m + 1, device=sorted_pvalues.device)
-    # Step-up: the largest rank whose p-value is under its threshold; everything before it is
-    # rejected
-    # too, even when its own p-value is above its own threshold.
-    passing = sorted_pvalues <= thr
-    return torch.where(passing, ranks, torch.zeros_like(ranks)).amax(dim=-1)
+    dtype = sorted_pvalues.dtype if sorted_pvalues.is_floating_point() else torch.float32
+    thr = _cached_thresholds(m, alpha, correction, sorted_pvalues.device, dtype)
+    ranks = _cached_arange(m + 1, sorted_pvalues.device)[1:]
+    # Step-up: the largest rank whose p-value is under its threshold; every expert before it is
+    # rejected too, even when its own p-value is above its own threshold.
+    return torch.where(sorted_pvalues <= thr, ranks, 0).amax(dim=-1)
+
+
+_ARANGE: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _cached_arange(n: int, device: torch.device) -> torch.Tensor:
+    key = (n, str(device))
+    t = _ARANGE.get(key)
+    if t is None:
+        t = torch.arange(n, device=device)
+        _ARANGE[key] = t
+    return t
 
 
 def validate_params(alpha: float, min_k: int, max_k: int, num_experts: int) -> None:
@@ -189,9 +234,8 @@ def select_from_sorted(
     validate_params(alpha, min_k, max_k, m)
     width = min(max_k, m)
     k = bh_count(sorted_pvalues, alpha, correction).clamp(min=min(min_k, m), max=width)
-    slots = torch.arange(width, device=order.device)
-    mask = slots.unsqueeze(0) < k.unsqueeze(-1)
-    indices = torch.where(mask, order[..., :width], torch.full_like(order[..., :width], sentinel))
+    mask = _cached_arange(width, order.device) < k.unsqueeze(-1)
+    indices = order[..., :width].masked_fill(~mask, sentinel)
     return Selection(indices=indices, mask=mask, k=k)
 
 
@@ -268,6 +312,44 @@ def select_from_scores(
         correction=correction,
         sentinel=e if sentinel is None else sentinel,
     )
+
+
+def select_sorted_scores(
+    sorted_scores: torch.Tensor,
+    order: torch.Tensor,
+    *,
+    alpha: float,
+    min_k: int,
+    max_k: int,
+    method: PValueMethod = "empirical",
+    null: EmpiricalNull | None = None,
+    layer: int = 0,
+    correction: Correction = "bh",
+    sentinel: int,
+) -> Selection:
+    """Fast path: BH on scores already sorted descending (so p-values are already ascending).
+
+    Same result as :func:`select_from_scores`; the empirical method compares integer null counts
+    with precomputed per-rank cut-offs instead of forming p-values.
+    """
+    m = sorted_scores.shape[-1]
+    width = min(max_k, m)
+    if method == "empirical":
+        if null is None:
+            raise ValueError("p_value='empirical' needs a calibrated EmpiricalNull")
+        thr = _cached_thresholds(m, alpha, correction, sorted_scores.device, torch.float64)
+        cut = null.count_thresholds(layer, thr)
+        passing = null.below(layer, sorted_scores) >= cut
+    elif method == "gaussian":
+        p = gaussian_pvalues(sorted_scores)
+        passing = p <= _cached_thresholds(m, alpha, correction, p.device, p.dtype)
+    else:
+        raise ValueError(f"unknown p-value method {method!r}; use 'empirical' or 'gaussian'")
+    ranks = _cached_arange(m + 1, sorted_scores.device)[1:]
+    k = torch.where(passing, ranks, 0).amax(dim=-1).clamp(min=min(min_k, m), max=width)
+    mask = _cached_arange(width, order.device) < k.unsqueeze(-1)
+    indices = order[..., :width].masked_fill(~mask, sentinel)
+    return Selection(indices=indices, mask=mask, k=k)
 
 
 def select_topk(scores: torch.Tensor, k: int, *, sentinel: int | None = None) -> Selection:
