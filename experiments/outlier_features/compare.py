@@ -26,6 +26,9 @@ from typing import Any
 
 import pandas as pd
 
+if __package__ in (None, ""):  # run as a file (python experiments/outlier_features/run.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 from experiments.common.io import atomic_write_text
 
 DEFAULT_RESULTS = Path(__file__).parent / "results"

@@ -21,9 +21,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from experiments.common.io import atomic_write_json, atomic_write_text
+if __package__ in (None, ""):  # run as a file (python experiments/outlier_features/run.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from .configs import (
+from experiments.common.io import atomic_write_json, atomic_write_text
+from experiments.outlier_features.configs import (
     ALL_SPECS,
     ConfigError,
     ModelSpec,
@@ -154,7 +156,7 @@ def _slug(spec: ModelSpec) -> str:
 
 def _model_sizes(spec: ModelSpec, module: Any) -> dict[str, Any]:
     """Total/active params: the config's published values, else counted from the module."""
-    from .models import count_params
+    from experiments.outlier_features.models import count_params
 
     counted = count_params(module)
     cfg = module.config
@@ -184,10 +186,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Load, extract, analyse, write. Returns the summary."""
     import torch
 
-    from .analysis import analyze
-    from .data import load_chunks
-    from .extract import extract
-    from .models import load_model
+    from experiments.outlier_features.analysis import analyze
+    from experiments.outlier_features.data import load_chunks
+    from experiments.outlier_features.extract import extract
+    from experiments.outlier_features.models import load_model
 
     spec = resolve_spec(args)
     device = _device(args.device)
@@ -301,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for bad input, 1 for a failed run)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from .data import DataError
+    from experiments.outlier_features.data import DataError
 
     try:
         s = run(args)

@@ -22,9 +22,8 @@ PLANTED = [7, 42, 99]
 
 @pytest.fixture(scope="module")
 def planted_ids() -> torch.Tensor:
-    spec = get_spec("tiny-moe")
     return load_chunks(tiny_tokenizer(), num_sequences=8, seq_len=128,
-                       corpus="packaged").input_ids if spec else torch.empty(0)
+                       corpus="packaged").input_ids
 
 
 @pytest.fixture(scope="module")
