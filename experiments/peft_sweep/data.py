@@ -26,8 +26,12 @@ CLIP_SECONDS = 2.0
 Stroke = tuple[float, str, bool, str]
 
 
-def _grid(sticking: str, step: float, accents: set[int] | None = None,
-          graces: dict[int, str] | None = None) -> list[Stroke]:
+def _grid(
+    sticking: str,
+    step: float,
+    accents: set[int] | None = None,
+    graces: dict[int, str] | None = None,
+) -> list[Stroke]:
     """Strokes on an even grid: ``sticking`` like "RLRR LRLL" (spaces are rests)."""
     accents = accents or set()
     graces = graces or {}
@@ -47,11 +51,24 @@ RUDIMENTS: dict[str, list[Stroke]] = {
     "paradiddle_diddle": _grid("RLRRLLRLRRLLRLRRLLRLRRLL", 1 / 6, accents={0, 6, 12, 18}),
     "five_stroke_roll": _grid("RRLLR   LLRRL   ", 0.25, accents={4, 12}),
     "six_stroke_roll": _grid("RLLRRLRLLRRL", 1 / 3, accents={0, 5, 6, 11}),
-    "flam": _grid("R L R L ", 0.5, accents={0, 2, 4, 6}, graces={0: "flam", 2: "flam", 4: "flam",
-                                                                6: "flam"}),
-    "flam_tap": _grid("RRLLRRLLRRLLRRLL", 0.25, accents={0, 2, 4, 6, 8, 10, 12, 14},
-                      graces={0: "flam", 2: "flam", 4: "flam", 6: "flam", 8: "flam", 10: "flam",
-                              12: "flam", 14: "flam"}),
+    "flam": _grid(
+        "R L R L ", 0.5, accents={0, 2, 4, 6}, graces={0: "flam", 2: "flam", 4: "flam", 6: "flam"}
+    ),
+    "flam_tap": _grid(
+        "RRLLRRLLRRLLRRLL",
+        0.25,
+        accents={0, 2, 4, 6, 8, 10, 12, 14},
+        graces={
+            0: "flam",
+            2: "flam",
+            4: "flam",
+            6: "flam",
+            8: "flam",
+            10: "flam",
+            12: "flam",
+            14: "flam",
+        },
+    ),
     "single_drag_tap": _grid("R L R L ", 0.5, accents={2, 6}, graces={0: "drag", 4: "drag"}),
 }
 RUDIMENT_NAMES = list(RUDIMENTS)
@@ -148,16 +165,17 @@ def _stratified_split(labels: np.ndarray, rng: np.random.Generator) -> tuple[np.
     tr, va, te = [], [], []
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        n_val = max(1, int(round(0.15 * len(idx))))
-        n_test = max(1, int(round(0.15 * len(idx))))
+        n_val = max(1, round(0.15 * len(idx)))
+        n_test = max(1, round(0.15 * len(idx)))
         va += list(idx[:n_val])
         te += list(idx[n_val : n_val + n_test])
         tr += list(idx[n_val + n_test :])
     return np.array(tr), np.array(va), np.array(te)
 
 
-def synthetic_dataset(per_class: int, seed: int = 0, classes: list[str] | None = None,
-                      seconds: float = CLIP_SECONDS) -> RudimentData:
+def synthetic_dataset(
+    per_class: int, seed: int = 0, classes: list[str] | None = None, seconds: float = CLIP_SECONDS
+) -> RudimentData:
     """``per_class`` rendered clips of every rudiment, split 70/15/15 per class (seeded)."""
     classes = classes or RUDIMENT_NAMES
     unknown = [c for c in classes if c not in RUDIMENTS]
@@ -174,8 +192,9 @@ def synthetic_dataset(per_class: int, seed: int = 0, classes: list[str] | None =
     w = torch.from_numpy(np.stack(waves))
     y = torch.tensor(labels)
     tr, va, te = _stratified_split(np.array(labels), rng)
-    return RudimentData(Split(w[tr], y[tr]), Split(w[va], y[va]), Split(w[te], y[te]),
-                        list(classes), "synthetic")
+    return RudimentData(
+        Split(w[tr], y[tr]), Split(w[va], y[va]), Split(w[te], y[te]), list(classes), "synthetic"
+    )
 
 
 # --------------------------------------------------------------------------- SOUSA (local)
@@ -216,8 +235,9 @@ def _read_audio(path: Path, sr: int, seconds: float) -> np.ndarray:
     return np.pad(x[:n], (0, max(0, n - len(x))))
 
 
-def load_sousa(root: Path, per_class: int | None, seed: int = 0,
-               seconds: float = CLIP_SECONDS) -> RudimentData:
+def load_sousa(
+    root: Path, per_class: int | None, seed: int = 0, seconds: float = CLIP_SECONDS
+) -> RudimentData:
     """Load SOUSA from ``root/metadata.{csv,parquet}``.
 
     Needs a column naming the audio file (one of ``audio_path, audio_file, path, file,
@@ -234,12 +254,15 @@ def load_sousa(root: Path, per_class: int | None, seed: int = 0,
     pcol = next((c for c in _PATH_COLS if c in meta.columns), None)
     lcol = next((c for c in _LABEL_COLS if c in meta.columns), None)
     if pcol is None or lcol is None:
-        raise ValueError(f"{meta_path}: need a path column {_PATH_COLS} and a label column "
-                         f"{_LABEL_COLS}; found {list(meta.columns)}")
+        raise ValueError(
+            f"{meta_path}: need a path column {_PATH_COLS} and a label column "
+            f"{_LABEL_COLS}; found {list(meta.columns)}"
+        )
     rng = np.random.default_rng(seed)
     if per_class is not None:
         meta = meta.groupby(lcol, group_keys=False).apply(
-            lambda g: g.sample(n=min(len(g), per_class), random_state=seed))
+            lambda g: g.sample(n=min(len(g), per_class), random_state=seed)
+        )
     classes = sorted(meta[lcol].astype(str).unique())
     index = {c: i for i, c in enumerate(classes)}
 
@@ -260,12 +283,14 @@ def load_sousa(root: Path, per_class: int | None, seed: int = 0,
         tr, va, te = parts
     else:
         tr, va, te = _stratified_split(labels, rng)
-    return RudimentData(Split(w[tr], y[tr]), Split(w[va], y[va]), Split(w[te], y[te]),
-                        classes, "sousa")
+    return RudimentData(
+        Split(w[tr], y[tr]), Split(w[va], y[va]), Split(w[te], y[te]), classes, "sousa"
+    )
 
 
-def load_data(preset: str, seed: int = 0, per_class: int | None = None,
-              source: str = "auto") -> RudimentData:
+def load_data(
+    preset: str, seed: int = 0, per_class: int | None = None, source: str = "auto"
+) -> RudimentData:
     """Data for a run: ``source`` auto (SOUSA if on disk, else synthetic), sousa or synthetic."""
     if preset not in DATA_PRESETS:
         raise ValueError(f"unknown data preset {preset!r}; choose from {list(DATA_PRESETS)}")
@@ -293,8 +318,9 @@ def augment_waves(w: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return out + noise
 
 
-def spec_augment(x: torch.Tensor, gen: torch.Generator, max_f: float = 0.125,
-                 max_t: float = 0.1) -> torch.Tensor:
+def spec_augment(
+    x: torch.Tensor, gen: torch.Generator, max_f: float = 0.125, max_t: float = 0.1
+) -> torch.Tensor:
     """One frequency mask (<= 12.5 % of bins) and one time mask (<= 10 % of frames) per clip."""
     x = x.clone()
     b, t, f = x.shape

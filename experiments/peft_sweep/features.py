@@ -34,8 +34,9 @@ def mel_filterbank(
     if not 0 <= f_min < f_max <= sample_rate / 2:
         raise ValueError(f"need 0 <= f_min < f_max <= {sample_rate / 2}, got {f_min}, {f_max}")
     freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)
-    mel_pts = torch.linspace(float(hz_to_mel(f_min)), float(hz_to_mel(f_max)), n_mels + 2,
-                             dtype=torch.float64)
+    mel_pts = torch.linspace(
+        float(hz_to_mel(f_min)), float(hz_to_mel(f_max)), n_mels + 2, dtype=torch.float64
+    )
     hz_pts = mel_to_hz(mel_pts)
     lower, center, upper = hz_pts[:-2], hz_pts[1:-1], hz_pts[2:]
     f = freqs[:, None]
@@ -59,8 +60,8 @@ def log_mel(
     """
     if wave.dim() == 1:
         wave = wave[None]
-    win = int(round(sample_rate * win_ms / 1000))
-    hop = int(round(sample_rate * hop_ms / 1000))
+    win = round(sample_rate * win_ms / 1000)
+    hop = round(sample_rate * hop_ms / 1000)
     n_fft = 1 << math.ceil(math.log2(win))
     spec = torch.stft(
         wave - wave.mean(dim=-1, keepdim=True),  # remove DC like Kaldi's dither-free path
@@ -84,9 +85,15 @@ def log_mel(
     return mel
 
 
-def num_frames(samples: int, sample_rate: int = 16000, win_ms: float = 25.0,
-               hop_ms: float = 10.0) -> int:
-    """Frames :func:`log_mel` yields for ``samples`` samples (no centre padding)."""
-    win = int(round(sample_rate * win_ms / 1000))
-    hop = int(round(sample_rate * hop_ms / 1000))
-    return 1 + (samples - win) // hop
+def num_frames(
+    samples: int, sample_rate: int = 16000, win_ms: float = 25.0, hop_ms: float = 10.0
+) -> int:
+    """Frames :func:`log_mel` yields for ``samples`` samples (no centre padding).
+
+    torch.stft frames span ``n_fft`` samples (the window is zero-padded to it), so the count uses
+    n_fft, not the window length.
+    """
+    win = round(sample_rate * win_ms / 1000)
+    hop = round(sample_rate * hop_ms / 1000)
+    n_fft = 1 << math.ceil(math.log2(win))
+    return 1 + (samples - n_fft) // hop

@@ -113,10 +113,14 @@ class _RelPosAttention(nn.Module):
         exact = half // 2
         sign = (rel > 0).long() * half
         a = rel.abs()
-        log_b = exact + (
-            torch.log(a.float().clamp(min=1) / exact) / math.log(self.c.max_distance / exact)
-            * (half - exact)
-        ).long()
+        log_b = (
+            exact
+            + (
+                torch.log(a.float().clamp(min=1) / exact)
+                / math.log(self.c.max_distance / exact)
+                * (half - exact)
+            ).long()
+        )
         return sign + torch.where(a < exact, a, log_b.clamp(max=half - 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,11 +191,21 @@ class EfficientATConfig:
     width: float = 1.0
     # (kernel, expanded, out, use_se, hardswish, stride) per block: MobileNetV3-large.
     blocks: tuple[tuple[int, int, int, bool, bool, int], ...] = (
-        (3, 16, 16, False, False, 1), (3, 64, 24, False, False, 2), (3, 72, 24, False, False, 1),
-        (5, 72, 40, True, False, 2), (5, 120, 40, True, False, 1), (5, 120, 40, True, False, 1),
-        (3, 240, 80, False, True, 2), (3, 200, 80, False, True, 1), (3, 184, 80, False, True, 1),
-        (3, 184, 80, False, True, 1), (3, 480, 112, True, True, 1), (3, 672, 112, True, True, 1),
-        (5, 672, 160, True, True, 2), (5, 960, 160, True, True, 1), (5, 960, 160, True, True, 1),
+        (3, 16, 16, False, False, 1),
+        (3, 64, 24, False, False, 2),
+        (3, 72, 24, False, False, 1),
+        (5, 72, 40, True, False, 2),
+        (5, 120, 40, True, False, 1),
+        (5, 120, 40, True, False, 1),
+        (3, 240, 80, False, True, 2),
+        (3, 200, 80, False, True, 1),
+        (3, 184, 80, False, True, 1),
+        (3, 184, 80, False, True, 1),
+        (3, 480, 112, True, True, 1),
+        (3, 672, 112, True, True, 1),
+        (5, 672, 160, True, True, 2),
+        (5, 960, 160, True, True, 1),
+        (5, 960, 160, True, True, 1),
     )
     last_channels: int = 960
 
@@ -220,8 +234,11 @@ class _InvertedResidual(nn.Module):
         layers: list[nn.Module] = []
         if exp != cin:
             layers += [nn.Conv2d(cin, exp, 1, bias=False), nn.BatchNorm2d(exp), act()]
-        layers += [nn.Conv2d(exp, exp, k, s, k // 2, groups=exp, bias=False), nn.BatchNorm2d(exp),
-                   act()]
+        layers += [
+            nn.Conv2d(exp, exp, k, s, k // 2, groups=exp, bias=False),
+            nn.BatchNorm2d(exp),
+            act(),
+        ]
         self.expand_dw = nn.Sequential(*layers)
         self.se = _SE(exp) if se else None
         self.project = nn.Sequential(nn.Conv2d(exp, cout, 1, bias=False), nn.BatchNorm2d(cout))
@@ -242,8 +259,9 @@ class EfficientATNet(nn.Module):
         super().__init__()
         self.config = c
         cin = _ch(16 * c.width)
-        self.stem = nn.Sequential(nn.Conv2d(1, cin, 3, 2, 1, bias=False), nn.BatchNorm2d(cin),
-                                  nn.Hardswish())
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, cin, 3, 2, 1, bias=False), nn.BatchNorm2d(cin), nn.Hardswish()
+        )
         blocks = []
         for k, exp, out, se, hs, s in c.blocks:
             e, o = _ch(exp * c.width), _ch(out * c.width)
@@ -251,8 +269,9 @@ class EfficientATNet(nn.Module):
             cin = o
         self.features = nn.Sequential(*blocks)
         last = _ch(c.last_channels * c.width)
-        self.head_conv = nn.Sequential(nn.Conv2d(cin, last, 1, bias=False), nn.BatchNorm2d(last),
-                                       nn.Hardswish())
+        self.head_conv = nn.Sequential(
+            nn.Conv2d(cin, last, 1, bias=False), nn.BatchNorm2d(last), nn.Hardswish()
+        )
         self.hidden_size = last
 
     def forward(self, fbank: torch.Tensor) -> torch.Tensor:
@@ -270,8 +289,9 @@ class AudioClassifier(nn.Module):
     peft does only when the wrapped model's output carries a loss.
     """
 
-    def __init__(self, kind: str, backbone: nn.Module, hidden: int, num_labels: int,
-                 spec: InputSpec) -> None:
+    def __init__(
+        self, kind: str, backbone: nn.Module, hidden: int, num_labels: int, spec: InputSpec
+    ) -> None:
         super().__init__()
         self.kind = kind
         self.backbone = backbone
@@ -298,21 +318,37 @@ def _hf_configs(kind: str, size: str, spec: InputSpec) -> Any:
 
     if kind == "ast":
         if size == "tiny":
-            return ASTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                             intermediate_size=64, num_mel_bins=spec.n_mels, max_length=spec.frames)
+            return ASTConfig(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                num_mel_bins=spec.n_mels,
+                max_length=spec.frames,
+            )
         return ASTConfig(num_mel_bins=spec.n_mels, max_length=spec.frames)  # AST-base sizes
     if size == "tiny":
-        return ClapAudioConfig(window_size=4, num_mel_bins=spec.n_mels, spec_size=64, patch_size=4,
-                               patch_stride=[4, 4], depths=[1, 1], num_attention_heads=[2, 4],
-                               hidden_size=64, patch_embeds_hidden_size=32, enable_fusion=False)
+        return ClapAudioConfig(
+            window_size=4,
+            num_mel_bins=spec.n_mels,
+            spec_size=64,
+            patch_size=4,
+            patch_stride=[4, 4],
+            depths=[1, 1],
+            num_attention_heads=[2, 4],
+            hidden_size=64,
+            patch_embeds_hidden_size=32,
+            enable_fusion=False,
+        )
     return ClapAudioConfig(num_mel_bins=spec.n_mels, enable_fusion=False)  # HTS-AT (CLAP) sizes
 
 
 def default_input_spec(kind: str, size: str, frames: int) -> InputSpec:
     """Mel bins the architecture is built for; the frame count follows the clip length."""
     if size == "tiny":
-        return InputSpec(n_mels=32 if kind in ("ast", "beats", "efficientat") else 16,
-                         frames=frames)
+        return InputSpec(
+            n_mels=32 if kind in ("ast", "beats", "efficientat") else 16, frames=frames
+        )
     return InputSpec(n_mels=64 if kind == "htsat" else 128, frames=frames)
 
 
@@ -325,16 +361,37 @@ def build_backbone(kind: str, size: str, spec: InputSpec) -> tuple[nn.Module, in
         model = ASTModel(cfg) if kind == "ast" else ClapAudioModel(cfg)
         return model, cfg.hidden_size
     if kind == "beats":
-        bc = (BEATsConfig(n_mels=spec.n_mels, frames=spec.frames, embed_dim=32, hidden=32,
-                          layers=2, heads=2, ffn=64, conv_pos=9, conv_pos_groups=4, num_buckets=32,
-                          max_distance=64)
-              if size == "tiny" else BEATsConfig(n_mels=spec.n_mels, frames=spec.frames))
+        bc = (
+            BEATsConfig(
+                n_mels=spec.n_mels,
+                frames=spec.frames,
+                embed_dim=32,
+                hidden=32,
+                layers=2,
+                heads=2,
+                ffn=64,
+                conv_pos=9,
+                conv_pos_groups=4,
+                num_buckets=32,
+                max_distance=64,
+            )
+            if size == "tiny"
+            else BEATsConfig(n_mels=spec.n_mels, frames=spec.frames)
+        )
         enc = BEATsEncoder(bc)
         return enc, enc.hidden_size
     if kind == "efficientat":
-        ec = (EfficientATConfig(n_mels=spec.n_mels, frames=spec.frames, width=0.25,
-                                blocks=EfficientATConfig.blocks[:6], last_channels=64)
-              if size == "tiny" else EfficientATConfig(n_mels=spec.n_mels, frames=spec.frames))
+        ec = (
+            EfficientATConfig(
+                n_mels=spec.n_mels,
+                frames=spec.frames,
+                width=0.25,
+                blocks=EfficientATConfig.blocks[:6],
+                last_channels=64,
+            )
+            if size == "tiny"
+            else EfficientATConfig(n_mels=spec.n_mels, frames=spec.frames)
+        )
         net = EfficientATNet(ec)
         return net, net.hidden_size
     raise ValueError(f"unknown model {kind!r}; choose from {MODELS}")
@@ -378,8 +435,9 @@ def load_pretrained_backbone(kind: str, source: str) -> tuple[nn.Module, int, In
     return net, net.hidden_size, spec
 
 
-def build_classifier(kind: str, size: str, num_labels: int, frames: int,
-                     checkpoint: str | None = None) -> AudioClassifier:
+def build_classifier(
+    kind: str, size: str, num_labels: int, frames: int, checkpoint: str | None = None
+) -> AudioClassifier:
     """Backbone (tiny/base random, or pretrained from ``checkpoint``) plus a fresh head."""
     if kind not in MODELS:
         raise ValueError(f"unknown model {kind!r}; choose from {MODELS}")
@@ -388,8 +446,10 @@ def build_classifier(kind: str, size: str, num_labels: int, frames: int,
     if size == "pretrained":
         source = checkpoint or DEFAULT_CHECKPOINTS.get(kind)
         if source is None:
-            raise ValueError(f"{kind}: pretrained needs --checkpoint {kind}=DIR "
-                             "(a directory written by save_backbone)")
+            raise ValueError(
+                f"{kind}: pretrained needs --checkpoint {kind}=DIR "
+                "(a directory written by save_backbone)"
+            )
         backbone, hidden, spec = load_pretrained_backbone(kind, source)
     else:
         spec = default_input_spec(kind, size, frames)

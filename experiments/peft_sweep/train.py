@@ -54,20 +54,34 @@ def peft_config(kind: str, strategy: str, total_steps: int) -> Any:
 
     t = TARGETS[kind]
     if strategy == "lora":
-        return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=t["lora"],
-                          modules_to_save=["classifier"])
+        return LoraConfig(
+            r=8,
+            lora_alpha=16,
+            lora_dropout=0.1,
+            target_modules=t["lora"],
+            modules_to_save=["classifier"],
+        )
     if strategy == "adalora":
         if total_steps < 2:
             raise ValueError("AdaLoRA needs at least 2 optimizer steps")
         tinit = int(0.1 * total_steps)
         tfinal = int(0.2 * total_steps)
-        return AdaLoraConfig(init_r=12, target_r=4, tinit=tinit, tfinal=tfinal,
-                             deltaT=max(1, total_steps // 20), total_step=total_steps,
-                             lora_alpha=16, lora_dropout=0.1, target_modules=t["lora"],
-                             modules_to_save=["classifier"])
+        return AdaLoraConfig(
+            init_r=12,
+            target_r=4,
+            tinit=tinit,
+            tfinal=tfinal,
+            deltaT=max(1, total_steps // 20),
+            total_step=total_steps,
+            lora_alpha=16,
+            lora_dropout=0.1,
+            target_modules=t["lora"],
+            modules_to_save=["classifier"],
+        )
     if strategy == "ia3":
-        return IA3Config(target_modules=t["ia3"], feedforward_modules=t["ia3_ff"],
-                         modules_to_save=["classifier"])
+        return IA3Config(
+            target_modules=t["ia3"], feedforward_modules=t["ia3_ff"], modules_to_save=["classifier"]
+        )
     raise ValueError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
 
 
@@ -91,22 +105,32 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI of one training run."""
-    p = argparse.ArgumentParser(description="Fine-tune an audio classifier with one PEFT strategy "
-                                "on rudiment audio and report val/test metrics.")
+    p = argparse.ArgumentParser(
+        description="Fine-tune an audio classifier with one PEFT strategy "
+        "on rudiment audio and report val/test metrics."
+    )
     p.add_argument("--model", required=True, choices=MODELS)
     p.add_argument("--strategy", required=True, choices=STRATEGIES)
     p.add_argument("--augmentation", type=parse_bool, default=False, help="true or false")
     p.add_argument("--data", default="tiny", choices=list(DATA_PRESETS))
-    p.add_argument("--data-source", default="auto", choices=["auto", "sousa", "synthetic"],
-                   help="auto: SOUSA if $SOUSA_DIR (or data/sousa) holds it, else synthetic")
+    p.add_argument(
+        "--data-source",
+        default="auto",
+        choices=["auto", "sousa", "synthetic"],
+        help="auto: SOUSA if $SOUSA_DIR (or data/sousa) holds it, else synthetic",
+    )
     p.add_argument("--per-class", type=int, help="override the preset's clips per class")
     p.add_argument("--max-epochs", type=int, default=5)
     p.add_argument("--max-steps-per-epoch", type=int, help="cap batches per epoch (smoke tests)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", default="tiny", choices=SIZES,
-                   help="tiny/base: random init at that size; pretrained: load --checkpoint")
+    p.add_argument(
+        "--size",
+        default="tiny",
+        choices=SIZES,
+        help="tiny/base: random init at that size; pretrained: load --checkpoint",
+    )
     p.add_argument("--checkpoint", help="hub id or directory for --size pretrained")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output-json", type=Path, help="also write the metrics payload here")
@@ -149,17 +173,23 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     model.to(device)
     total, trainable = count_params(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    print(f"data: {data.source}, {len(data.classes)} classes, train/val/test = {n}/"
-          f"{len(data.val.labels)}/{len(data.test.labels)}; input {spec.frames}x{spec.n_mels}; "
-          f"params {total:,} total, {trainable:,} trainable", flush=True)
+    print(
+        f"data: {data.source}, {len(data.classes)} classes, train/val/test = {n}/"
+        f"{len(data.val.labels)}/{len(data.test.labels)}; input {spec.frames}x{spec.n_mels}; "
+        f"params {total:,} total, {trainable:,} trainable",
+        flush=True,
+    )
 
     def evaluate(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
         model.eval()
         with torch.no_grad():
             out = model(input_features=x, labels=y.to(device))
         pred = out.logits.argmax(-1).cpu()
-        return float(out.loss), float((pred == y).float().mean()), macro_f1(pred, y,
-                                                                            len(data.classes))
+        return (
+            float(out.loss),
+            float((pred == y).float().mean()),
+            macro_f1(pred, y, len(data.classes)),
+        )
 
     best: dict[str, Any] = {"val_acc": -1.0}
     best_state: dict[str, torch.Tensor] = {}
@@ -187,17 +217,23 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 model.base_model.update_and_allocate(global_step)
             opt.zero_grad(set_to_none=True)
             global_step += 1
-            losses.append(float(out.loss))
+            losses.append(float(out.loss.detach()))
         train_loss = float(np.mean(losses))
         val_loss, val_acc, val_f1 = evaluate(val_x, data.val.labels)
         epoch_times.append(time.monotonic() - t0)
-        print(f"epoch {epoch}/{args.max_epochs}: train_loss={train_loss:.4f} "
-              f"val_loss={val_loss:.4f} val_acc={val_acc:.4f} val_f1={val_f1:.4f} "
-              f"({epoch_times[-1]:.1f} s)", flush=True)
+        print(
+            f"epoch {epoch}/{args.max_epochs}: train_loss={train_loss:.4f} "
+            f"val_loss={val_loss:.4f} val_acc={val_acc:.4f} val_f1={val_f1:.4f} "
+            f"({epoch_times[-1]:.1f} s)",
+            flush=True,
+        )
         if val_acc > best["val_acc"]:
             best = {"val_acc": val_acc, "val_f1_macro": val_f1, "best_epoch": epoch}
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()
-                          if _is_trainable_key(model, k)}
+            best_state = {
+                k: v.detach().clone()
+                for k, v in model.state_dict().items()
+                if _is_trainable_key(model, k)
+            }
     training_time = time.monotonic() - t_start
     model.load_state_dict(best_state, strict=False)
     _, test_acc, test_f1 = evaluate(test_x, data.test.labels)
@@ -219,8 +255,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "data_source": data.source,
         "device": str(device),
     }
-    print(f"best epoch {best['best_epoch']}: val_acc={best['val_acc']:.4f} "
-          f"test_acc={test_acc:.4f} test_f1_macro={test_f1:.4f}", flush=True)
+    print(
+        f"best epoch {best['best_epoch']}: val_acc={best['val_acc']:.4f} "
+        f"test_acc={test_acc:.4f} test_f1_macro={test_f1:.4f}",
+        flush=True,
+    )
     return {"metrics": metrics, "efficiency": efficiency}
 
 
