@@ -82,6 +82,11 @@ class Settings(BaseSettings):
     vast_api_key: SecretStr | None = Field(
         default=None, validation_alias=_alias("VAST_API_KEY", "vast_api_key")
     )
+    runpod_api_url: str = Field(
+        default="https://api.runpod.io",
+        validation_alias=_alias("RUNPOD_API_URL", "runpod_api_url"),
+        description="RunPod API base URL (point it at broker.testing's simulator to test offline).",
+    )
     ssh_key_path: Path | None = Field(
         default_factory=_default_ssh_key,
         validation_alias=_alias("SSH_KEY_PATH", "BROKER_SSH_KEY_PATH", "ssh_key_path"),

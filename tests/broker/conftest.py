@@ -9,6 +9,7 @@ import pytest
 
 _KEYS = (
     "RUNPOD_API_KEY",
+    "RUNPOD_API_URL",
     "PRIME_API_KEY",
     "PRIME_INTELLECT_API_KEY",
     "LAMBDA_API_KEY",
