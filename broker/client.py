@@ -7,20 +7,28 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
 from broker.config import Settings, load_settings
-from broker.errors import BrokerError, ConfigError
+from broker.errors import BrokerError, ConfigError, NotFoundError, ProvisionError
 from broker.providers.base import Provider, get_provider_class, provider_classes
 from broker.query import Expr, Query, QueryFields, as_query, hints, run_query, to_text
 from broker.query import ir as qir
 from broker.query.fields import BY_NAME
-from broker.types import GPUOffer
+from broker.types import GPUOffer, Instance, InstanceStatus
+
+if TYPE_CHECKING:
+    from broker.journal import Journal, JournalEntry
+    from broker.lifecycle import ManagedInstance, ProgressFn, ReconcileReport
+    from broker.types import ProvisionAttempt
+
+log = logging.getLogger(__name__)
 
 ReportStatus = Literal["ok", "error", "timeout", "skipped"]
 
@@ -120,11 +128,31 @@ class GPUClient(QueryFields):
         *,
         providers: Sequence[str | Provider] | None = None,
         search_timeout_s: float | None = None,
+        max_price_per_hour: float | None = None,
+        budget: float | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self.settings = settings or load_settings()
         self.search_timeout_s = search_timeout_s or self.settings.search_timeout_s
+        #: Guards checked before every create (arguments win over the config file).
+        self.max_price_per_hour = (
+            max_price_per_hour
+            if max_price_per_hour is not None
+            else self.settings.max_price_per_hour
+        )
+        self.budget = budget if budget is not None else self.settings.budget_total
         self._providers: dict[str, Provider] = {}
         self._selected = list(providers) if providers is not None else None
+        self._journal = journal
+
+    @property
+    def journal(self) -> Journal:
+        """The instance journal (``<state dir>/journal.sqlite``), opened on first use."""
+        if self._journal is None:
+            from broker.journal import Journal
+
+            self._journal = Journal.default(self.settings.state_dir)
+        return self._journal
 
     # -- providers -----------------------------------------------------------------------------
     def provider_names(self) -> list[str]:
@@ -176,6 +204,9 @@ class GPUClient(QueryFields):
         for p in self._providers.values():
             p.close()
         self._providers.clear()
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
 
     def __enter__(self) -> GPUClient:
         return self
@@ -294,3 +325,180 @@ class GPUClient(QueryFields):
             "limit": q.limit,
             "providers": per,
         }
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def create(
+        self,
+        query: str | Expr | Query | GPUOffer | Sequence[GPUOffer] | None = None,
+        *,
+        gpu_count: int | None = None,
+        image: str | None = None,
+        disk_gb: int = 50,
+        name: str | None = None,
+        n_offers: int = 3,
+        ttl: str | float | None = None,
+        max_price_per_hour: float | None = None,
+        env: dict[str, str] | None = None,
+        ports: Sequence[str] | None = None,
+        keep_on_failure: bool = False,
+        wait: bool = True,
+        ready_timeout: float | None = None,
+        spot: bool | None = None,
+        sweep: str | None = None,
+        tag: str | None = None,
+        detach: bool = False,
+        on_progress: ProgressFn | None = None,
+        on_attempt: Callable[[ProvisionAttempt], None] | None = None,
+    ) -> ManagedInstance:
+        """Rent one instance: the cheapest matching offer that can be created and becomes ready.
+
+        ``query`` is a query (any face) searched across providers, one offer, or a ranked list
+        of offers. Up to ``n_offers`` are tried in order, each re-validated just before its
+        create call; one that fails (no capacity, stale, SSH never up...) is recorded and the
+        next is tried. All failing raises :class:`ProvisionError` listing every attempt.
+
+        With ``wait`` (the default) the instance is usable on return: running, SSH login with
+        the configured key works, and ``nvidia-smi`` shows the GPUs of the offer. A failed
+        readiness terminates it unless ``keep_on_failure``. ``ttl`` (``"3h"``) is enforced by
+        the provider where it can and by ``reap`` otherwise. Use the result as a context manager
+        to terminate it when the block ends; ``detach=True`` lets it outlive this process.
+
+        Guards: ``max_price_per_hour`` (or the client's/config's) excludes dearer offers; the
+        budget refuses a create whose projected cost (price x ttl, or 1 h) would take the
+        journal's estimated spend past it.
+        """
+        from broker import lifecycle
+
+        cap = max_price_per_hour if max_price_per_hour is not None else self.max_price_per_hour
+        ttl_s = lifecycle.parse_ttl(ttl if ttl is not None else self.settings.default_ttl)
+        if isinstance(query, GPUOffer):
+            offers: list[GPUOffer] = [query]
+        elif isinstance(query, Sequence) and not isinstance(query, str):
+            offers = list(query)
+            if not all(isinstance(o, GPUOffer) for o in offers):
+                raise ConfigError("create() takes a query, one GPUOffer, or a list of GPUOffers")
+        else:
+            result = self.search(query, gpu_count=gpu_count, spot=spot)
+            if not result.offers and result.all_failed:
+                detail = "; ".join(
+                    f"{r.provider}: {(r.error or {}).get('message', r.status)}"
+                    for r in result.failed
+                )
+                raise ProvisionError(f"search failed at every provider ({detail})")
+            offers = list(result.offers)
+        self._reap_quietly()
+        opts = lifecycle.CreateOptions(
+            image=image or self.settings.default_image,
+            disk_gb=disk_gb,
+            label=name,
+            n_offers=n_offers,
+            ttl_seconds=ttl_s,
+            max_price_per_hour=cap,
+            budget=self.budget,
+            env=dict(env or {}),
+            ports=list(ports or []),
+            keep_on_failure=keep_on_failure,
+            wait=wait,
+            ready_timeout=ready_timeout,
+            sweep=sweep,
+            tag=tag,
+            detach=detach,
+            on_progress=on_progress,
+            on_attempt=on_attempt,
+        )
+        return lifecycle.create(self, offers, opts)
+
+    def wait_until_ready(
+        self,
+        instance: Instance,
+        timeout: float | None = None,
+        *,
+        on_progress: ProgressFn | None = None,
+    ) -> Instance:
+        """Block until ``instance`` is usable (see :func:`broker.lifecycle.wait_until_ready`)."""
+        from broker import lifecycle
+
+        return lifecycle.wait_until_ready(self, instance, timeout=timeout, on_progress=on_progress)
+
+    def instance(self, ref: str) -> ManagedInstance:
+        """A journal instance (name, provider id or unique prefix), refreshed from its provider."""
+        from broker import lifecycle
+
+        entry = lifecycle.resolve_entry(self.journal, ref)
+        if entry.instance_id is None:
+            raise NotFoundError(f"{entry.name} has no provider id (its create did not finish)")
+        inst = self.get_provider(entry.provider).get(entry.instance_id)
+        if entry.is_open:
+            self.journal.record_status(
+                entry.name, inst.status, ssh_target=inst.ssh.target if inst.ssh else None
+            )
+        data = inst.model_dump() | {"name": inst.name or entry.name}
+        return lifecycle.ManagedInstance.model_validate(data).bind(self)
+
+    def instances(
+        self, *, include_closed: bool = False, refresh: bool = True
+    ) -> list[JournalEntry]:
+        """Our instances from the journal; with ``refresh`` their status is re-read first."""
+        entries = self.journal.all_entries() if include_closed else self.journal.open_entries()
+        if refresh:
+            for e in entries:
+                if not e.is_open or e.instance_id is None:
+                    continue
+                try:
+                    inst = self.get_provider(e.provider).get(e.instance_id)
+                except NotFoundError:
+                    continue  # a ghost: `reconcile` decides, listing changes nothing
+                except BrokerError:
+                    continue
+                self.journal.record_status(
+                    e.name, inst.status, ssh_target=inst.ssh.target if inst.ssh else None
+                )
+            names = {e.name for e in entries}
+            fresh = self.journal.all_entries() if include_closed else self.journal.open_entries()
+            entries = [e for e in fresh if e.name in names]
+        return entries
+
+    def terminate(
+        self, instance: str | Instance, *, wait: bool = True, timeout: float = 300.0
+    ) -> JournalEntry:
+        """Terminate an instance and confirm it is gone (then its journal entry is closed)."""
+        from broker import lifecycle
+
+        return lifecycle.terminate(self, instance, wait=wait, timeout=timeout)
+
+    def reap(self) -> list[tuple[JournalEntry, BrokerError | None]]:
+        """Terminate every instance past its TTL; returns each with its error (or None)."""
+        from broker import lifecycle
+
+        done: list[tuple[JournalEntry, BrokerError | None]] = []
+        for e in lifecycle.expired_entries(self.journal):
+            try:
+                done.append((lifecycle.terminate(self, e.name), None))
+            except BrokerError as err:
+                done.append((e, err))
+        return done
+
+    def _reap_quietly(self) -> None:
+        for entry, error in self.reap():
+            if error is not None:
+                log.warning("could not reap %s past its TTL: %s", entry.name, error)
+            else:
+                log.warning("terminated %s: its TTL had passed", entry.name)
+
+    def reconcile(self, providers: Sequence[str] | None = None) -> ReconcileReport:
+        """Find orphans (billing, held by nobody) and ghosts (journal only); changes nothing."""
+        from broker import lifecycle
+
+        return lifecycle.find_discrepancies(self, providers)
+
+    def spend(self) -> float:
+        """Estimated US$ spent by every instance in the journal (the budget guard's measure)."""
+        return self.journal.estimated_spend()
+
+    def active_count(self) -> int:
+        """Open journal entries that may bill."""
+        return sum(
+            1
+            for e in self.journal.open_entries()
+            if e.status == "intent" or InstanceStatus(e.status).is_active
+        )

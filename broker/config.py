@@ -108,6 +108,23 @@ class Settings(BaseSettings):
         validation_alias=_alias("BROKER_BUDGET", "budget_total"),
         description="US$ ceiling on the summed estimated spend of instances this journal knows.",
     )
+    capacity_cooldown_s: float = Field(
+        default=300.0,
+        ge=0,
+        validation_alias=_alias("BROKER_CAPACITY_COOLDOWN", "capacity_cooldown_s"),
+        description="Seconds an offer that just failed for capacity is skipped.",
+    )
+    ready_timeout_s: float = Field(
+        default=900.0,
+        gt=0,
+        validation_alias=_alias("BROKER_READY_TIMEOUT", "ready_timeout_s"),
+        description="Deadline for a new instance to become usable (running, SSH, GPU probe).",
+    )
+    default_ttl: str | None = Field(
+        default=None,
+        validation_alias=_alias("BROKER_DEFAULT_TTL", "default_ttl"),
+        description="TTL given to instances created without one (e.g. '6h'); none by default.",
+    )
     search_timeout_s: float = Field(
         default=20.0, gt=0, validation_alias=_alias("BROKER_SEARCH_TIMEOUT", "search_timeout_s")
     )

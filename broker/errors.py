@@ -147,17 +147,77 @@ class ProvisionError(BrokerError):
         return "\n".join(lines)
 
 
+class GuardError(BrokerError):
+    """A safety guard refused the request before any provider was called."""
+
+
+class PriceLimitError(GuardError):
+    """The offer costs more per hour than the configured ``max_price_per_hour``."""
+
+
+class BudgetExceededError(GuardError):
+    """Creating the instance would take the estimated spend past the total budget."""
+
+
+class ReadinessError(BrokerError):
+    """An instance did not become usable; ``stage`` names where it got stuck.
+
+    Stages, in order: ``provider`` (running at the provider), ``endpoint`` (SSH endpoint
+    published), ``tcp`` (port open), ``login`` (SSH login with our key), ``probe`` (the GPUs are the
+    ones we paid for).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        stage: str,
+        provider: str | None = None,
+        instance_id: str | None = None,
+        name: str | None = None,
+        elapsed_s: float | None = None,
+        kept: bool = False,
+    ) -> None:
+        self.stage = stage
+        self.instance_id = instance_id
+        self.name = name
+        self.elapsed_s = elapsed_s
+        self.kept = kept
+        super().__init__(message, provider=provider)
+
+    def __str__(self) -> str:
+        who = self.name or self.instance_id or "instance"
+        tail = "; kept running (keep_on_failure)" if self.kept else ""
+        took = f" after {self.elapsed_s:.0f}s" if self.elapsed_s is not None else ""
+        return f"{who} not ready at stage '{self.stage}'{took}: {super().__str__()}{tail}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form with the stage."""
+        d = super().to_dict()
+        d.update(stage=self.stage, instance_id=self.instance_id, name=self.name, kept=self.kept)
+        return d
+
+
+class TerminateError(BrokerError):
+    """A terminate could not be confirmed; the journal keeps the instance open to retry."""
+
+
 __all__ = [
     "AuthError",
     "BrokerError",
+    "BudgetExceededError",
     "ConfigError",
+    "GuardError",
     "InvalidRequestError",
     "NoCapacityError",
     "NotFoundError",
+    "PriceLimitError",
     "ProviderError",
     "ProviderUnavailableError",
     "ProvisionError",
     "QueryError",
     "RateLimitedError",
+    "ReadinessError",
     "StaleOfferError",
+    "TerminateError",
 ]

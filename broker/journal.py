@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS instances (
     created_at      TEXT NOT NULL,
     updated_at      TEXT NOT NULL,
     running_at      TEXT,
-    ended_at        TEXT
+    ended_at        TEXT,
+    owner           TEXT
 );
 CREATE INDEX IF NOT EXISTS instances_provider_id ON instances(provider, instance_id);
 CREATE INDEX IF NOT EXISTS instances_status ON instances(status);
@@ -55,7 +56,15 @@ CREATE TABLE IF NOT EXISTS events (
     detail  TEXT
 );
 CREATE INDEX IF NOT EXISTS events_name ON events(name);
+CREATE TABLE IF NOT EXISTS cooldowns (
+    offer_key   TEXT PRIMARY KEY,
+    until       TEXT NOT NULL,
+    reason      TEXT
+);
 """
+
+#: Columns added after the first release, with their SQL types (added on open when missing).
+_MIGRATIONS = {"owner": "TEXT"}
 
 #: Statuses after which an entry is closed (nothing can bill any more).
 CLOSED = {InstanceStatus.TERMINATED.value}
@@ -81,6 +90,7 @@ class JournalEntry(BaseModel):
     updated_at: datetime
     running_at: datetime | None = None
     ended_at: datetime | None = None
+    owner: str | None = None
 
     @property
     def is_open(self) -> bool:
@@ -128,6 +138,10 @@ class Journal:
         self._conn.execute("PRAGMA busy_timeout=30000")
         with self._lock:
             self._conn.executescript(_SCHEMA)
+            have = {r["name"] for r in self._conn.execute("PRAGMA table_info(instances)")}
+            for col, typ in _MIGRATIONS.items():
+                if col not in have:
+                    self._conn.execute(f"ALTER TABLE instances ADD COLUMN {col} {typ}")
 
     @classmethod
     def default(cls, state_dir: str | Path) -> Journal:
@@ -167,8 +181,13 @@ class Journal:
         ttl_seconds: int | None = None,
         sweep: str | None = None,
         tag: str | None = None,
+        owner: str | None = None,
     ) -> str:
-        """Record that we are about to create an instance from ``offer``; returns its name."""
+        """Record that we are about to create an instance from ``offer``; returns its name.
+
+        ``owner`` names the process that holds the instance (see :mod:`broker.lifecycle`); an
+        entry without one is detached: it lives until terminated or its TTL passes.
+        """
         name = name or new_name()
         now = utcnow()
         expires = now + timedelta(seconds=ttl_seconds) if ttl_seconds else None
@@ -176,7 +195,7 @@ class Journal:
             c.execute(
                 "INSERT INTO instances (name, provider, status, gpu_type, gpu_count,"
                 " price_per_hour, spot, offer_json, ttl_seconds, expires_at, sweep, tag,"
-                " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " created_at, updated_at, owner) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     name,
                     offer.provider,
@@ -192,6 +211,7 @@ class Journal:
                     tag,
                     _ts(now),
                     _ts(now),
+                    owner,
                 ),
             )
             self._event(c, name, "intent", f"{offer.provider} {offer.offer_id}")
@@ -231,6 +251,70 @@ class Journal:
     def record_terminated(self, name: str, detail: str | None = None) -> None:
         """The instance is confirmed gone at the provider."""
         self.record_status(name, InstanceStatus.TERMINATED, detail=detail)
+
+    def set_owner(self, name: str, owner: str | None) -> None:
+        """Hand the entry to a process (or detach it with ``None``)."""
+        with self._tx() as c:
+            self._update(c, name, owner=owner)
+            self._event(c, name, "owner", owner or "detached")
+
+    def record_event(self, name: str, status: str, detail: str | None = None) -> None:
+        """A note in the entry's history that changes no field (e.g. a failed terminate)."""
+        with self._tx() as c:
+            self._event(c, name, status, detail)
+
+    def record_adopted(
+        self,
+        *,
+        name: str,
+        provider: str,
+        instance_id: str,
+        status: InstanceStatus,
+        gpu_type: str | None,
+        gpu_count: int | None,
+        price_per_hour: float | None,
+        created_at: datetime | None,
+        detail: str,
+    ) -> None:
+        """Enter an instance found at a provider but missing here (an orphan), so it is counted."""
+        now = utcnow()
+        with self._tx() as c:
+            c.execute(
+                "INSERT OR IGNORE INTO instances (name, provider, instance_id, status, gpu_type,"
+                " gpu_count, price_per_hour, created_at, updated_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    name,
+                    provider,
+                    instance_id,
+                    status.value,
+                    gpu_type,
+                    gpu_count,
+                    price_per_hour,
+                    _ts(created_at or now),
+                    _ts(now),
+                ),
+            )
+            self._update(c, name, instance_id=instance_id, status=status.value)
+            self._event(c, name, "adopted", detail)
+
+    # -- capacity cool-downs ----------------------------------------------------------------------
+    def add_cooldown(self, offer_key: str, seconds: float, reason: str) -> None:
+        """Skip this offer for ``seconds`` (it just failed for capacity); shared by processes."""
+        until = utcnow() + timedelta(seconds=seconds)
+        with self._tx() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO cooldowns (offer_key, until, reason) VALUES (?,?,?)",
+                (offer_key, _ts(until), reason[:300]),
+            )
+
+    def cooling(self) -> dict[str, datetime]:
+        """Offer keys still cooling down, with when each may be tried again."""
+        now = utcnow()
+        with self._lock:
+            rows = self._conn.execute("SELECT offer_key, until FROM cooldowns").fetchall()
+        out = {r["offer_key"]: datetime.fromisoformat(r["until"]) for r in rows}
+        return {k: v for k, v in out.items() if v > now}
 
     def record_failed(self, name: str, error: str) -> None:
         """A create that the provider refused: nothing exists, so the entry is closed."""

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 
 def utcnow() -> datetime:
@@ -55,6 +55,9 @@ class StockLevel(StrEnum):
 _STOCK_RANK = {StockLevel.NONE: 0, StockLevel.LOW: 1, StockLevel.MEDIUM: 2, StockLevel.HIGH: 3}
 
 
+_COMPUTED = frozenset({"total_vram_gb", "price_per_gpu_hour"})
+
+
 class GPUOffer(BaseModel):
     """One rentable configuration: a GPU model times a count, at a price, somewhere.
 
@@ -91,6 +94,14 @@ class GPUOffer(BaseModel):
         default_factory=dict,
         description="Wire values create() needs back (e.g. Prime's cloudId, socket, provider).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_computed(cls, data: Any) -> Any:
+        # A dumped offer carries its computed fields; reading it back must not trip extra=forbid.
+        if isinstance(data, dict) and ("total_vram_gb" in data or "price_per_gpu_hour" in data):
+            data = {k: v for k, v in data.items() if k not in _COMPUTED}
+        return data
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from collections.abc import Iterator
 from typing import ClassVar
 
@@ -151,3 +152,13 @@ def test_unknown_provider_name_is_a_clear_error() -> None:
 
 def test_registry_discovers_modules() -> None:
     assert "local" in provider_classes()
+
+
+def test_offer_round_trips_through_json() -> None:
+    """A dumped offer (computed fields included) reads back: journals and leases rely on it."""
+    from broker.providers.local import LocalProvider
+
+    offer = LocalProvider(Path("/nonexistent")).probe()
+    again = GPUOffer.model_validate_json(offer.model_dump_json())
+    assert again == offer
+    assert "price_per_gpu_hour" in offer.model_dump()
