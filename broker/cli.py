@@ -277,10 +277,25 @@ def init(
         out.print(f"wrote {written} (mode 0600); put your API keys there or in the environment")
 
 
+@app.callback()
+def _root(ctx: typer.Context) -> None:
+    """Find and rent the cheapest GPU box that fits, across clouds."""
+    # Every command that may touch instances first terminates those past their TTL, so a
+    # forgotten box dies the next time anyone uses broker, even without `reap` in cron.
+    if ctx.resilient_parsing or ctx.invoked_subcommand in (None, "init", "providers"):
+        return
+    from broker.cli_instances import auto_reap
+
+    auto_reap()
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
 
+
+# Registers `create`, `instances ...`, `list` and `terminate` on `app`.
+from broker import cli_instances  # noqa: E402, F401
 
 if __name__ == "__main__":
     main()
