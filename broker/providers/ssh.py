@@ -514,10 +514,16 @@ class SSHProvider(Provider):
                 f"no ssh_hosts configured: set BROKER_SSH_HOSTS or ssh_hosts to {EXPECTED_FORM}",
                 provider=cls.name,
             )
+        # Answer inside the client's search timeout, so a dead host shows up as that host's
+        # error while the live ones still make it into the result.
+        deadline = min(15.0, 0.75 * settings.search_timeout_s)
         return cls(
             parse_hosts(settings.ssh_hosts),
             settings.state_dir,
             identity_file=settings.ssh_key_path,
+            connect_timeout=min(5.0, deadline / 3),
+            probe_timeout=min(10.0, deadline * 2 / 3),
+            probe_deadline=deadline,
         )
 
     def _host(self, host: SSHHost) -> Host:

@@ -308,6 +308,32 @@ def test_all_hosts_unreachable_raises_with_every_reason(
     assert res.reports[0].error["type"] == "SSHProbeError"
 
 
+def test_silent_host_is_cut_off_at_the_deadline(box: SSHServer, state_dir: Path) -> None:
+    # Accepts TCP, never says a word: the probe gives up on it without holding up the others.
+    with socket.create_server(("127.0.0.1", 0)) as mute:
+        silent = f"root@127.0.0.1:{mute.getsockname()[1]}"
+        p = SSHProvider(
+            [silent, box.target],
+            state_dir,
+            identity_file=box.client_key,
+            connect_timeout=1.0,
+            connect_retries=1,
+            probe_deadline=0.8,
+        )
+        t0 = time.monotonic()
+        offers = p.search(ALL)
+        assert time.monotonic() - t0 < 1.5
+    assert [o.offer_id for o in offers] == [box.target]
+    assert "no answer within 0.8s" in p.last_probe_errors[silent].message
+
+
+def test_deadline_follows_the_client_search_timeout() -> None:
+    p = SSHProvider.from_settings(load_settings(ssh_hosts=["me@10.0.0.1"], search_timeout_s=4))
+    assert p.probe_deadline == 3.0 and p.connect_timeout == 1.0 and p.probe_timeout == 2.0
+    p = SSHProvider.from_settings(load_settings(ssh_hosts=["me@10.0.0.1"]))
+    assert (p.probe_deadline, p.connect_timeout, p.probe_timeout) == (15.0, 5.0, 10.0)
+
+
 def test_wrong_key_is_an_auth_error(box: SSHServer, state_dir: Path, tmp_path: Path) -> None:
     keygen(tmp_path / "stranger")
     p = SSHProvider([box.target], state_dir, identity_file=tmp_path / "stranger")
