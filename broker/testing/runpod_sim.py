@@ -33,7 +33,6 @@ import tempfile
 import threading
 import time
 import uuid
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -191,7 +190,13 @@ class RequestRecord:
 
 @dataclass(frozen=True)
 class PodInfo:
-    """A snapshot of one simulated pod, terminated ones included (for assertions)."""
+    """A snapshot of one simulated pod, terminated ones included (for assertions).
+
+    ``ssh_port`` / ``ssh_pid`` are the last published SSH port and sshd process id; they are kept
+    after stop/terminate so a test can check that nothing answers there any more. ``ssh_running``
+    is whether something is listening for the pod now; ``runtime`` and ``ports_published`` say
+    what the API currently reports.
+    """
 
     id: str
     name: str
@@ -487,7 +492,10 @@ class _DropConnection(Exception):
 
 # -- the simulator ------------------------------------------------------------------------------
 
-_LIVE: weakref.WeakSet[RunPodSimulator] = weakref.WeakSet()
+#: Started and not yet stopped (strong references: a forgotten simulator must still be stopped).
+_LIVE: set[RunPodSimulator] = set()
+#: Oldest requests are dropped past this many (a simulator left running for days stays small).
+MAX_LOGGED_REQUESTS = 10_000
 
 
 @atexit.register
@@ -510,8 +518,13 @@ class RunPodSimulator:
     ``127.0.0.1:<sshd port>`` for private port 22. These three are plain attributes and may be
     changed between calls; the fault methods override them per pod.
 
+    Faults: in every fault method ``n`` is how many matching requests (or new pods) it affects,
+    and ``n=None`` means every one until :meth:`clear_faults`. Pending faults of different kinds
+    combine (a pod can both publish its ports late and never start sshd).
+
     Every public method is thread-safe. ``stop()`` (or leaving the ``with`` block) kills every
-    pod's sshd; an ``atexit`` hook does the same for simulators never stopped.
+    pod's sshd; an ``atexit`` hook does the same for simulators never stopped (a process killed
+    by SIGKILL leaves its sshd children behind: nothing can run then).
     """
 
     def __init__(
@@ -572,10 +585,10 @@ class RunPodSimulator:
         if self._server is not None:
             return self
         self._closing.clear()
-        self._dir = Path(tempfile.mkdtemp(prefix="runpod-sim-"))
-        os.chmod(self._dir, 0o700)
         server = ThreadingHTTPServer(("127.0.0.1", self._port), _make_handler(self))
         server.daemon_threads = True
+        self._dir = Path(tempfile.mkdtemp(prefix="runpod-sim-"))
+        os.chmod(self._dir, 0o700)
         self._server = server
         _LIVE.add(self)
         http_thread = threading.Thread(
@@ -951,6 +964,8 @@ class RunPodSimulator:
         record = RequestRecord(root, name, _redact_variables(variables), status, error, self.now())
         with self._lock:
             self._requests.append(record)
+            if len(self._requests) > MAX_LOGGED_REQUESTS:
+                del self._requests[: len(self._requests) - MAX_LOGGED_REQUESTS]
         log.debug("%s %s -> %s%s", name or "-", root, status, f" ({error})" if error else "")
 
     def _record(
@@ -1623,7 +1638,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         done.set()
 
+    # Explicit handlers: a shell starting us in the background makes SIGINT ignored by default.
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     with sim:
         key = args.api_key if args.api_key == "test" else "<the --api-key value>"
         print(f"RunPod simulator on {sim.url} (GraphQL at /graphql, pod list at /_sim/pods)")
@@ -1635,8 +1652,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "(the endpoint RunPod reports says root)."
             )
         print("Ctrl-C stops it and kills every pod.", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            done.wait()
+        while not done.wait(0.5):  # a timed wait keeps the main thread responsive to signals
+            pass
     return 0
 
 

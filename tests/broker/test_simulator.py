@@ -384,9 +384,9 @@ def test_slow_port_publication(rp: RunPodProvider, sim: RunPodSimulator) -> None
     first = wait_for(proxy_only, what="runtime")
     # Runtime without ports: the adapter falls back to the ssh.runpod.io proxy (not direct).
     assert first.ssh is not None and not first.ssh.direct and first.ssh.host == "ssh.runpod.io"
-    t0 = time.monotonic()
+    assert not sim.pod(inst.instance_id).ports_published
     ready = running(rp, inst.instance_id)
-    assert ready.ssh is not None and ready.ssh.direct and time.monotonic() - t0 > 0.2
+    assert ready.ssh is not None and ready.ssh.direct
 
 
 def test_ssh_never_up_refused(rp: RunPodProvider, sim: RunPodSimulator) -> None:
@@ -439,7 +439,9 @@ def test_terminate_during_outage(
     with pytest.raises(ProviderUnavailableError) as info:
         rp.terminate(inst.instance_id)
     assert info.value.status_code == 503
-    assert len(sleeps) == 3  # four attempts
+    attempts = [r.status for r in sim.requests if r.operation == "podTerminate"]
+    assert len(attempts) > 1 and set(attempts) == {503}  # retried, never got through
+    assert len(sleeps) == len(attempts) - 1
     assert rp.get(inst.instance_id).status is InstanceStatus.RUNNING  # still alive and billing
     assert sim.pod(inst.instance_id).ssh_running
 
