@@ -389,6 +389,18 @@ def test_slow_port_publication(rp: RunPodProvider, sim: RunPodSimulator) -> None
     assert ready.ssh is not None and ready.ssh.direct
 
 
+def test_provisioning_phase_and_crashed_sshd(rp: RunPodProvider, sim: RunPodSimulator) -> None:
+    sim.provision_delay = 0.3
+    inst = deploy(rp, "broker-created")
+    assert inst.status is InstanceStatus.PROVISIONING and inst.provider_status == "CREATED"
+    ready = running(rp, inst.instance_id)
+    assert sim.pod(inst.instance_id).status_history == ("CREATED", "RUNNING")
+    sim.crash_ssh(inst.instance_id)
+    # The API still says RUNNING with its port; only a probe can tell.
+    assert rp.get(inst.instance_id).status is InstanceStatus.RUNNING
+    assert ready.ssh is not None and refused(ready.ssh.port)
+
+
 def test_ssh_never_up_refused(rp: RunPodProvider, sim: RunPodSimulator) -> None:
     sim.ssh_never_up(mode="refuse")
     inst = running(rp, deploy(rp, "broker-refuse").instance_id)
