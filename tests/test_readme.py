@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,3 +26,17 @@ def test_readme_opens_with_two_commands() -> None:
 def test_ci_runs_the_readme_test_command_verbatim() -> None:
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert _readme_commands()[1] in ci
+
+
+def test_main_job_is_the_outlier_deploy_on_local() -> None:
+    """Command 1 runs deploy.py with flags it accepts (tests/experiments/test_outlier_deploy.py
+    runs the same deploy end to end)."""
+    from experiments.outlier_features.deploy import build_parser
+
+    prefix = "python3 -m pip install -q uv && python3 -m uv run --locked --extra experiments "
+    first = _readme_commands()[0]
+    assert first.startswith(prefix)
+    argv = shlex.split(first[len(prefix) :])
+    assert argv[0] == "python" and (ROOT / argv[1]).is_file()
+    args = build_parser().parse_args(argv[2:])
+    assert args.providers == ["local"] and args.model == "tiny-moe"
