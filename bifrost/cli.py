@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -487,23 +486,13 @@ def _ssh_argv(spec: str, identity: str | None, tty: bool) -> list[str]:
     host = _host(spec, identity)
     if host.target.is_local:
         _fail("`local` needs no ssh: just run the command")
-    from bifrost.transport.ssh import SSHTransport
+    from bifrost.transport.openssh import ssh_argv
 
-    shell = SSHTransport.rsync_shell.__get__(  # reuse the exact ssh options rsync uses
-        type("T", (), {"target": host.target, "_known_hosts": host.known_hosts})()
-    )()
-    assert shell is not None
-    argv = [a for a in shell[0] if a != "BatchMode=yes"]
-    argv = [
-        a
-        for i, a in enumerate(argv)
-        if not (a == "-o" and i + 1 < len(argv) and argv[i + 1] == "BatchMode=yes")
-    ]
-    for jump in host.target.proxy_jump:
-        argv += ["-J", f"{jump.user}@{jump.host}:{jump.port}"]
+    # The exact options rsync uses (pinned keys, hops), minus BatchMode: a human is typing.
+    argv, dest = ssh_argv(host.target, host.known_hosts.path, batch=False)
     if tty:
         argv.append("-t")
-    return [*argv, host.target.ssh_destination().replace("[", "").replace("]", "")]
+    return [*argv, dest.replace("[", "").replace("]", "")]
 
 
 @app.command()
@@ -514,7 +503,7 @@ def ssh(
 ) -> None:
     """Interactive ssh with bifrost's pinned host keys."""
     Host(target, identity_file=identity).connect()  # pins the key (TOFU) before ssh checks it
-    argv = _ssh_argv(target, identity, tty=True)
+    argv = _ssh_argv(target, identity, tty=sys.stdin.isatty())
     os.execvp("ssh", [*argv, *(command or [])])  # noqa: S606 - hand the terminal to ssh
 
 
@@ -522,18 +511,42 @@ def ssh(
 def attach(
     target_or_job: Annotated[str, typer.Argument(metavar="[TARGET] JOB")],
     job: Annotated[str | None, typer.Argument(hidden=True)] = None,
+    no_tmux: Annotated[
+        bool, typer.Option("--no-tmux", help="Follow the log here instead of in tmux.")
+    ] = False,
     identity: IdentityOpt = None,
 ) -> None:
-    """Watch a job in a tmux session on the box (a plain `tail -F` without tmux)."""
+    """Watch a running job in its tmux session on the box (detach: tmux prefix + d; the job
+    keeps running). Without tmux there, or off a terminal, follows the log like `logs -f`."""
     target, job_id = _job_args(target_or_job, job)
-    _host(target, identity).job(job_id).status()
-    log = f'"$HOME/.bifrost/jobs/{job_id}/log"'
-    inner = f"tail -n +1 -F {log}"
-    remote = (
-        f"if command -v tmux >/dev/null; then exec tmux new-session -A -s bifrost-{job_id} "
-        f"{shlex.quote(inner)}; else exec {inner}; fi"
-    )
-    os.execvp("ssh", [*_ssh_argv(target, identity, tty=True), remote])  # noqa: S606
+    j = _host(target, identity).job(job_id)
+    st, session = j.attach_info()
+    if st.done:
+        code = "" if st.exit_code is None else f", exit code {st.exit_code}"
+        err.print(f"{job_id} has already ended ({st.state}{code}); its log:", markup=False)
+        sys.stdout.write(j.logs())
+        raise _Exit(_status_code(st))
+    reason = None
+    if session is None:
+        reason = f"tmux is not available on {j.host.name}"
+    elif not (sys.stdin.isatty() and sys.stdout.isatty()):
+        reason = "not on a terminal"
+    if no_tmux or session is None or reason is not None:
+        if not no_tmux:
+            err.print(
+                f"{reason}: following the log instead "
+                "(Ctrl-C stops following; the job keeps running)",
+                markup=False,
+            )
+
+        def emit(line: str) -> None:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+
+        raise _Exit(_status_code(j.follow(emit)))
+    argv = _ssh_argv(target, identity, tty=True)
+    j.host.close()
+    os.execvp("ssh", [*argv, j.tmux_command(session)])  # noqa: S606 - hand the terminal over
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,6 +74,11 @@ class Host:
             if self._transport is None or self._transport.closed:
                 if self._transport is not None:
                     await self._transport.close()
+                if self.target.is_local:
+                    from bifrost.transport.local import LocalTransport
+
+                    self._transport = LocalTransport()  # and no asyncssh import (~1 s)
+                    return self._transport
                 from bifrost.transport.ssh import open_transport
 
                 self._transport = await open_transport(

@@ -326,6 +326,34 @@ class Job:
         ``grace`` seconds. Returns 'cancelled' or 'finished' (it had already ended)."""
         return run_sync(self.akill(grace))
 
+    # tmux -------------------------------------------------------------------------------
+    async def aattach_info(self) -> tuple[JobStatus, str | None]:
+        """Coroutine twin of :meth:`attach_info`."""
+
+        async def op(t: Transport) -> tuple[JobStatus, str | None]:
+            rc, out, err = await _call(t, "__bf_attach_prep", [self.id])
+            if rc == 3:
+                raise JobNotFoundError(f"no job {self.id!r} on {self.host.name}")
+            if rc != 0:
+                raise JobError(f"could not prepare attaching to {self.id}: {err.strip()}")
+            words = out.split()
+            return await self.astatus(), words[1] if words[:1] == ["tmux"] else None
+
+        return await self.host.aretrying(op)
+
+    def attach_info(self) -> tuple[JobStatus, str | None]:
+        """The job's status and the name of its tmux session on the box (on the ``bifrost``
+        server: ``tmux -L bifrost attach -t NAME``), or None when tmux is not usable there."""
+        return run_sync(self.aattach_info())
+
+    def tmux_command(self, session: str) -> str:
+        """Remote shell command that attaches to the job's tmux session, re-creating it (from
+        the view script in the job dir) if the tmux server went away since the launch."""
+        return (
+            f"exec tmux -L bifrost new-session -A -s {shlex.quote(session)} "
+            f"-c {_job_dir(self.id)} 'bash --norc --noprofile ./view.sh'"
+        )
+
     # logs ---------------------------------------------------------------------------------
     async def aread_log(self, offset: int = 0) -> bytes:
         """Bytes of the log from ``offset`` (0-based) to its current end."""

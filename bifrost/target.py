@@ -183,9 +183,15 @@ def _parse_ssh_command(text: str) -> tuple[str, dict[str, str | list[str]]]:
     return dest, opts
 
 
+def default_ssh_config() -> Path:
+    """The ssh_config file aliases are looked up in: ``$BIFROST_SSH_CONFIG`` or ~/.ssh/config."""
+    env = os.environ.get("BIFROST_SSH_CONFIG")
+    return Path(env).expanduser() if env else Path.home() / ".ssh" / "config"
+
+
 def _ssh_config_lookup(host: str, config_path: Path | None) -> dict[str, list[str]]:
     """First-match-wins values from ssh_config ``Host`` blocks matching ``host``."""
-    path = config_path if config_path is not None else Path.home() / ".ssh" / "config"
+    path = config_path if config_path is not None else default_ssh_config()
     found: dict[str, list[str]] = {}
     try:
         lines = path.read_text().splitlines()
@@ -222,8 +228,9 @@ def parse_target(text: str | Target, *, ssh_config: Path | None = None, _depth: 
 
     Accepted forms: ``user@host:port``, ``user@host``, ``host``, ``ssh://user@host:port``,
     ``ssh -p PORT [-i KEY] [-J JUMP] user@host``, IPv6 ``[::1]:2222`` / ``user@[::1]:2222``,
-    an alias from ``~/.ssh/config`` (HostName, User, Port, IdentityFile, ProxyJump honoured)
-    and ``local`` (this machine, no SSH). Raises :class:`TargetError` with a one-line reason.
+    an alias from ``~/.ssh/config`` (HostName, User, Port, IdentityFile, ProxyJump honoured;
+    ``ssh_config`` or ``$BIFROST_SSH_CONFIG`` names another file) and ``local`` (this machine,
+    no SSH). Raises :class:`TargetError` with a one-line reason.
     """
     if isinstance(text, Target):
         return text

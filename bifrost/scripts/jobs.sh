@@ -82,8 +82,51 @@ __bf_launch() {  # payload (lines "key base64") on stdin
   pid=$!
   __bf_pid_start "$pid" > "$d/pid_start"
   printf '%s\n' "$pid" > "$d/pid.tmp" && mv -f "$d/pid.tmp" "$d/pid"
-  if command -v tmux > /dev/null 2>&1; then echo tmux > "$d/tmux"; fi
+  # A tmux session that shows the job's output, for `bifrost attach` or a plain
+  # `tmux -L bifrost attach`. The job itself never runs inside tmux: its stdin stays /dev/null,
+  # it gets no terminal, and a dead tmux server cannot take it down.
+  if __bf_has_tmux; then
+    __bf_write_view "$d"
+    if tmux -L bifrost new-session -d -s "$(__bf_session "$id")" -c "$d" "$__bf_view_cmd" \
+        < /dev/null > /dev/null 2>&1; then
+      echo tmux > "$d/tmux"
+    fi
+  fi
   printf 'BIFROST_STARTED %s %s\n' "$id" "$pid"
+}
+
+__bf_has_tmux() { tmux -V > /dev/null 2>&1; }
+
+# tmux turns '.' and ':' in session names into '_'; say so up front so lookups match.
+__bf_session() { local id=$1; printf 'bifrost-%s' "${id//[.:]/_}"; }
+
+# The pane's command, run from the job dir (tmux -c): the tmux server may have been started
+# with another environment, so nothing in it may depend on $HOME or on quoting of paths.
+__bf_view_cmd='bash --norc --noprofile ./view.sh'
+
+__bf_write_view() { { declare -f __bf_view; echo '__bf_view'; } > "$1/view.sh"; }
+
+# The pane of a job's tmux session: the whole log, live, until the job ends.
+__bf_view() {
+  local d=$PWD pid rc
+  pid=$(cat "$d/pid" 2>/dev/null)
+  printf '[bifrost] job %s: live log; detach with your tmux prefix + d (the job keeps running)\n' "${d##*/}"
+  tail -n +1 -F -s 0.2 --pid="$pid" "$d/log" 2> /dev/null
+  rc=$(cat "$d/exit_code" 2> /dev/null)
+  printf '[bifrost] job %s ended (exit code %s)\n' "${d##*/}" "${rc:-unknown}"
+  # Keep the last screen for whoever is watching; a session nobody watches just goes away.
+  if [ "$(tmux display-message -p '#{session_attached}' 2> /dev/null || echo 0)" != 0 ]; then
+    read -r -s -n 1 -t 3600 -p '[bifrost] press a key to close' || true
+  fi
+}
+
+# `bifrost attach` preparation: does the job exist, is tmux usable, is the view script there?
+__bf_attach_prep() {  # id
+  local d="$__bf_root/$1"
+  [ -d "$d" ] || { echo missing; return 3; }
+  if ! __bf_has_tmux; then echo notmux; return 0; fi
+  [ -f "$d/view.sh" ] || __bf_write_view "$d"
+  printf 'tmux %s\n' "$(__bf_session "$1")"
 }
 
 __bf_status_one() {

@@ -35,11 +35,13 @@ def local_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 class CuttableProxy:
     """A TCP proxy on its own loop thread whose live connections can be cut at will."""
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1") -> None:
         self.upstream_port = upstream_port
+        self.upstream_host = upstream_host
         self.loop = asyncio.new_event_loop()
         self.writers: set[asyncio.StreamWriter] = set()
         self.connections = 0
+        self.bytes = 0  # relayed in both directions: proves traffic took this path
         self.port = 0
         ready = threading.Event()
 
@@ -55,12 +57,13 @@ class CuttableProxy:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        up_reader, up_writer = await asyncio.open_connection(self.upstream_host, self.upstream_port)
         self.writers |= {writer, up_writer}
 
         async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             try:
                 while data := await r.read(65536):
+                    self.bytes += len(data)
                     w.write(data)
                     await w.drain()
             except (ConnectionError, OSError):
