@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from broker.client import GPUClient, SearchResult
@@ -43,15 +44,15 @@ def _errors() -> Iterator[None]:
     try:
         yield
     except QueryError as e:
-        err.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(e))}", markup=True, highlight=False)
         if caret := e.caret():
             err.print(caret, markup=False, highlight=False)
         raise typer.Exit(2) from None
     except ConfigError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
     except BrokerError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         raise typer.Exit(1) from None
 
 
@@ -126,7 +127,7 @@ def _report_lines(result: SearchResult) -> list[str]:
         else:
             msg = (r.error or {}).get("message", "")
             kind = (r.error or {}).get("type", r.status)
-            lines.append(f"[red]{r.status}[/red] {r.provider}: {kind}: {msg}")
+            lines.append(f"[red]{r.status}[/red] {r.provider}: {kind}: {escape(str(msg))}")
     return lines
 
 
@@ -194,7 +195,7 @@ def search(
             out.print(plan["ir"], highlight=False, markup=False)
             for p in plan["providers"]:
                 if not p["queried"]:
-                    out.print(f"  {p['provider']}: not asked ({p['reason']})")
+                    out.print(f"  {p['provider']}: not asked ({p['reason']})", markup=False)
                 else:
                     pushed = ", ".join(p["server_side"]) or "nothing (all filtering local)"
                     out.print(

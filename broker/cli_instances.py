@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from broker.cli import _dump, _errors, app, err, out
@@ -310,7 +311,7 @@ def status_cmd(
             ssh = live["ssh"]
             out.print(f"ssh: {ssh['user']}@{ssh['host']}:{ssh['port']}", highlight=False)
         if live_error:
-            err.print(f"[yellow]provider:[/yellow] {live_error}", highlight=False)
+            err.print(f"[yellow]provider:[/yellow] {escape(live_error)}", highlight=False)
         for at, s, d in events:
             out.print(f"  {at:%Y-%m-%d %H:%M:%S}  {s:<14} {d or ''}", highlight=False)
 
@@ -384,7 +385,7 @@ def _terminate(
                 failed += 1
                 results.append({"name": e.name, "ok": False, "error": ex.to_dict()})
                 if not as_json:
-                    err.print(f"[red]failed[/red] {e.name}: {ex}", highlight=False)
+                    err.print(f"[red]failed[/red] {e.name}: {escape(str(ex))}", highlight=False)
         if as_json:
             _dump(results)
         if failed:
@@ -462,7 +463,7 @@ def reconcile_cmd(
             )
             return
         for p, msg in report.unreachable.items():
-            err.print(f"[yellow]could not ask {p}:[/yellow] {msg}", highlight=False)
+            err.print(f"[yellow]could not ask {p}:[/yellow] {escape(msg)}", highlight=False)
         if not report.findings:
             out.print("journal and providers agree: no orphans, no ghosts")
             if report.unreachable:
@@ -502,7 +503,10 @@ def reconcile_cmd(
             except BrokerError as e:
                 failed += 1
                 fixed.append(f.to_dict() | {"error": e.to_dict()})
-                err.print(f"[red]failed[/red] {f.name or f.instance_id}: {e}", highlight=False)
+                err.print(
+                    f"[red]failed[/red] {f.name or f.instance_id}: {escape(str(e))}",
+                    highlight=False,
+                )
         if as_json:
             _dump(
                 {
@@ -539,7 +543,7 @@ def reap_cmd(as_json: JsonOpt = False) -> None:
                 if error is None:
                     out.print(f"[green]terminated[/green] {e.name} (TTL passed)")
                 else:
-                    err.print(f"[red]failed[/red] {e.name}: {error}", highlight=False)
+                    err.print(f"[red]failed[/red] {e.name}: {escape(str(error))}", highlight=False)
         if any(error is not None for _, error in done):
             raise typer.Exit(1)
 
@@ -565,8 +569,10 @@ def auto_reap() -> None:
             if error is None:
                 err.print(f"[yellow]reaped[/yellow] {e.name}: its TTL had passed", highlight=False)
             else:
-                err.print(f"[red]could not reap[/red] {e.name}: {error}", highlight=False)
+                err.print(
+                    f"[red]could not reap[/red] {e.name}: {escape(str(error))}", highlight=False
+                )
         client.close()
     except BrokerError as e:
         # A reap problem must not block the command the user asked for.
-        err.print(f"[yellow]auto-reap skipped:[/yellow] {e}", highlight=False)
+        err.print(f"[yellow]auto-reap skipped:[/yellow] {escape(str(e))}", highlight=False)

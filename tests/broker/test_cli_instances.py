@@ -124,3 +124,10 @@ def test_reconcile_reports_and_fixes_a_ghost() -> None:
     assert "closed in journal" in fixed.stdout
     again = runner.invoke(app, ["instances", "reconcile", "-y"])
     assert "agree" in again.stdout
+
+
+def test_error_text_with_brackets_is_printed_verbatim() -> None:
+    # BrokerError strings start with "[provider HTTP 503]": rich must not eat it as markup.
+    r = runner.invoke(app, ["instances", "status", "[runpod HTTP 503]"])
+    assert r.exit_code == 1
+    assert "[runpod HTTP 503]" in r.stderr
