@@ -194,6 +194,7 @@ def push(
         return
     git = f" git {res.git_sha[:10]}{'+dirty' if res.dirty else ''}" if res.git_sha else ""
     env = f", env {res.bootstrapped}" if res.bootstrapped else ""
+    env += " (uv installed)" if res.uv_installed else ""
     out.print(
         f"pushed {res.files} files ({res.deleted} deleted) to {res.target}:{res.workspace} "
         f"via {res.method} in {res.duration:.1f}s{git}{env}",

@@ -31,7 +31,9 @@ DEFAULT_IGNORES = (".git/", "__pycache__/", "*.pyc", ".venv/", ".mypy_cache/", "
 
 @dataclass(frozen=True)
 class PushResult:
-    """What a push did."""
+    """What a push did. ``method`` is ``rsync`` or ``tar``; ``bootstrapped`` is ``synced``,
+    ``skipped`` (env stamp unchanged) or None (no bootstrap asked, or no uv.lock);
+    ``uv_installed`` says the bootstrap had to install uv first."""
 
     target: str
     workspace: str
@@ -42,6 +44,7 @@ class PushResult:
     dirty: bool | None
     bootstrapped: str | None
     duration: float
+    uv_installed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict."""
@@ -214,33 +217,63 @@ def _env_stamp(root: Path, extras: Sequence[str]) -> str | None:
     return h.hexdigest()[:32]
 
 
-_UV_INSTALL = (
-    "if ! command -v uv >/dev/null 2>&1; then "
-    "curl -LsSf https://astral.sh/uv/install.sh | "
-    'env UV_INSTALL_DIR="$HOME/.local/bin" INSTALLER_NO_MODIFY_PATH=1 sh >&2 || exit 5; fi; '
+# Astral's installer into ~/.local/bin (which every bifrost command puts first on PATH),
+# without touching the user's shell rc files. Needs the network; runs only when uv is absent.
+UV_INSTALLER = (
+    "if command -v curl >/dev/null 2>&1; then curl -LsSf https://astral.sh/uv/install.sh; "
+    "elif command -v wget >/dev/null 2>&1; then wget -qO- https://astral.sh/uv/install.sh; "
+    'else echo "bifrost: neither curl nor wget to install uv with" >&2; exit 5; fi | '
+    'env UV_INSTALL_DIR="$HOME/.local/bin" INSTALLER_NO_MODIFY_PATH=1 sh'
 )
+
+
+def bootstrap_script(
+    name: str, stamp: str, extras: Sequence[str], *, install_uv: bool, installer: str | None = None
+) -> str:
+    """The remote script behind ``push(bootstrap=True)``: print ``skipped`` when the env stamp
+    (lock, python pin, pyproject, extras) and the venv are unchanged; otherwise make sure uv is
+    there (installing it with ``installer`` when ``install_uv``, printing ``uv=installed``), run
+    ``uv sync --locked`` into ``~/.bifrost/venvs/<name>`` and print ``synced``."""
+    check_workspace_name(name)
+    venv = '"$HOME/.bifrost/venvs/' + name + '"'
+    stamp_file = f'"$HOME/.bifrost/state/{name}/env_stamp"'
+    extra_args = " ".join(f"--extra {shlex.quote(x)}" for x in extras)
+    if install_uv:
+        get_uv = (
+            "if ! command -v uv >/dev/null 2>&1; then "
+            f"{{ {installer or UV_INSTALLER}; }} >&2 || exit 5; hash -r; "
+            "command -v uv >/dev/null 2>&1 || { echo 'bifrost: uv install failed' >&2; exit 5; }; "
+            "echo uv=installed; fi; "
+        )
+    else:
+        get_uv = "command -v uv >/dev/null 2>&1 || { echo 'bifrost: uv not found' >&2; exit 5; }; "
+    return "".join(
+        [
+            'export PATH="$HOME/.local/bin:$PATH"; ',
+            f'if [ "$(cat {stamp_file} 2>/dev/null)" = {stamp} ] && [ -d {venv} ]; ',
+            "then echo skipped; exit 0; fi; ",
+            get_uv,
+            f'cd "$HOME/.bifrost/workspaces/{name}" && ',
+            f"UV_PROJECT_ENVIRONMENT={venv} uv sync --locked {extra_args} >&2 && ",
+            f"echo {stamp} > {stamp_file} && echo synced",
+        ]
+    )
 
 
 async def _bootstrap(
     t: Transport, name: str, stamp: str, extras: Sequence[str], *, install_uv: bool
-) -> str:
-    venv = '"$HOME/.bifrost/venvs/' + name + '"'
-    stamp_file = f'"$HOME/.bifrost/state/{name}/env_stamp"'
-    extra_args = " ".join(f"--extra {shlex.quote(x)}" for x in extras)
-    script = (
-        'export PATH="$HOME/.local/bin:$PATH"; '
-        f'if [ "$(cat {stamp_file} 2>/dev/null)" = {stamp} ] && [ -d {venv} ]; '
-        "then echo skipped; exit 0; fi; "
-        + (
-            _UV_INSTALL
-            if install_uv
-            else "command -v uv >/dev/null || { echo 'uv not found' >&2; exit 5; }; "
-        )
-        + f'cd "$HOME/.bifrost/workspaces/{name}" && '
-        f"UV_PROJECT_ENVIRONMENT={venv} uv sync --locked {extra_args} >&2 && "
-        f"echo {stamp} > {stamp_file} && echo synced"
-    )
-    return (await _run_checked(t, script)).strip()
+) -> tuple[str, bool]:
+    """Run :func:`bootstrap_script`; returns (``synced``/``skipped``, uv was installed)."""
+    script = bootstrap_script(name, stamp, extras, install_uv=install_uv)
+    try:
+        lines = (await _run_checked(t, script)).split()
+    except CommandError as exc:
+        detail = exc.result.stderr.strip().splitlines()[-5:]
+        raise TransferError(
+            f"environment bootstrap on {t.target.display} failed (exit {exc.result.exit_code}): "
+            + " | ".join(detail)
+        ) from None
+    return (lines[-1] if lines else "unknown"), "uv=installed" in lines
 
 
 async def apush(
@@ -319,9 +352,13 @@ async def apush(
         stdin=manifest.encode(),
     )
     boot: str | None = None
+    uv_installed = False
     stamp = _env_stamp(root, extras)
     if bootstrap and stamp is not None:
-        boot = await _bootstrap(t, name, stamp, extras, install_uv=not t.target.is_local)
+        # Never install uv on `local`: that is the user's own machine and environment.
+        boot, uv_installed = await _bootstrap(
+            t, name, stamp, extras, install_uv=not t.target.is_local
+        )
     return PushResult(
         target=host.name,
         workspace=workspace_path(name),
@@ -332,6 +369,7 @@ async def apush(
         dirty=dirty,
         bootstrapped=boot,
         duration=time.monotonic() - started,
+        uv_installed=uv_installed,
     )
 
 

@@ -126,3 +126,32 @@ def test_nonroot_server_home_is_resolved(sshd_nonroot: SSHServer) -> None:
         if sshd_nonroot.user != "root":
             assert home != "/root"
         assert h.exec("id -un").stdout.strip() == sshd_nonroot.user
+
+
+@pytest.mark.parametrize(
+    "login_shell",
+    [
+        ["bash", "-c"],
+        ["sh", "-c"],
+        ["bash", "--posix", "-c"],
+        ["zsh", "-c"],
+        ["env", "BASH_VERSION=exported-by-someone", "sh", "-c"],
+    ],
+)
+def test_wire_command_gets_bash_as_the_session_leader(login_shell: list[str]) -> None:
+    """Whatever the login shell, the script runs in bash (no second bash when the login shell
+    already is one) and $$ is the process sshd started, i.e. the process group leader."""
+    import shutil
+    import subprocess
+
+    from bifrost.exec import build_command
+
+    if shutil.which(login_shell[0]) is None:
+        pytest.skip(f"{login_shell[0]} is not installed")
+    script = 'arr=(a b); [[ ${arr[1]} == b ]] && echo "bash:$$"; shopt -oq posix || echo normal'
+    proc = subprocess.Popen(
+        [*login_shell, build_command(script, env={"X": "'; exit 9"})],
+        stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    out, _ = proc.communicate(timeout=30)
+    assert (proc.returncode, out) == (0, f"bash:{proc.pid}\nnormal\n")
