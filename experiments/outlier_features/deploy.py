@@ -402,7 +402,10 @@ def _cleanup_shield(out: Callable[[str], None]) -> Iterator[None]:
 # -- the deploy ----------------------------------------------------------------------------------
 
 
-def _run_command(spec: ModelSpec, opts: DeployOptions, python: str, out_rel: str) -> str:
+def _run_command(spec: ModelSpec, opts: DeployOptions, *, local: bool, out_rel: str) -> str:
+    # On `local`: this interpreter, whose environment has the extra already. On a rented box:
+    # the workspace venv's python (the job runs with that venv on PATH).
+    python = sys.executable if local else "python"
     argv = [
         python,
         "experiments/outlier_features/run.py",
@@ -421,7 +424,13 @@ def _run_command(spec: ModelSpec, opts: DeployOptions, python: str, out_rel: str
         argv += ["--seq-len", str(opts.seq_len)]
     if opts.corpus is not None:
         argv += ["--corpus", opts.corpus]
-    return shlex.join(argv)
+    command = shlex.join(argv)
+    if not local and opts.corpus in (None, "auto", "fineweb-edu"):
+        # FineWeb-Edu needs `datasets`, which the lock file leaves out (only a rented box can
+        # reach the hub). `uv pip` installs into the job's venv ($VIRTUAL_ENV); if it fails,
+        # run.py's `auto` falls back to the packaged corpus and records which one it used.
+        command = f"uv pip install --quiet datasets; {command}"
+    return command
 
 
 def _replace_dir(new: Path, final: Path) -> None:
@@ -554,7 +563,7 @@ def deploy(
         )
 
         out_rel = f"experiments/outlier_features/results/{slug(spec)}"
-        command = _run_command(spec, opts, sys.executable if local else "python", out_rel)
+        command = _run_command(spec, opts, local=local, out_rel=out_rel)
         secrets = {k: os.environ[k] for k in ("HF_TOKEN",) if os.environ.get(k)}
         try:
             job = host.run(
@@ -689,7 +698,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the outlier analysis of one model on a rented GPU box (broker + "
         "bifrost) and pull the results back; the box is terminated at the end, on errors "
         "and on Ctrl-C unless --keep-running.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[1] if __doc__ else None,
     )
     p.add_argument(
         "--model", required=True, help=f"config: {known_models()} (number, name or HF id)"
@@ -730,7 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--results-dir",
         type=Path,
         default=DEFAULT_RESULTS,
-        help="results go to <results-dir>/<model>/",
+        help="results go to <results-dir>/<model>/ (default: %(default)s)",
     )
     p.add_argument(
         "--keep-running",
@@ -740,7 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-sequences", type=int, help="passed to run.py (default: config's, 16)")
     p.add_argument("--seq-len", type=int, help="passed to run.py (default: config's)")
     p.add_argument("--corpus", help="passed to run.py: auto, packaged, fineweb-edu or a file")
-    p.add_argument("--device", default="auto", help="passed to run.py: auto, cpu, cuda")
+    p.add_argument("--device", default="auto", help="passed to run.py: auto (default), cpu, cuda")
     p.add_argument("--sweep", help="sweep id recorded in the broker journal (deploy_sweep.py)")
     p.add_argument("--tag", help="tag recorded in the broker journal (default: the model id)")
     p.add_argument(

@@ -539,7 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the outlier analysis of several models in parallel, one rented box "
         "each (deploy.py per model), with a cost estimate first, retries, a cost summary and a "
         "check that no instance is left running.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[1] if __doc__ else None,
     )
     p.add_argument(
         "--models",
@@ -570,7 +571,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="instances at a time (default: all models at once)",
     )
     p.add_argument(
-        "--retries", type=int, default=1, help="extra attempts for a model whose deploy failed"
+        "--retries",
+        type=int,
+        default=1,
+        help="extra attempts for a model whose deploy failed (default: 1)",
     )
     p.add_argument(
         "--provider",
@@ -584,7 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--results-dir",
         type=Path,
         default=DEFAULT_RESULTS,
-        help="results go to <results-dir>/<model>/, logs to <results-dir>/sweeps/",
+        help="results go to <results-dir>/<model>/, logs to <results-dir>/sweeps/ "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--keep-running", action="store_true", help="leave every instance up at the end (detached)"
