@@ -9,16 +9,18 @@ elsewhere). Keys are :class:`SecretStr`: they print as
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import platformdirs
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -92,7 +94,7 @@ class Settings(BaseSettings):
         validation_alias=_alias("SSH_KEY_PATH", "BROKER_SSH_KEY_PATH", "ssh_key_path"),
         description="Private key used to log in; its .pub is given to providers.",
     )
-    providers: list[str] | None = Field(
+    providers: Annotated[list[str] | None, NoDecode] = Field(
         default=None,
         validation_alias=_alias("BROKER_PROVIDERS", "providers"),
         description="Providers to use; default: every configured one.",
@@ -128,7 +130,7 @@ class Settings(BaseSettings):
     search_timeout_s: float = Field(
         default=20.0, gt=0, validation_alias=_alias("BROKER_SEARCH_TIMEOUT", "search_timeout_s")
     )
-    ssh_hosts: list[str] = Field(
+    ssh_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         validation_alias=_alias("BROKER_SSH_HOSTS", "ssh_hosts"),
         description="Your own machines for the `ssh` provider, as user@host:port.",
@@ -144,8 +146,17 @@ class Settings(BaseSettings):
     @field_validator("providers", "ssh_hosts", mode="before")
     @classmethod
     def _split_csv(cls, v: Any) -> Any:
+        # Environment values are "a,b" or a JSON list; config files give real lists.
         if isinstance(v, str):
-            return [p.strip() for p in v.split(",") if p.strip()]
+            text = v.strip()
+            if text.startswith("["):
+                try:
+                    return json.loads(text)
+                except json.JSONDecodeError:
+                    raise ValueError(
+                        f"not a JSON list: {text!r}; write a,b,c or [\"a\", \"b\"]"
+                    ) from None
+            return [p.strip() for p in text.split(",") if p.strip()]
         return v
 
     @classmethod
@@ -196,10 +207,13 @@ def _check_config_file(path: Path) -> None:
 def load_settings(**overrides: Any) -> Settings:
     """Build :class:`Settings`, turning validation failures into a readable :class:`ConfigError`."""
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     overrides.setdefault("_env_file", os.environ.get("BROKER_ENV_FILE", ".env"))
     try:
         return Settings(**overrides)
+    except SettingsError as e:
+        raise ConfigError(f"invalid settings: {e}") from None
     except ValidationError as e:
         problems = "; ".join(
             f"{_field_name(str(err['loc'][0])) if err['loc'] else 'settings'}: {err['msg']}"

@@ -406,7 +406,8 @@ def wait_until_ready(
         # 3. login. A new instance's key cannot be the one pinned for a previous box that had
         # the same address (providers reuse IP:port), so drop any old pin first.
         stage = Stage.LOGIN
-        forget_host(ep.host, ep.port)
+        if not provider.capabilities.persistent_hosts:
+            forget_host(ep.host, ep.port)
         progress(f"logging in as {ep.user}")
         delay = 0.2
         while True:
@@ -833,7 +834,7 @@ def terminate(
                 )
             delay = _backoff(delay, deadline)
     journal.record_terminated(entry.name, "confirmed gone" if wait else "terminate requested")
-    if entry.ssh_target:
+    if entry.ssh_target and not provider.capabilities.persistent_hosts:
         _forget(forget_host, entry.ssh_target)
     done = journal.get(entry.name)
     assert done is not None

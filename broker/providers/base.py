@@ -33,6 +33,9 @@ class Capabilities:
     provider_ttl: bool = False  # the provider itself terminates after a TTL (RunPod terminateAfter)
     ssh_key_registry: bool = False  # named SSH keys registered in the account (Lambda)
     requires_api_key: bool = True
+    # The user's own long-lived machines: their host keys stay pinned (a fresh cloud box at a
+    # reused IP:port legitimately has a new key; a known machine with a new key is an alarm).
+    persistent_hosts: bool = False
     pushdown: tuple[str, ...] = ()  # query fields the provider can filter on server-side
 
     def to_dict(self) -> dict[str, Any]:

@@ -472,7 +472,9 @@ class SSHProvider(Provider):
     # No API key: like `local`, it joins the default provider set only when no cloud is
     # configured (see GPUClient.provider_names), so $0/h boxes never silently top a cloud
     # search; name it (`providers=["ssh", ...]`) to search it alongside clouds.
-    capabilities: ClassVar[Capabilities] = Capabilities(requires_api_key=False)
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        requires_api_key=False, persistent_hosts=True
+    )
 
     def __init__(
         self,

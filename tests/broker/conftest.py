@@ -16,6 +16,7 @@ _KEYS = (
     "VAST_API_KEY",
     "BROKER_PROVIDERS",
     "SSH_KEY_PATH",
+    "BROKER_SSH_HOSTS",
 )
 
 

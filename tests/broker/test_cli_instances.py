@@ -131,3 +131,14 @@ def test_error_text_with_brackets_is_printed_verbatim() -> None:
     r = runner.invoke(app, ["instances", "status", "[runpod HTTP 503]"])
     assert r.exit_code == 1
     assert "[runpod HTTP 503]" in r.stderr
+
+
+def test_list_settings_from_the_environment(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("BROKER_SSH_HOSTS", "root@a:22, ubuntu@b")
+    assert load_settings().ssh_hosts == ["root@a:22", "ubuntu@b"]
+    monkeypatch.setenv("BROKER_SSH_HOSTS", '["root@a:22"]')
+    assert load_settings().ssh_hosts == ["root@a:22"]
+    monkeypatch.setenv("BROKER_SSH_HOSTS", "[broken")
+    r = runner.invoke(app, ["list"])
+    assert r.exit_code == 2
+    assert "ssh_hosts" in r.stderr and "Traceback" not in r.output

@@ -585,3 +585,22 @@ def test_hosts_are_probed_concurrently(
     assert sorted(o.offer_id for o in offers) == sorted(srv.targets())
     assert all(o.gpu_count == 0 for o in offers) and p.last_probe_errors == {}
     assert elapsed < 7.0, elapsed  # well below the >= 10 s of probing one host at a time
+
+
+# -- through the lifecycle -------------------------------------------------------------------------
+def test_lifecycle_on_own_machine_keeps_its_host_key_pinned(
+    monkeypatch: pytest.MonkeyPatch, box: SSHServer
+) -> None:
+    from bifrost import KnownHosts
+
+    monkeypatch.setenv("BROKER_SSH_HOSTS", json.dumps([box.target]))
+    monkeypatch.setenv("SSH_KEY_PATH", str(box.client_key))
+    with GPUClient(providers=["ssh"]) as c:
+        with c.create(None, ttl="1h") as inst:  # ready: TCP, login, CPU probe
+            assert inst.ssh is not None and inst.ssh.target == box.target
+            assert inst.host().exec("echo hi").stdout.strip() == "hi"
+        entry = c.journal.get(inst.name or "")
+        assert entry is not None and entry.status == "terminated"
+    # Unlike a fresh cloud box at a reused address, your own machine's key stays trusted, so a
+    # changed key later is reported instead of silently re-learned.
+    assert KnownHosts().lookup(inst.ssh.host, inst.ssh.port)
