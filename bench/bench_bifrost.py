@@ -4,7 +4,8 @@
 
 1. per-command latency on a reused connection vs a fresh `ssh host cmd` each time
 2. push of a 2,000-file project vs plain rsync: first time and after a one-file change
-3. `exec true` on 32 hosts vs 1 host
+3. `exec true` on 32 hosts vs 1 host, against plain asyncssh on the same sshds, with the client's
+   and the sshds' CPU time per command (all "hosts" share this machine's cores)
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bifrost import Group, Host
 from bifrost.testing import SSHServer, ensure_user
 
 
-def timed(fn, repeat: int) -> list[float]:  # type: ignore[no-untyped-def]
+def timed(fn: Callable[[], object], repeat: int) -> list[float]:
     out = []
     for _ in range(repeat):
         t = time.perf_counter()
@@ -32,12 +34,139 @@ def timed(fn, repeat: int) -> list[float]:  # type: ignore[no-untyped-def]
     return out
 
 
+def sshd_cpu_s(roots: set[int]) -> float:
+    """CPU seconds used so far by the sshd processes in ``roots`` and all their descendants
+    (per-connection sshd, and the shells they reaped via cutime/cstime)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    procs: dict[int, tuple[int, int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{name}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        procs[int(name)] = (int(fields[1]), sum(int(x) for x in fields[11:15]))
+    total = 0
+    for pid, (_ppid, cpu) in procs.items():
+        p = pid
+        while p in procs:
+            if p in roots:
+                total += cpu
+                break
+            p = procs[p][0]
+    return total / tick
+
+
+def measured(
+    fn: Callable[[], object], repeat: int, commands: int, roots: set[int]
+) -> dict[str, float]:
+    """Median/min wall per call plus client and sshd CPU per command over ``repeat`` calls."""
+    c0, s0 = time.process_time(), sshd_cpu_s(roots)
+    walls = timed(fn, repeat)
+    c1, s1 = time.process_time(), sshd_cpu_s(roots)
+    n = repeat * commands
+    return {
+        "median_s": statistics.median(walls),
+        "min_s": min(walls),
+        "client_cpu_per_cmd_ms": (c1 - c0) / n * 1e3,
+        "sshd_cpu_per_cmd_ms": (s1 - s0) / n * 1e3,
+    }
+
+
+def fanout(servers: list[SSHServer]) -> dict[str, object]:
+    """`exec true` on 1 vs 32 warm connections: bifrost, plain asyncssh on the same sshds, and
+    where the CPU goes (this process vs every sshd process and the shells they start)."""
+    import asyncio
+
+    import asyncssh
+
+    from bifrost.transport.ssh import CIPHERS
+
+    roots = {s.proc.pid for s in servers if s.proc is not None}
+    hosts = [Host(t, identity_file=s.client_key) for s in servers for t in s.targets()]
+    one, many = Group(hosts[:1]), Group(hosts, concurrency=32)
+    one.exec("true")
+    many.exec("true")  # connect + pin first: we measure commands, not handshakes
+    out: dict[str, list[dict[str, float]]] = {
+        k: [] for k in ("bifrost_1", "bifrost_32", "asyncssh_1", "asyncssh_32")
+    }
+    for _ in range(3):  # interleaved rounds: a shared machine's load drifts
+        out["bifrost_1"].append(measured(lambda: one.exec("true"), 20, 1, roots))
+        out["bifrost_32"].append(measured(lambda: many.exec("true"), 8, 32, roots))
+
+    # Plain asyncssh (same ciphers, no bifrost code) on the same 32 sshds: isolates bifrost.
+    async def connect_all() -> list[asyncssh.SSHClientConnection]:
+        return list(
+            await asyncio.gather(
+                *(
+                    asyncssh.connect(
+                        h.target.host, h.target.port, username=h.target.user,
+                        client_keys=list(h.target.identity_files), known_hosts=None,
+                        config=None, encryption_algs=list(CIPHERS),
+                    )
+                    for h in hosts
+                )
+            )
+        )  # fmt: skip
+
+    loop = asyncio.new_event_loop()
+    conns = loop.run_until_complete(connect_all())
+
+    def raw(k: int) -> None:
+        async def go() -> None:
+            await asyncio.gather(*(c.run("true") for c in conns[:k]))
+
+        loop.run_until_complete(go())
+
+    raw(32)
+    for _ in range(3):
+        out["asyncssh_1"].append(measured(lambda: raw(1), 20, 1, roots))
+        out["asyncssh_32"].append(measured(lambda: raw(32), 8, 32, roots))
+    for c in conns:
+        c.close()
+    loop.close()
+
+    summary = {
+        key: {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+        for key, rounds in out.items()
+    }
+    b1, b32 = summary["bifrost_1"], summary["bifrost_32"]
+    a1, a32 = summary["asyncssh_1"], summary["asyncssh_32"]
+    cpus = os.cpu_count() or 1
+    cpu_32 = 32 * (b32["client_cpu_per_cmd_ms"] + b32["sshd_cpu_per_cmd_ms"]) / 1e3
+    # cold: connect + command, as a fresh CLI invocation would
+    cold = Group([Host(h.spec, identity_file=h.target.identity_files[0]) for h in hosts])
+    t32_cold = timed(lambda: cold.exec("true"), 1)[0]
+    for g in (one, many, cold):
+        g.close()
+    return {
+        "exec_true_1_host_s": b1["median_s"],
+        "exec_true_32_hosts_s": b32["median_s"],
+        "ratio": b32["median_s"] / b1["median_s"],
+        "exec_true_32_hosts_cold_connect_s": t32_cold,
+        "asyncssh_1_host_s": a1["median_s"],
+        "asyncssh_32_hosts_s": a32["median_s"],
+        "asyncssh_ratio": a32["median_s"] / a1["median_s"],
+        "bifrost_over_asyncssh_32": b32["median_s"] / a32["median_s"],
+        "client_cpu_per_cmd_ms": b32["client_cpu_per_cmd_ms"],
+        "client_cpu_per_cmd_ms_asyncssh": a32["client_cpu_per_cmd_ms"],
+        "sshd_cpu_per_cmd_ms": b32["sshd_cpu_per_cmd_ms"],
+        "sshd_cpu_per_cmd_ms_asyncssh": a32["sshd_cpu_per_cmd_ms"],
+        "cpu_seconds_per_32_host_round": cpu_32,
+        "cpu_bound_32_hosts_s": cpu_32 / cpus,
+        "rounds": out,
+    }
+
+
 def main() -> None:
     home = tempfile.mkdtemp(prefix="bifrost-bench-home-")
     os.environ["BIFROST_HOME"] = home
     results: dict[str, object] = {
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus",
         "python": sys.version.split()[0],
+        "loadavg_start": os.getloadavg(),
         "note": "loopback sshd; the login user has a stock Debian ~/.bashrc "
         "(as root, a fresh `bifrost-test` user: root's .bashrc here runs `pyenv init`, "
         "~0.3 s of CPU per SSH session, which would swamp every figure)",
@@ -96,26 +225,12 @@ def main() -> None:
     a = SSHServer(run_as=run_as, listen=[f"127.0.0.{i}" for i in range(2, 18)]).start()
     b = SSHServer(run_as=run_as, listen=[f"127.0.0.{i}" for i in range(18, 34)]).start()
     try:
-        hosts = [Host(t, identity_file=s.client_key) for s in (a, b) for t in s.targets()]
-        one = Group(hosts[:1])
-        many = Group(hosts, concurrency=32)
-        one.exec("true")
-        many.exec("true")  # connect + pin first: we measure commands, not handshakes
-        t1 = statistics.median(timed(lambda: one.exec("true"), 5))
-        t32 = statistics.median(timed(lambda: many.exec("true"), 5))
-        # and cold: connect + command, as a fresh CLI invocation would
-        cold = Group([Host(h.spec, identity_file=h.target.identity_files[0]) for h in hosts])
-        t32_cold = timed(lambda: cold.exec("true"), 1)[0]
-        results["fanout"] = {
-            "exec_true_1_host_s": t1, "exec_true_32_hosts_s": t32, "ratio": t32 / t1,
-            "exec_true_32_hosts_cold_connect_s": t32_cold,
-        }  # fmt: skip
+        results["fanout"] = fanout([a, b])
         print("fanout", results["fanout"], flush=True)
-        for g in (one, many, cold):
-            g.close()
     finally:
         a.stop()
         b.stop()
+    results["loadavg_end"] = os.getloadavg()
     out = Path(__file__).parent / "results" / "bifrost.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

@@ -545,8 +545,10 @@ def attach(
             sys.stdout.flush()
 
         raise _Exit(_status_code(j.follow(emit)))
-    argv = _ssh_argv(target, identity, tty=True)
     j.host.close()
+    if j.host.target.is_local:
+        os.execvp("bash", ["bash", "--norc", "--noprofile", "-c", j.tmux_command(session)])  # noqa: S606
+    argv = _ssh_argv(target, identity, tty=True)
     os.execvp("ssh", [*argv, j.tmux_command(session)])  # noqa: S606 - hand the terminal over
 
 

@@ -85,6 +85,14 @@ class CuttableProxy:
 
     def close(self) -> None:
         self.cut()
+
+        async def drain() -> None:  # let the handlers see their aborted links and finish
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(drain(), self.loop).result(5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
 

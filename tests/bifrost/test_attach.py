@@ -142,8 +142,7 @@ def test_attach_opens_the_session_in_a_terminal(
             if round_ != "existing session":
                 assert _tmux(host, "kill-session", "-t", session).returncode == 0
             cli = pty_cli(*attach)
-            cli.expect("tick-")  # tmux drew the pane through ssh -t on our terminal
-            _poll(lambda: _tmux(host, "list-clients", "-t", session).stdout.strip())
+            cli.expect("tick-")  # tmux drew the pane through ssh -t: its client is attached
             assert _tmux(host, "detach-client", "-s", session).returncode == 0
             assert cli.wait() == 0, round_  # detaching ends ssh; the job is untouched
             assert job.status().state == "running"
@@ -201,3 +200,19 @@ def test_attach_to_a_finished_job_prints_its_log(
     captured = capsys.readouterr()
     assert captured.out == "all done\n"
     assert "already ended (failed, exit code 4)" in captured.err
+
+
+def test_attach_on_the_local_target(local_home: Path, pty_cli: Callable[..., PtyCLI]) -> None:
+    def tmux(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["tmux", "-L", "bifrost", *args], capture_output=True, text=True)
+
+    with Host("local") as h:
+        job = h.run("for i in $(seq 1 3000); do echo local-tick-$i; sleep 0.1; done")
+        session = f"bifrost-{job.id}"
+        try:
+            cli = pty_cli("attach", "local", job.id)  # no ssh: tmux directly
+            cli.expect("local-tick-")
+            assert tmux("detach-client", "-s", session).returncode == 0
+            assert cli.wait() == 0
+        finally:
+            job.kill(grace=1)

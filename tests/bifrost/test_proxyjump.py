@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bifrost import Host, parse_target
-from bifrost.testing import SSHServer
+from bifrost.testing import SSHServer, ensure_user
 from bifrost.transport.openssh import hop_chain, ssh_argv
 
 from .conftest import CuttableProxy
@@ -27,7 +27,9 @@ def jump_net(
     """(ssh config, proxy in front of the jump host, target server)."""
     jump = SSHServer(listen=["127.0.0.22", "127.0.0.24"]).start()
     try:
-        target = SSHServer(listen=["127.0.0.23"]).start()
+        # the target as a plain user: the commands run there, and that keeps them cheap
+        run_as = ensure_user("bifrost-test") if os.geteuid() == 0 else None
+        target = SSHServer(run_as=run_as, listen=["127.0.0.23"]).start()
     except BaseException:
         jump.stop()
         raise
