@@ -414,14 +414,17 @@ def leak_check(
 
 
 def latest_sweep(client: GPUClient, results_dir: Path) -> str | None:
-    """The newest sweep id: from the sweep folders and the journal (ids sort by time)."""
-    ids = {
-        e.sweep for e in client.journal.all_entries() if (e.sweep or "").startswith(SWEEP_PREFIX)
-    }
+    """The most recently started sweep: from the journal and the sweep folders."""
+    started: dict[str, str] = {}
+    for e in client.journal.all_entries():
+        sweep, t = e.sweep or "", e.created_at.isoformat()
+        if sweep.startswith(SWEEP_PREFIX):
+            started[sweep] = min(started.get(sweep, t), t)
     sweeps = results_dir / "sweeps"
-    if sweeps.is_dir():
-        ids |= {p.name for p in sweeps.iterdir() if (p / "sweep.json").is_file()}
-    return max(ids) if ids else None
+    for p in sweeps.iterdir() if sweeps.is_dir() else []:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            started.setdefault(p.name, json.loads((p / "sweep.json").read_text())["created_at"])
+    return max(started, key=lambda k: started[k]) if started else None
 
 
 def _job_state(client: GPUClient, target: str, job_id: str) -> str:

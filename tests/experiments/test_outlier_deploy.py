@@ -72,8 +72,8 @@ def test_deploy_tiny_moe_on_local_end_to_end(env: Path, capsys: pytest.CaptureFi
     assert "  | sequences:" in out and "100%" in out
     home = Path(os.environ["HOME"])
     assert list((home / ".bifrost" / "workspaces").iterdir()) == []
-    job = Host("local").job(record["job_id"]).status()
-    assert job.state == "succeeded"
+    with Host("local") as h:
+        assert h.job(record["job_id"]).status().state == "succeeded"
 
 
 def test_deploy_ctrl_c_terminates_the_instance(env: Path) -> None:
@@ -95,7 +95,8 @@ def test_deploy_ctrl_c_terminates_the_instance(env: Path) -> None:
     [entry] = _journal()
     assert not entry.is_open
     # On `local` the terminate alone would not stop the job: deploy.py killed it.
-    assert Host("local").job(record["job_id"]).status().state == "cancelled"
+    with Host("local") as h:
+        assert h.job(record["job_id"]).status().state == "cancelled"
     assert not (env / "tiny-moe").exists()
 
 
