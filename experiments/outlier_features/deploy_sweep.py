@@ -247,7 +247,8 @@ class Sweep:
             try:
                 state = json.loads(state_file.read_text())
             except (OSError, ValueError):
-                state = {"status": "failed", "error": f"deploy.py exited {rc} before it started"}
+                status = "cancelled" if rc == EXIT_INTERRUPTED else "failed"
+                state = {"status": status, "error": f"deploy.py exited {rc} before it started"}
             state.update(attempt=attempt, exit_code_deploy=rc, log=str(log))
             result.attempts.append(state)
             status = state.get("status") or "failed"

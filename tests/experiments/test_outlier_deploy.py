@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import ClassVar
 
@@ -209,3 +210,62 @@ def test_sweep_of_two_tiny_models_then_status(env: Path,
         assert "succeeded" in rows[model] and "terminated" in rows[model]
         assert f"outlier-{model}-" in rows[model]  # the job id, with its final state
     assert "2 instance(s), 0 open; cost so far $0.00" in status
+
+
+class _ScriptedSweep(deploy_sweep.Sweep):
+    """Workers run a small script instead of deploy.py (retry and Ctrl-C logic only)."""
+
+    script = ""
+
+    def command(self, model: str, state_file: Path) -> list[str]:
+        return [sys.executable, "-c", self.script]
+
+
+def _sweep_opts(tmp_path: Path, retries: int) -> deploy_sweep.SweepOptions:
+    return deploy_sweep.SweepOptions(sweep_id="outlier-t", providers=["local"],
+                                     results_dir=tmp_path, max_concurrent=2, delay_s=0,
+                                     retries=retries)
+
+
+def test_sweep_retries_a_failed_model(tmp_path: Path) -> None:
+    lines: list[str] = []
+    sweep = _ScriptedSweep(_sweep_opts(tmp_path, retries=2), out=lines.append)
+    sweep.script = "print('boom'); raise SystemExit(1)"
+    spec = get_spec("tiny-moe")
+    assert spec is not None
+    outcome = sweep.run([spec])["tiny-moe"]
+    assert outcome.status == "failed" and len(outcome.attempts) == 3
+    assert [a["exit_code_deploy"] for a in outcome.attempts] == [1, 1, 1]
+    assert sum("retrying" in ln for ln in lines) == 2 and "[tiny-moe] boom" in lines
+    logs = sorted(p.name for p in (tmp_path / "sweeps" / "outlier-t" / "logs").iterdir())
+    assert logs == [f"deploy_tiny-moe_{i}.log" for i in (1, 2, 3)]
+    # Bad input (exit 2) is not retried.
+    sweep.script = "raise SystemExit(2)"
+    assert len(sweep.run([spec])["tiny-moe"].attempts) == 1
+
+
+def test_sweep_interrupt_reaches_every_worker_once(tmp_path: Path) -> None:
+    started = threading.Event()
+    count = 0
+
+    def out(line: str) -> None:
+        nonlocal count
+        if line.endswith("] started"):
+            count += 1
+            if count == 2:
+                started.set()
+
+    sweep = _ScriptedSweep(_sweep_opts(tmp_path, retries=3), out=out)
+    # A worker that exits 130 on its first SIGINT (as deploy.py does after its cleanup).
+    sweep.script = ("import signal, sys\n"
+                    "signal.signal(signal.SIGINT, lambda *a: sys.exit(130))\n"
+                    "print('started', flush=True)\nsignal.pause()")
+    specs = [get_spec("tiny-moe"), get_spec("tiny-moe-planted")]
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(sweep.run(specs)))  # type: ignore[arg-type]
+    t.start()
+    assert started.wait(60)
+    assert sweep.interrupt() == 2
+    t.join(60)
+    assert {m: (o.status, len(o.attempts)) for m, o in result.items()} == {
+        "tiny-moe": ("cancelled", 1), "tiny-moe-planted": ("cancelled", 1)}
