@@ -75,6 +75,7 @@ class _Session(asyncssh.SSHClientSession[bytes]):
     def __init__(self, on_stdout: OutputSink | None, on_stderr: OutputSink | None) -> None:
         self._sinks = {None: on_stdout, asyncssh.EXTENDED_DATA_STDERR: on_stderr}
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.error: Exception | None = None
         self._can_write = asyncio.Event()
         self._can_write.set()
 
@@ -99,11 +100,11 @@ class _Session(asyncssh.SSHClientSession[bytes]):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._can_write.set()  # wake a blocked feeder: its next write fails and it stops
+        # Kept as a value, not set on the future: a drop after the caller stopped waiting
+        # must not leave a "Future exception was never retrieved" behind.
+        self.error = exc
         if not self.closed.done():
-            if exc is None:
-                self.closed.set_result(None)
-            else:
-                self.closed.set_exception(exc)
+            self.closed.set_result(None)
 
 
 async def _fingerprint_now(target: Target, tunnel: asyncssh.SSHClientConnection | None) -> str:
@@ -271,11 +272,11 @@ class SSHTransport(Transport):
         try:
             await self._feed(chan, session, stdin)
             await session.closed
-        except (OSError, asyncssh.Error) as exc:
-            raise ConnectionLostError(f"connection to {self.target.display} lost: {exc}") from None
         finally:
             chan.close()
         rc = chan.get_returncode()
+        if rc is None and session.error is not None:
+            raise ConnectionLostError(f"connection to {self.target.display} lost: {session.error}")
         if rc is None:
             raise ConnectionLostError(
                 f"connection to {self.target.display} lost before the command finished"
