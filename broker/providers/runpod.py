@@ -264,9 +264,7 @@ class RunPodProvider(Provider):
         key = settings.api_key(cls.name)
         if key is None:
             raise ConfigError("RunPod needs RUNPOD_API_KEY", provider=cls.name)
-        return cls(
-            key, ssh_public_key=settings.ssh_public_key(), base_url=settings.runpod_api_url
-        )
+        return cls(key, ssh_public_key=settings.ssh_public_key(), base_url=settings.runpod_api_url)
 
     def close(self) -> None:
         """Close the HTTP client."""
