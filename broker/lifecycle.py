@@ -681,7 +681,10 @@ def _create_one(
             created = _find_after_ambiguous(provider, name, journal, e)
         journal.record_created(name, created.instance_id, created.status)
         managed = ManagedInstance.model_validate(
-            created.model_dump() | {"name": name, "offer": fresh}
+            created.model_dump()
+            # The offer names the GPU precisely; some APIs describe a pod's GPU more loosely
+            # (RunPod's "A100 PCIe" has no memory size).
+            | {"name": name, "offer": fresh, "gpu_type": fresh.gpu_type}
         ).bind(client)
         if opts.wait:
             try:
