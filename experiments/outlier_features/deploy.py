@@ -433,6 +433,25 @@ def _run_command(spec: ModelSpec, opts: DeployOptions, *, local: bool, out_rel: 
     return command
 
 
+@contextlib.contextmanager
+def _job_start_lock() -> Iterator[None]:
+    """Serialise job starts among this user's deploys on this machine.
+
+    Workaround: bifrost records each started job in its local index (``jobs.json``) with an
+    unlocked read-modify-write through a fixed temp name, so two processes starting jobs at
+    once (sweep workers) can get FileNotFoundError *after* the job started, losing its id.
+    """
+    import fcntl
+
+    path = Path(tempfile.gettempdir()) / f"outlier-deploy-{os.getuid()}.lock"
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _replace_dir(new: Path, final: Path) -> None:
     """Put ``new`` at ``final``; a previous result is moved aside first and removed after."""
     aside = None
@@ -566,14 +585,15 @@ def deploy(
         command = _run_command(spec, opts, local=local, out_rel=out_rel)
         secrets = {k: os.environ[k] for k in ("HF_TOKEN",) if os.environ.get(k)}
         try:
-            job = host.run(
-                command,
-                name=f"outlier-{spec.id}",
-                workspace=workspace,
-                outputs=[out_rel],
-                env={"TOKENIZERS_PARALLELISM": "false"},
-                secrets=secrets,
-            )
+            with _job_start_lock():
+                job = host.run(
+                    command,
+                    name=f"outlier-{spec.id}",
+                    workspace=workspace,
+                    outputs=[out_rel],
+                    env={"TOKENIZERS_PARALLELISM": "false"},
+                    secrets=secrets,
+                )
         except BifrostError as e:
             raise DeployError(f"could not start the job on {inst.target}: {e}") from None
         state.update(status="running", job_id=job.id, workspace=workspace)
