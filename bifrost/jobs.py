@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import codecs
+import fcntl
 import json
+import logging
+import os
 import re
 import secrets as _secrets
 import shlex
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +31,8 @@ if TYPE_CHECKING:
     from bifrost.host import Host
 
 __all__ = ["Job", "JobStatus", "LogDecoder", "check_job_id"]
+
+log = logging.getLogger("bifrost.jobs")
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled", "lost", "died"})
@@ -136,16 +142,26 @@ async def _call(
 
 
 def _remember(job_id: str, target: str) -> None:
-    """Local index job id → target so `bifrost logs JOB` works without repeating the host."""
+    """Local index job id → target so `bifrost logs JOB` works without repeating the host.
+
+    Safe between processes (a sweep starts jobs from many at once): the read-modify-write holds
+    an flock and the new file gets a private temp name before it atomically replaces the old.
+    The job has already started when this runs, so a failure here only costs the index entry.
+    """
     path = bifrost_home() / "jobs.json"
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        data = {}
-    data[job_id] = target
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+        with open(str(path) + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                data = {}
+            data[job_id] = target
+            tmp = path.with_name(f"jobs.json.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_text(json.dumps(data, indent=1))
+            tmp.replace(path)
+    except OSError as exc:
+        log.warning("job %s started, but recording it in %s failed: %s", job_id, path, exc)
 
 
 def remembered_target(job_id: str) -> str | None:

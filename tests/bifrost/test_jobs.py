@@ -166,3 +166,24 @@ def test_pull_job_results(host: Host, tmp_path: Path) -> None:
     assert (dest / "job" / "exit_code").read_text() == "0\n"
     assert not (dest / "job" / "env").exists()
     assert (dest / "outputs" / "out" / "sub" / "b.txt").read_text() == "2\n"
+
+
+def test_job_index_survives_concurrent_starters(tmp_path: Path) -> None:
+    """Many processes recording jobs at once (a sweep's workers) lose no entry and never fail."""
+    env = {**os.environ, "BIFROST_HOME": str(tmp_path)}
+    code = (
+        "import sys; from bifrost.jobs import _remember\n"
+        "for i in range(40): _remember(f'job-{sys.argv[1]}-{i}', 'root@h:' + sys.argv[1])\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(n)], env=env, stderr=subprocess.PIPE)
+        for n in range(4)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 0 and not err, err
+    import json
+
+    index = json.loads((tmp_path / "jobs.json").read_text())
+    assert len(index) == 160 and index["job-3-39"] == "root@h:3"
+    assert not list(tmp_path.glob("*.tmp"))
