@@ -57,6 +57,8 @@ from experiments.outlier_features.configs import ConfigError as SpecError
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
 EXTRAS = ("experiments",)
+#: Workspace (and venv) name on a rented box.
+WORKSPACE = "outlier-features"
 
 #: Minutes of analysis per model: the seed's runtimes (upper end of each range); dense
 #: baselines scaled by size. Used for the cost estimate and the default TTL only.
@@ -562,9 +564,15 @@ def deploy(
         out(f"  rented {inst.name} ({inst.provider} {inst.instance_id}) at {inst.target}")
 
         host = inst.host()
-        # One workspace per instance: on `local` every "instance" is this machine, and
-        # concurrent sweep workers must not sync into the same tree.
-        workspace = re.sub(r"[^A-Za-z0-9._-]", "-", inst.name or inst.instance_id)[:100]
+        # On `local` every "instance" is this machine and concurrent sweep workers must not
+        # sync into one tree: one workspace each, removed at the end. A remote box is held by
+        # one deploy at a time, and a fixed name lets a box that outlives the run (your own
+        # machine via the `ssh` provider) reuse its venv instead of growing one per deploy.
+        workspace = (
+            re.sub(r"[^A-Za-z0-9._-]", "-", inst.name or inst.instance_id)[:100]
+            if local
+            else WORKSPACE
+        )
         t1 = time.monotonic()
         try:
             # On `local` the job uses this interpreter (its env already has the extras):
