@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 if __package__ in (None, ""):  # run as a file (python experiments/outlier_features/deploy.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -328,9 +328,10 @@ class LogPrinter:
         self.tail: deque[str] = deque(maxlen=15)
         self._bar_open = False
         self._last_pct = -1
+        self.muted = False
 
     def __call__(self, line: str) -> None:
-        if not line.strip():
+        if self.muted or not line.strip():
             return  # tqdm opens with a bare \r: an empty "line"
         self.tail.append(line)
         m = self._BAR.search(line)
@@ -376,6 +377,38 @@ class _State:
         self.data["updated_at"] = _now()
         if self.path is not None:
             atomic_write_json(self.path, self.data)
+
+
+T = TypeVar("T")
+
+
+def _interruptible(fn: Callable[[], T]) -> T:
+    """Run a long bifrost call in a helper thread while the main thread waits in short slices.
+
+    Workaround: bifrost's synchronous calls block in ``Future.result()`` without a timeout, so a
+    SIGINT that the kernel hands to another thread (bifrost's event-loop thread) is only seen
+    when the call returns, for ``job.follow()`` when the job ends. Waiting in slices here lets
+    Ctrl-C through at once; the cleanup then kills the job, which ends the helper's call.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return fn()
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:
+            box["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name="deploy-call", daemon=True).start()
+    while not done.wait(0.2):
+        pass
+    if "error" in box:
+        raise box["error"]
+    return box["value"]  # type: ignore[no-any-return]
 
 
 def _now() -> str:
@@ -433,25 +466,6 @@ def _run_command(spec: ModelSpec, opts: DeployOptions, *, local: bool, out_rel: 
         # run.py's `auto` falls back to the packaged corpus and records which one it used.
         command = f"uv pip install --quiet datasets; {command}"
     return command
-
-
-@contextlib.contextmanager
-def _job_start_lock() -> Iterator[None]:
-    """Serialise job starts among this user's deploys on this machine.
-
-    Workaround: bifrost records each started job in its local index (``jobs.json``) with an
-    unlocked read-modify-write through a fixed temp name, so two processes starting jobs at
-    once (sweep workers) can get FileNotFoundError *after* the job started, losing its id.
-    """
-    import fcntl
-
-    path = Path(tempfile.gettempdir()) / f"outlier-deploy-{os.getuid()}.lock"
-    with path.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _replace_dir(new: Path, final: Path) -> None:
@@ -577,8 +591,10 @@ def deploy(
         try:
             # On `local` the job uses this interpreter (its env already has the extras):
             # bootstrapping would build a second copy of torch under ~/.bifrost/venvs.
-            pushed = host.push(
-                ROOT, name=workspace, bootstrap=not local, extras=EXTRAS, progress=tty
+            pushed = _interruptible(
+                lambda: host.push(
+                    ROOT, name=workspace, bootstrap=not local, extras=EXTRAS, progress=tty
+                )
             )
         except BifrostError as e:
             raise DeployError(f"push to {inst.target} failed: {e}") from None
@@ -593,15 +609,14 @@ def deploy(
         command = _run_command(spec, opts, local=local, out_rel=out_rel)
         secrets = {k: os.environ[k] for k in ("HF_TOKEN",) if os.environ.get(k)}
         try:
-            with _job_start_lock():
-                job = host.run(
-                    command,
-                    name=f"outlier-{spec.id}",
-                    workspace=workspace,
-                    outputs=[out_rel],
-                    env={"TOKENIZERS_PARALLELISM": "false"},
-                    secrets=secrets,
-                )
+            job = host.run(
+                command,
+                name=f"outlier-{spec.id}",
+                workspace=workspace,
+                outputs=[out_rel],
+                env={"TOKENIZERS_PARALLELISM": "false"},
+                secrets=secrets,
+            )
         except BifrostError as e:
             raise DeployError(f"could not start the job on {inst.target}: {e}") from None
         state.update(status="running", job_id=job.id, workspace=workspace)
@@ -610,9 +625,12 @@ def deploy(
         printer = LogPrinter(out, tty=tty)
         t2 = time.monotonic()
         try:
-            final = job.follow(printer)
+            final = _interruptible(lambda: job.follow(printer))
         except BifrostError as e:
             raise DeployError(f"lost the job's log on {inst.target}: {e}") from None
+        except KeyboardInterrupt:
+            printer.muted = True  # the helper thread follows on until the cleanup kills the job
+            raise
         finally:
             printer.close()
         timings["run_s"] = time.monotonic() - t2
@@ -630,7 +648,7 @@ def deploy(
             "timings_s": {k: round(v, 2) for k, v in timings.items()},
         }
         try:
-            where = pull_results(job, spec, opts.results_dir, record)
+            where = _interruptible(lambda: pull_results(job, spec, opts.results_dir, record))
         except BifrostError as e:
             raise DeployError(f"pulling the results failed: {e}") from None
         timings["pull_s"] = time.monotonic() - t3
