@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import signal
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -25,6 +26,13 @@ def get_loop() -> asyncio.AbstractEventLoop:
             ready = threading.Event()
 
             def _run() -> None:
+                # The kernel may deliver a process signal to any thread that does not block it;
+                # one landing here would leave the main thread waiting, deaf to Ctrl-C, until
+                # the current call ends. Blocking them here sends them to the main thread.
+                if hasattr(signal, "pthread_sigmask"):
+                    signal.pthread_sigmask(
+                        signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+                    )
                 asyncio.set_event_loop(loop)
                 loop.call_soon(ready.set)
                 loop.run_forever()
@@ -48,7 +56,13 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
         raise RuntimeError("bifrost's synchronous API was called from its own event loop thread")
     fut: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coro, loop)
     try:
-        return fut.result()
+        # Waiting in slices keeps the main thread returning to the interpreter, so a signal
+        # handler runs promptly even on platforms that cannot steer signals to it.
+        while True:
+            try:
+                return fut.result(timeout=0.2)
+            except concurrent.futures.TimeoutError:
+                continue
     except KeyboardInterrupt:
         fut.cancel()
         with contextlib.suppress(BaseException):  # already unwinding a Ctrl-C

@@ -1,0 +1,35 @@
+"""Ctrl-C reaches the caller promptly while a synchronous bifrost call waits on its loop thread."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import bifrost._loop as loop_mod
+from bifrost import Host
+
+
+def test_loop_thread_blocks_process_signals() -> None:
+    Host("local").exec("true")
+    thread = loop_mod._thread
+    assert thread is not None and thread.native_id is not None
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    blocked = int(next(ln for ln in status.splitlines() if ln.startswith("SigBlk:")).split()[1], 16)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        assert blocked & (1 << (sig - 1)), f"{sig.name} not blocked in the loop thread"
+
+
+def test_ctrl_c_interrupts_a_running_exec_at_once() -> None:
+    host = Host("local")
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        host.exec("sleep 20")
+    assert time.monotonic() - started < 10  # not after the command's 20 s
+    timer.cancel()
