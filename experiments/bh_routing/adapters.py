@@ -2,34 +2,29 @@
 
 transformers 5.x MoE blocks call ``mlp.gate`` (``mlp.router`` for GPT-OSS), which returns
 ``(router_logits, weights (T, k), indices (T, k))``, and hand weights and indices to
-``mlp.experts``.
-Replacing the router's ``forward`` on the instance is therefore the one place that changes expert
-selection without touching attention, shared experts or the experts kernels. Patch right after
-loading,
-before any wrapping (torch.compile, nnsight, PEFT): wrappers capture ``forward`` when they are
-built.
-If accelerate already hooked the router (``device_map``), its hook calls ``_old_forward``, so that
-is
-the attribute replaced there.
+``mlp.experts``. Replacing the router's ``forward`` on the instance is therefore the one place that
+changes expert selection without touching attention, shared experts or the experts kernels. Patch
+right after loading, before any wrapping (torch.compile, nnsight, PEFT): wrappers capture
+``forward`` when they are built. If accelerate already hooked the router (``device_map``), its hook
+calls ``_old_forward``, so that is the attribute replaced there.
 
 Unused slots carry index ``E`` (the sentinel) with weight 0. The eager experts loop skips index E.
-The
-``grouped_mm`` and ``batched_mm`` kernels only mask sentinels when ``experts._is_expert_parallel``
-is
-set, so the adapter sets it. GPT-OSS eager cannot take the sentinel (one_hot over E classes), so
-there
-the slot is padded with the token's best expert and weight 0.
+The ``grouped_mm`` and ``batched_mm`` kernels only mask sentinels when
+``experts._is_expert_parallel`` is set, so the adapter sets it whenever the active config can leave
+slots empty. GPT-OSS eager cannot take the sentinel (one_hot over E classes), so there the slot is
+padded with the token's best expert and weight 0.
 
 What the p-values are computed on (per family, always at temperature 1):
-- softmax routers (OLMoE, Qwen3-MoE, Qwen3-Next, Mixtral): log softmax probabilities, i.e. logits
-  minus a per-token constant. Softmax ignores a per-token shift, so removing it drops a nuisance
-  without changing the ranking. GPT-OSS: centred logits ``l - mean(l)`` (same idea).
+- softmax routers (OLMoE, Qwen3-MoE, Qwen3-Next, Mixtral): the softmax probabilities for the
+  empirical null (a rank statistic, so this equals using log-probabilities, i.e. logits minus a
+  per-token constant that softmax ignores); log-probabilities for the Gaussian z.
+  GPT-OSS: centred logits ``l - mean(l)`` (same idea).
 - GLM-4.5 (sigmoid router): ``sigmoid(l) + e_score_correction_bias``, the score GLM itself ranks by;
   experts outside the token's selected groups get p = 1 (group-limited routing is kept).
-Temperature only rescales the logits that build the mixing weights. Because both p-value methods are
-computed on untempered scores (the z-score is invariant to it anyway), temperature never changes
-which
-experts are selected for a given hidden state.
+
+Temperature only rescales the logits that build the mixing weights. Because both p-value methods
+are computed on untempered scores (the z-score is invariant to it anyway), temperature never changes
+which experts are selected for a given hidden state.
 """
 
 from __future__ import annotations
@@ -43,12 +38,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiments.bh_routing.selector import (
+    BHSelector,
     EmpiricalNull,
     RoutingConfig,
     Selection,
-    select_from_scores,
-    select_sorted_scores,
     select_topk,
+    select_with_sort_key,
 )
 
 RouterOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -60,22 +55,16 @@ class Scored:
 
     logits: torch.Tensor  # what the router returns as router_logits
     sort_key: torch.Tensor  # what the native router ranks experts by (higher = better)
-    # float32 scores the p-values are computed on; None means centred logits, computed only when a
-    # BH config needs them so top-k pays nothing for them
-    pscores: torch.Tensor | None
     excluded: torch.Tensor | None  # bool (T, E): experts that may not be chosen (GLM groups)
 
 
 class Family:
-    """How one architecture's router scores experts and turns a selection into mixing weights."""
+    """How one architecture's router scores experts and turns a selection into mixing weights.
 
-    @staticmethod
-    def pvalue_scores(scored: Scored) -> torch.Tensor:
-        """Scores the p-values use: the family's own, else centred float32 logits."""
-        if scored.pscores is not None:
-            return scored.pscores
-        lf = scored.logits.float()
-        return lf - lf.mean(dim=-1, keepdim=True)
+    The base class is the general path: p-values on centred float32 logits, experts ranked by the
+    family's sort key. Families whose p-value scores are their ranking key override
+    :meth:`select_bh` to skip the gather (and :meth:`calibration_scores` to match).
+    """
 
     name = "base"
     router_attr = "gate"
@@ -95,15 +84,33 @@ class Family:
         return bool(getattr(router, "norm_topk_prob", False))
 
     def score(self, router: nn.Module, hidden: torch.Tensor) -> Scored:
-        """Compute logits, ranking key and p-value scores for ``hidden`` (any leading shape)."""
+        """Compute logits and ranking key for ``hidden`` (any leading shape)."""
         raise NotImplementedError
+
+    def pvalue_scores(self, scored: Scored) -> torch.Tensor:
+        """Scores the p-values use, ``(T, E)``: centred float32 logits unless a family says
+        otherwise."""
+        lf = scored.logits.float()
+        return lf - lf.mean(dim=-1, keepdim=True)
+
+    def calibration_scores(self, scored: Scored) -> torch.Tensor:
+        """The quantity the empirical null is built from: exactly what :meth:`select_bh` tests."""
+        ps = self.pvalue_scores(scored)
+        return ps[~scored.excluded] if scored.excluded is not None else ps
+
+    def select_bh(self, selector: BHSelector, scored: Scored) -> Selection:
+        """BH selection for this family (general path: rank by the sort key, test the p-scores)."""
+        ps = self.pvalue_scores(scored)
+        if scored.excluded is not None:
+            # Excluded experts sort last (key -inf); give them a score no null exceeds -> p = 1.
+            ps = ps.masked_fill(scored.excluded, float("-inf"))
+        return select_with_sort_key(selector, ps, scored.sort_key)
 
     def weights(
         self,
         router: nn.Module,
         scored: Scored,
-        indices: torch.Tensor,
-        mask: torch.Tensor,
+        sel: Selection,
         temperature: float,
         renormalize: bool,
     ) -> torch.Tensor:
@@ -112,7 +119,14 @@ class Family:
 
 
 class SoftmaxFamily(Family):
-    """Softmax over all experts, top-k, optional renormalisation (OLMoE, Qwen3-MoE, Qwen3-Next)."""
+    """Softmax over all experts, top-k, optional renormalisation (OLMoE, Qwen3-MoE, Qwen3-Next).
+
+    The empirical p-values are computed on the softmax probabilities themselves: p(s) depends on s
+    only through its rank among the null scores, so probabilities, log-probabilities and logits
+    minus any per-token constant give the same p-values, and the probabilities are already what
+    the native router ranks and weights by (no log, no gather). The per-token Gaussian z needs a
+    location-scale quantity, so it uses log-probabilities (z of logits up to rounding).
+    """
 
     name = "softmax"
     #: OLMoE/Qwen3 cast weights back to the logits dtype; Mixtral keeps float32.
@@ -123,24 +137,34 @@ class SoftmaxFamily(Family):
         hidden = hidden.reshape(-1, router.hidden_dim)
         logits = F.linear(hidden, router.weight)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float)
-        return Scored(logits=logits, sort_key=probs, pscores=None, excluded=None)
+        return Scored(logits=logits, sort_key=probs, excluded=None)
+
+    def pvalue_scores(self, scored: Scored) -> torch.Tensor:
+        """Softmax probabilities (see the class docs)."""
+        return scored.sort_key
+
+    def select_bh(self, selector: BHSelector, scored: Scored) -> Selection:
+        """The probabilities are ranking key, p-value scores and weights: no sort, no gather."""
+        return selector.select_topk_scores(scored.sort_key, log_for_gaussian=True)
 
     def weights(
         self,
         router: nn.Module,
         scored: Scored,
-        indices: torch.Tensor,
-        mask: torch.Tensor,
+        sel: Selection,
         temperature: float,
         renormalize: bool,
     ) -> torch.Tensor:
-        """softmax(logits / T) over all E, gathered at the selected experts."""
-        if temperature == 1.0:
-            probs = scored.sort_key  # identical to the native probabilities, saves a softmax
+        """softmax(logits / T) over all E at the selected experts (as the native router)."""
+        if temperature == 1.0 and sel.values is not None:
+            # The selection already holds the probabilities at its slots (0 in empty ones): the
+            # same numbers the native router takes from topk, so no gather.
+            w = sel.values
         else:
             probs = torch.softmax(scored.logits / temperature, dim=-1, dtype=torch.float)
-        safe = indices.clamp(max=probs.shape[-1] - 1)
-        w = probs.gather(-1, safe) * mask
+            w = probs.gather(-1, sel.indices.clamp(max=probs.shape[-1] - 1))
+            if not sel.all_used:
+                w = w * sel.mask
         if renormalize:
             w = w / w.sum(dim=-1, keepdim=True).clamp_min(1e-20)
         return w.to(scored.logits.dtype) if self.cast_to_logits_dtype else w
@@ -172,31 +196,35 @@ class GptOssFamily(Family):
         """Biased logits, as the native router."""
         hidden = hidden.reshape(-1, router.hidden_dim)
         logits = F.linear(hidden, router.weight, router.bias)
-        return Scored(logits=logits, sort_key=logits, pscores=None, excluded=None)
+        return Scored(logits=logits, sort_key=logits, excluded=None)
 
     def weights(
         self,
         router: nn.Module,
         scored: Scored,
-        indices: torch.Tensor,
-        mask: torch.Tensor,
+        sel: Selection,
         temperature: float,
         renormalize: bool,
     ) -> torch.Tensor:
         """Softmax over the selected logits / T; renormalisation is inherent, the flag is
         ignored."""
-        safe = indices.clamp(max=scored.logits.shape[-1] - 1)
-        vals = scored.logits.gather(-1, safe)
+        vals = scored.logits.gather(-1, sel.indices.clamp(max=scored.logits.shape[-1] - 1))
         if temperature != 1.0:
             vals = vals / temperature
-        vals = vals.masked_fill(~mask, float("-inf"))
+        if sel.all_used:
+            return torch.softmax(vals, dim=1, dtype=vals.dtype)
+        vals = vals.masked_fill(~sel.mask, float("-inf"))
         w = torch.softmax(vals, dim=1, dtype=vals.dtype)
         # A token with k = 0 has all -inf and softmax gives NaN; it contributes nothing instead.
-        return torch.where(mask, w, torch.zeros_like(w))
+        return torch.where(sel.mask, w, torch.zeros_like(w))
 
 
 class GlmFamily(Family):
-    """GLM-4.5 (Air): sigmoid scores + correction bias, group-limited, scaled."""
+    """GLM-4.5 (Air): sigmoid scores + correction bias, group-limited, scaled.
+
+    p-values are on ``sigmoid(l) + e_score_correction_bias``, the score GLM ranks by, with experts
+    outside the token's groups at -inf (p = 1): that is the sort key itself, so no gather.
+    """
 
     name = "glm4_moe"
 
@@ -212,14 +240,21 @@ class GlmFamily(Family):
         group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
         allowed = group_mask.unsqueeze(-1).expand(-1, g, e // g).reshape(-1, e).bool()
         key = choice.masked_fill(~allowed, float("-inf"))
-        return Scored(logits=logits, sort_key=key, pscores=choice, excluded=~allowed)
+        return Scored(logits=logits, sort_key=key, excluded=~allowed)
+
+    def pvalue_scores(self, scored: Scored) -> torch.Tensor:
+        """sigmoid + correction bias, -inf outside the token's groups (the sort key)."""
+        return scored.sort_key
+
+    def select_bh(self, selector: BHSelector, scored: Scored) -> Selection:
+        """The scores are the sort key: one sort, no gather."""
+        return select_with_sort_key(selector, scored.sort_key)
 
     def weights(
         self,
         router: nn.Module,
         scored: Scored,
-        indices: torch.Tensor,
-        mask: torch.Tensor,
+        sel: Selection,
         temperature: float,
         renormalize: bool,
     ) -> torch.Tensor:
@@ -229,7 +264,9 @@ class GlmFamily(Family):
             if temperature != 1.0
             else scored.logits.sigmoid()
         )
-        w = scores.gather(-1, indices.clamp(max=scores.shape[-1] - 1)) * mask
+        w = scores.gather(-1, sel.indices.clamp(max=scores.shape[-1] - 1))
+        if not sel.all_used:
+            w = w * sel.mask
         if renormalize:
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
         return w * router.routed_scaling_factor
@@ -269,7 +306,7 @@ class RoutingRecord:
 
 @dataclass
 class PatchedLayer:
-    """One patched MoE layer."""
+    """One patched MoE layer, plus what the active config precomputed for it."""
 
     layer: int
     router: nn.Module
@@ -277,6 +314,23 @@ class PatchedLayer:
     family: Family
     original_forward: Callable[..., RouterOutput]
     attr: str  # "forward" or "_old_forward"
+    patched_forward: Callable[..., RouterOutput] | None = None
+    num_experts: int = 0
+    #: the experts' ``_is_expert_parallel`` before patching (restored on unpatch)
+    original_expert_parallel: bool = False
+    # Per-config state, rebuilt by RoutingController.set_config so the per-call path reads
+    # attributes instead of re-deriving them every layer of every decoding step.
+    selector: BHSelector | None = None
+    #: selectors built so far, by (alpha, min_k, max_k, p_value, correction, device), so switching
+    #: configs back and forth (the benchmark's interleaved arms) does not rebuild them
+    selectors: dict[tuple[Any, ...], BHSelector] = field(default_factory=dict)
+    renormalize: bool = False
+    pad_sentinel: bool = False  # GPT-OSS eager: empty slots get a real index at weight 0
+
+
+def _sentinels_possible(cfg: RoutingConfig | None, e: int) -> bool:
+    """Whether ``cfg`` can leave empty slots (variable k) on a layer with ``e`` experts."""
+    return cfg is not None and cfg.method == "bh" and min(cfg.min_k, e) < min(cfg.max_k, e)
 
 
 class RoutingController:
@@ -287,13 +341,26 @@ class RoutingController:
 
     def __init__(self, experts_implementation: str) -> None:
         self.config: RoutingConfig | None = None
-        self.null: EmpiricalNull | None = None
+        self._null: EmpiricalNull | None = None
         self.experts_implementation = experts_implementation
         self.recording = False
         self.record = RoutingRecord()
         self.calibrating = False
         self.calibration: dict[int, list[torch.Tensor]] = {}
         self.layers: list[PatchedLayer] = []
+
+    @property
+    def null(self) -> EmpiricalNull | None:
+        """The calibrated empirical null (None until calibrated)."""
+        return self._null
+
+    @null.setter
+    def null(self, value: EmpiricalNull | None) -> None:
+        self._null = value
+        for pl in self.layers:
+            # Their thresholds came from the old null; rebuilt on next use.
+            pl.selector = None
+            pl.selectors.clear()
 
     # -- state switches -------------------------------------------------------------------------
     def set_config(self, config: RoutingConfig | None) -> None:
@@ -302,12 +369,76 @@ class RoutingController:
             config is not None
             and config.method == "bh"
             and config.p_value == "empirical"
-            and self.null is None
+            and self._null is None
         ):
             raise ValueError(
                 f"config {config.name!r} uses the empirical null but none is calibrated"
             )
         self.config = config
+        for pl in self.layers:
+            pl.selector = None
+            if config is not None:
+                pl.renormalize = (
+                    pl.family.native_renormalize(pl.router)
+                    if config.renormalize is None
+                    else config.renormalize
+                )
+            sentinels = _sentinels_possible(config, pl.num_experts)
+            pl.pad_sentinel = (
+                sentinels
+                and not pl.family.eager_takes_sentinel
+                and self.experts_implementation == "eager"
+            )
+            if pl.experts is not None and self.experts_implementation in (
+                "grouped_mm",
+                "batched_mm",
+            ):
+                # These kernels only mask the sentinel index E when running expert-parallel, and
+                # the masking costs a few ops per layer; set the flag only when empty slots can
+                # occur, so top-k and fixed-k BH run exactly the native experts path.
+                pl.experts._is_expert_parallel = pl.original_expert_parallel or sentinels
+            if config is not None and config.method == "bh":
+                # Build the selector now rather than inside the first routed forward (which a
+                # caller may be timing); route() rebuilds it only if the device differs.
+                weight = getattr(pl.router, "weight", None)
+                if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+                    self._selector(pl, config, weight.device)
+
+    def _selector(self, pl: PatchedLayer, cfg: RoutingConfig, device: torch.device) -> BHSelector:
+        sel = pl.selector
+        if sel is None or sel.device != device:
+            key = (cfg.alpha, cfg.min_k, cfg.max_k, cfg.p_value, cfg.correction, str(device))
+            sel = pl.selectors.get(key)
+            if sel is None:
+                sel = BHSelector(
+                    pl.num_experts,
+                    alpha=cfg.alpha,
+                    min_k=cfg.min_k,
+                    max_k=cfg.max_k,
+                    method=cfg.p_value,
+                    null=self._null if cfg.p_value == "empirical" else None,
+                    layer=pl.layer,
+                    correction=cfg.correction,
+                    sentinel=pl.num_experts,
+                    device=device,
+                )
+                pl.selectors[key] = sel
+            pl.selector = sel
+        return sel
+
+    def detach(self) -> None:
+        """Put the original router forwards and experts flags back, keeping config, null and
+        built selectors, so :meth:`attach` re-enables routing without rebuilding anything."""
+        for pl in self.layers:
+            setattr(pl.router, pl.attr, pl.original_forward)
+            if pl.experts is not None and hasattr(pl.experts, "_is_expert_parallel"):
+                pl.experts._is_expert_parallel = pl.original_expert_parallel
+
+    def attach(self) -> None:
+        """Undo :meth:`detach`."""
+        for pl in self.layers:
+            setattr(pl.router, pl.attr, pl.patched_forward)
+        self.set_config(self.config)  # re-applies the experts flags
 
     def start_recording(self) -> None:
         """Reset and start accumulating per-layer k histograms and expert counts."""
@@ -321,16 +452,15 @@ class RoutingController:
 
     # -- the patched forward --------------------------------------------------------------------
     def route(self, pl: PatchedLayer, hidden_states: torch.Tensor) -> RouterOutput:
-        """Replacement for the router's forward."""
+        """Replacement for the router's forward.
+
+        Top-k and BH share everything but the selection step (and BH's masking of empty slots),
+        so the benchmark's top-k arm measures the same code around a different selector.
+        """
         cfg = self.config
         if self.calibrating:
             scored = pl.family.score(pl.router, hidden_states)
-            if scored.pscores is None and isinstance(pl.family, SoftmaxFamily):
-                ps = scored.sort_key.log()  # the quantity the fast path tests
-            else:
-                ps = Family.pvalue_scores(scored)
-            if scored.excluded is not None:
-                ps = ps[~scored.excluded]
+            ps = pl.family.calibration_scores(scored)
             self.calibration.setdefault(pl.layer, []).append(ps.detach().reshape(-1).float().cpu())
             return pl.original_forward(hidden_states)
         if cfg is None:
@@ -345,17 +475,14 @@ class RoutingController:
                 )
             return out
         fam = pl.family
-        router = pl.router
-        e = fam.num_experts(router)
-        scored = fam.score(router, hidden_states)
+        scored = fam.score(pl.router, hidden_states)
         if cfg.method == "topk":
-            sel: Selection = select_topk(scored.sort_key, cfg.k)
+            sel = select_topk(scored.sort_key, cfg.k)
         else:
-            sel = self._bh(pl, scored, cfg, e)
-        renorm = fam.native_renormalize(router) if cfg.renormalize is None else cfg.renormalize
-        weights = fam.weights(router, scored, sel.indices, sel.mask, cfg.temperature, renorm)
+            sel = fam.select_bh(self._selector(pl, cfg, hidden_states.device), scored)
+        weights = fam.weights(pl.router, scored, sel, cfg.temperature, pl.renormalize)
         indices = sel.indices
-        if not fam.eager_takes_sentinel and self.experts_implementation == "eager":
+        if pl.pad_sentinel:
             # GPT-OSS eager one_hot has no sentinel class: pad with the best expert at weight 0.
             # (Unconditional torch.where: checking mask.all() first would sync the device.)
             best = scored.sort_key.argmax(dim=-1, keepdim=True)
@@ -364,43 +491,8 @@ class RoutingController:
             self._record(pl, sel.k, sel.indices, sel.indices.shape[-1])
         return scored.logits, weights, indices
 
-    def _bh(self, pl: PatchedLayer, scored: Scored, cfg: RoutingConfig, e: int) -> Selection:
-        if scored.pscores is None and isinstance(pl.family, SoftmaxFamily):
-            # Fast path: log-probabilities are the logits minus a per-token constant, so they give
-            # the same p-values as centred logits up to that shift (the null is calibrated on the
-            # same quantity) and come pre-sorted from sorting the probabilities: no gather needed.
-            sorted_probs, order = torch.sort(scored.sort_key, dim=-1, descending=True, stable=True)
-            return select_sorted_scores(
-                sorted_probs.log(),
-                order,
-                alpha=cfg.alpha,
-                min_k=cfg.min_k,
-                max_k=cfg.max_k,
-                method=cfg.p_value,
-                null=self.null,
-                layer=pl.layer,
-                correction=cfg.correction,
-                sentinel=e,
-            )
-        pscores = Family.pvalue_scores(scored)
-        if scored.excluded is not None:
-            # Excluded experts sort last (key -inf); give them a score no null exceeds -> p = 1.
-            pscores = pscores.masked_fill(scored.excluded, float("-inf"))
-        return select_from_scores(
-            pscores,
-            alpha=cfg.alpha,
-            min_k=cfg.min_k,
-            max_k=cfg.max_k,
-            method=cfg.p_value,
-            null=self.null,
-            layer=pl.layer,
-            correction=cfg.correction,
-            sentinel=e,
-            sort_key=scored.sort_key,
-        )
-
     def _record(self, pl: PatchedLayer, k: torch.Tensor, indices: torch.Tensor, width: int) -> None:
-        e = pl.family.num_experts(pl.router)
+        e = pl.num_experts
         kh = torch.bincount(k.reshape(-1), minlength=width + 1)
         ec = torch.bincount(indices.reshape(-1), minlength=e + 1)[:e]
         rec = self.record
@@ -489,6 +581,8 @@ def patch_model(model: nn.Module) -> RoutingController:
             family=fam,
             original_forward=getattr(router, hook_attr),
             attr=hook_attr,
+            num_experts=fam.num_experts(router),
+            original_expert_parallel=bool(getattr(experts, "_is_expert_parallel", False)),
         )
 
         def _fwd(
@@ -496,10 +590,8 @@ def patch_model(model: nn.Module) -> RoutingController:
         ) -> RouterOutput:
             return ctl.route(_pl, hidden_states)
 
+        pl.patched_forward = _fwd
         setattr(router, hook_attr, _fwd)
-        if experts is not None and impl in ("grouped_mm", "batched_mm"):
-            # These kernels only mask the sentinel index E when running expert-parallel.
-            experts._is_expert_parallel = True
         ctl.layers.append(pl)
     if not ctl.layers:
         raise ValueError(
@@ -515,10 +607,7 @@ def unpatch_model(model: nn.Module) -> None:
     ctl: RoutingController | None = getattr(model, "_bh_routing_controller", None)
     if ctl is None:
         return
-    for pl in ctl.layers:
-        setattr(pl.router, pl.attr, pl.original_forward)
-        if pl.experts is not None and hasattr(pl.experts, "_is_expert_parallel"):
-            pl.experts._is_expert_parallel = False
+    ctl.detach()
     model._bh_routing_controller = None
 
 
