@@ -9,6 +9,8 @@ Arms, all on one model object and one experts implementation:
   ``adapter_topk`` is the pure cost of the p-value test and the BH cut-off.
 - ``bh_moderate``: BH alpha 0.05 (empirical null), min_k 1: the net effect including variable k
   (empty slots, the experts kernel's sentinel masking, fewer experts).
+- ``topk_kernel_masking`` (``grouped_mm``/``batched_mm`` only): top-k with the kernel's sentinel
+  masking forced on, to show what that masking alone costs.
 
 Two measurements:
 - ``decode`` (the target): greedy single-token decoding steps with a KV cache, each arm with its
@@ -53,6 +55,7 @@ from experiments.common.io import atomic_write_json
 
 PROMPT = "The Benjamini-Hochberg procedure controls the false discovery rate by ordering p-values"
 BASELINE = "adapter_topk"
+MASKED = "topk_kernel_masking"
 TARGET_PCT = 5.0
 
 
@@ -138,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         "bh_same_k": RoutingConfig("bh_same_k", alpha=0.05, min_k=k, max_k=k),
         "bh_moderate": RoutingConfig("bh_moderate", alpha=0.05, min_k=1, max_k=k),
     }
+    masking_kernel = info["experts_implementation"] in ("grouped_mm", "batched_mm")
+    if masking_kernel:
+        # Diagnostic: top-k with the experts kernel's sentinel masking switched on although no
+        # slot is empty. Its gap to adapter_topk is what the kernel charges for variable k, which
+        # separates that cost from the selector's in bh_moderate.
+        arms[MASKED] = RoutingConfig(MASKED, method="topk", k=k)
 
     attached = True
 
@@ -154,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             ctl.attach()
             attached = True
         ctl.set_config(cfg)
+        if cfg.name == MASKED:
+            for pl in ctl.layers:
+                pl.experts._is_expert_parallel = True
 
     def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
         if cuda:

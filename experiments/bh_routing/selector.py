@@ -139,7 +139,11 @@ class EmpiricalNull:
         return null
 
     def pvalues(self, layer: int, scores: torch.Tensor) -> torch.Tensor:
-        """Upper-tail empirical p-values of ``scores`` (any shape) under ``layer``'s null."""
+        """Upper-tail empirical p-values (float64) of ``scores`` (any shape) under ``layer``'s null.
+
+        Selection never calls this (it compares scores with :meth:`score_thresholds`); it is for
+        reports and for checking the selector against reference implementations.
+        """
         null = self._null_on(layer, scores.device)
         n = null.numel()
         flat = scores.detach().float().contiguous().reshape(-1)
@@ -387,19 +391,6 @@ class BHSelector:
             full = full.log()
         k = self.count_sorted_scores(full)
         return self.finish(k, top_indices, top_values if values else None, inplace=True)
-
-
-def bh_count(
-    sorted_pvalues: torch.Tensor, alpha: float, correction: Correction = "bh"
-) -> torch.Tensor:
-    """Number of BH rejections per row, given p-values sorted ascending along the last dimension."""
-    m = sorted_pvalues.shape[-1]
-    dtype = sorted_pvalues.dtype if sorted_pvalues.is_floating_point() else torch.float32
-    thr = bh_thresholds(m, alpha, correction, device=sorted_pvalues.device, dtype=dtype)
-    ranks = torch.arange(1, m + 1, device=sorted_pvalues.device)
-    # Step-up: the largest rank whose p-value is under its threshold; every expert before it is
-    # rejected too, even when its own p-value is above its own threshold.
-    return torch.where(sorted_pvalues <= thr, ranks, 0).amax(dim=-1)
 
 
 def select_from_sorted(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -10,8 +12,10 @@ from statsmodels.stats.multitest import multipletests
 from experiments.bh_routing.adapters import model_summary, patch_model, unpatch_model
 from experiments.bh_routing.models import TINY_MODELS, load_model
 from experiments.bh_routing.selector import (
+    BHSelector,
     EmpiricalNull,
     RoutingConfig,
+    bh_thresholds,
     select_from_pvalues,
     select_from_scores,
 )
@@ -189,3 +193,108 @@ def test_temperature_does_not_change_selection() -> None:
         ks[t] = ctl.stop_recording()["first_call_k"]
     first = next(iter(ks[1.0]))
     assert ks[0.5][first] == ks[1.0][first] == ks[4.0][first]
+
+
+def _exact_pass(n: int, below: int, alpha: float, r: int, m: int, correction: str) -> bool:
+    """p = (1 + n - below) / (n + 1) <= t_r in exact rational arithmetic, alpha as written."""
+    t = Fraction(str(alpha)) * r / m
+    if correction == "by":
+        t /= sum(Fraction(1, i) for i in range(1, m + 1))
+    return Fraction(1 + n - below, n + 1) <= t
+
+
+@pytest.mark.parametrize("correction", ["bh", "by"])
+def test_score_thresholds_decide_exactly_like_the_pvalues(correction: str) -> None:
+    # n + 1 = 3200 with m = 16 puts (n + 1) * alpha * r / m on integers for alpha 0.05 and 1.0,
+    # i.e. p-values exactly on a threshold; the null has ties; scores hit null values exactly.
+    g = torch.Generator().manual_seed(8)
+    values = torch.randint(0, 400, (3199,), generator=g).float() / 400
+    null = EmpiricalNull({0: values})
+    n, m = null.size(0), 16
+    scores = torch.cat(
+        [
+            values[torch.randint(0, n, (200,), generator=g)],
+            torch.rand(200, generator=g) * 1.2 - 0.1,
+            torch.tensor([float("-inf"), -1.0, 0.0, 1.0, 2.0]),
+        ]
+    )
+    below = torch.searchsorted(null.sorted_samples(0), scores).tolist()
+    for alpha in (0.001, 0.05, 0.3, 1.0):
+        thr = bh_thresholds(m, alpha, correction, dtype=torch.float64)
+        tau = null.score_thresholds(0, thr)
+        got = ~(scores.unsqueeze(-1) <= tau)  # (scores, ranks): passes at rank r
+        for i, b in enumerate(below):
+            for r in range(1, m + 1):
+                assert bool(got[i, r - 1]) == _exact_pass(n, b, alpha, r, m, correction)
+
+
+@pytest.mark.parametrize("alpha", [0.01, 0.05, 0.2, 1.0])
+@pytest.mark.parametrize(("min_k", "max_k"), [(0, 16), (1, 8), (8, 8), (2, 5)])
+def test_topk_fast_path_equals_reference_path(alpha: float, min_k: int, max_k: int) -> None:
+    g = torch.Generator().manual_seed(9)
+    null = EmpiricalNull({3: torch.softmax(torch.randn(5000, 16, generator=g) * 2, -1)})
+    probs = torch.softmax(torch.randn(400, 16, generator=g) * 2.5, -1)
+    probs[:50, 0] = 0.0  # underflowed probabilities
+    kw = {"alpha": alpha, "min_k": min_k, "max_k": max_k, "null": null, "layer": 3}
+    ref = select_from_scores(probs, method="empirical", **kw)
+    sel = BHSelector(16, method="empirical", **kw)
+    fast = sel.select_topk_scores(probs.clone())
+    assert torch.equal(fast.indices, ref.indices)
+    assert torch.equal(fast.k, ref.k)
+    assert torch.equal(fast.mask, ref.mask)
+    expected = probs.gather(-1, ref.indices.clamp(max=15)) * ref.mask
+    assert torch.equal(fast.values, expected)
+    if min_k == max_k:
+        top = torch.topk(probs, max_k, dim=-1)
+        assert torch.equal(fast.indices, top.indices) and torch.equal(fast.values, top.values)
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.2])
+def test_empirical_selection_matches_statsmodels_on_empirical_pvalues(alpha: float) -> None:
+    g = torch.Generator().manual_seed(10)
+    null = EmpiricalNull({0: torch.randn(20_000, generator=g)})
+    scores = torch.randn(300, 16, generator=g)
+    scores[::3, :4] += 4.0
+    sel = select_from_scores(scores, alpha=alpha, min_k=0, max_k=16, method="empirical", null=null)
+    p = null.pvalues(0, scores).numpy()
+    for row, s_row, got in zip(p, scores, _selected_sets(sel), strict=True):
+        n_rej = int(multipletests(row, alpha=alpha, method="fdr_bh")[0].sum())
+        assert got == set(torch.argsort(s_row, descending=True, stable=True)[:n_rej].tolist())
+
+
+def test_sentinel_flag_only_when_slots_can_be_empty() -> None:
+    lm = load_model("tiny-olmoe", device="cpu", experts_implementation="grouped_mm")
+    ctl = patch_model(lm.model)
+    experts = [pl.experts for pl in ctl.layers]
+    flags = lambda: {bool(e._is_expert_parallel) for e in experts}  # noqa: E731
+    ctl.set_config(RoutingConfig("t", method="topk", k=8))
+    assert flags() == {False}
+    ctl.set_config(RoutingConfig("same", p_value="gaussian", min_k=8, max_k=8))
+    assert flags() == {False}
+    ctl.set_config(RoutingConfig("var", p_value="gaussian", min_k=1, max_k=8))
+    assert flags() == {True}
+    ctl.detach()
+    assert flags() == {False}
+    ctl.attach()
+    assert flags() == {True}
+    unpatch_model(lm.model)
+    assert flags() == {False}
+
+
+def test_new_null_rebuilds_thresholds() -> None:
+    lm = load_model("tiny-olmoe", device="cpu")
+    ctl = patch_model(lm.model)
+    ids = lm.tokenizer("Thresholds follow the null.", return_tensors="pt").input_ids
+    layers = [pl.layer for pl in ctl.layers]
+    # A null far below every probability makes everything significant; one far above, nothing.
+    cfg = RoutingConfig("e", alpha=0.05, min_k=0, max_k=8)
+    ks = []
+    for level in (-1.0, 2.0):
+        ctl.null = EmpiricalNull({i: torch.full((1000,), level) for i in layers})
+        ctl.set_config(cfg)
+        ctl.start_recording()
+        with torch.no_grad():
+            lm.model(ids)
+        ks.append(ctl.stop_recording()["first_call_k"])
+    first = str(layers[0])
+    assert set(ks[0][first]) == {8} and set(ks[1][first]) == {0}
