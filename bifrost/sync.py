@@ -190,7 +190,9 @@ async def _rsync(
     t: Transport, root: Path, files: list[str], dest_abs: str, shell: tuple[list[str], str]
 ) -> None:
     ssh_args, prefix = shell
-    cmd = ["rsync", "-a", "--files-from=-", "--from0"]
+    # rsync's quick check compares whole seconds by default, so an edit that keeps a file's size
+    # within the second of the last push would be skipped; -1 compares nanoseconds too.
+    cmd = ["rsync", "-a", "--modify-window=-1", "--files-from=-", "--from0"]
     if ssh_args:
         cmd += ["-z", "-e", " ".join(shlex.quote(a) for a in ssh_args)]
     cmd += [str(root) + "/", prefix + dest_abs + "/"]

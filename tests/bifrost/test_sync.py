@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -93,6 +94,19 @@ def test_push_then_delete(
     assert host.exec(f"cat ~/.bifrost/workspaces/{name}/src/main.py").stdout == "print('changed')\n"
     job = host.run("python3 src/main.py || echo nopython", workspace=name)
     assert job.wait(timeout=30).state == "succeeded"
+
+
+def test_same_size_edit_within_the_same_second_is_pushed(host: Host, tmp_path: Path) -> None:
+    root = _git_project(tmp_path / "quick")
+    cfg = root / "cfg.txt"
+    cfg.write_text("version = 1\n")
+    host.push(root, name="quick")
+    # Same size, and the same whole second as the first push's copy: only the nanoseconds differ.
+    st = cfg.stat()
+    cfg.write_text("version = 2\n")
+    os.utime(cfg, ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
+    host.push(root, name="quick")
+    assert host.exec("cat ~/.bifrost/workspaces/quick/cfg.txt").stdout == "version = 2\n"
 
 
 def test_push_rejects_bad_names(host: Host, tmp_path: Path) -> None:
