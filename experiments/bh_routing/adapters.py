@@ -336,7 +336,8 @@ def _sentinels_possible(cfg: RoutingConfig | None, e: int) -> bool:
 class RoutingController:
     """Holds the active routing config and shared state for every patched router of one model.
 
-    ``config=None`` runs the untouched native router (used as the benchmark baseline).
+    ``config=None`` runs the native router through the patch; :meth:`detach` takes the patch out
+    of the call path altogether (the benchmark's ``native`` arm).
     """
 
     def __init__(self, experts_implementation: str) -> None:
