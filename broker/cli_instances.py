@@ -14,7 +14,7 @@ from rich.table import Table
 
 from broker.cli import _dump, _errors, app, err, out
 from broker.client import GPUClient
-from broker.errors import BrokerError, ProvisionError, ReadinessError
+from broker.errors import BrokerError, ConfigError, ProvisionError
 from broker.journal import JournalEntry
 from broker.lifecycle import format_duration
 from broker.types import InstanceStatus, ProvisionAttempt, utcnow
@@ -188,18 +188,23 @@ def create(
             )
         except KeyboardInterrupt:
             status.stop()
-            err.print("interrupted: the instance (if any) was terminated", highlight=False)
+            err.print(
+                "interrupted: cleanup attempted; `broker instances reconcile` confirms "
+                "nothing is left",
+                highlight=False,
+            )
             raise typer.Exit(130) from None
-        except (ProvisionError, ReadinessError) as e:
+        except BrokerError as e:
             status.stop()
             if as_json:
                 d = e.to_dict()
                 if isinstance(e, ProvisionError):
                     d["attempts"] = [a.model_dump(mode="json") for a in e.attempts]
                 _dump({"ok": False, "error": d})
-                raise typer.Exit(1) from None
+                raise typer.Exit(2 if isinstance(e, ConfigError) else 1) from None
             raise
-        status.stop()
+        finally:
+            status.stop()
         entry = client.journal.get(inst.name or "")
         if as_json:
             _dump(
@@ -461,11 +466,16 @@ def reconcile_cmd(
                     "fixed": [],
                 }
             )
+            if report.unreachable:
+                raise typer.Exit(1)
             return
         for p, msg in report.unreachable.items():
             err.print(f"[yellow]could not ask {p}:[/yellow] {escape(msg)}", highlight=False)
         if not report.findings:
-            out.print("journal and providers agree: no orphans, no ghosts")
+            out.print(
+                "no orphans, no ghosts"
+                + (" at the providers that answered" if report.unreachable else "")
+            )
             if report.unreachable:
                 raise typer.Exit(1)
             return
@@ -565,7 +575,7 @@ def auto_reap() -> None:
             if not expired_entries(journal):
                 return
         client = GPUClient(settings)
-        for e, error in client.reap():
+        for e, error in client.reap(timeout=30.0):
             if error is None:
                 err.print(f"[yellow]reaped[/yellow] {e.name}: its TTL had passed", highlight=False)
             else:

@@ -466,20 +466,21 @@ class GPUClient(QueryFields):
 
         return lifecycle.terminate(self, instance, wait=wait, timeout=timeout)
 
-    def reap(self) -> list[tuple[JournalEntry, BrokerError | None]]:
+    def reap(self, *, timeout: float = 300.0) -> list[tuple[JournalEntry, BrokerError | None]]:
         """Terminate every instance past its TTL; returns each with its error (or None)."""
         from broker import lifecycle
 
         done: list[tuple[JournalEntry, BrokerError | None]] = []
         for e in lifecycle.expired_entries(self.journal):
             try:
-                done.append((lifecycle.terminate(self, e.name), None))
+                done.append((lifecycle.terminate(self, e.name, timeout=timeout), None))
             except BrokerError as err:
                 done.append((e, err))
         return done
 
     def _reap_quietly(self) -> None:
-        for entry, error in self.reap():
+        # Short deadline: a stuck provider must not hold up the create the user asked for.
+        for entry, error in self.reap(timeout=30.0):
             if error is not None:
                 log.warning("could not reap %s past its TTL: %s", entry.name, error)
             else:
@@ -492,7 +493,7 @@ class GPUClient(QueryFields):
         return lifecycle.find_discrepancies(self, providers)
 
     def spend(self) -> float:
-        """Estimated US$ spent by every instance in the journal (the budget guard's measure)."""
+        """Estimated US$ spent so far by every instance in the journal."""
         return self.journal.estimated_spend()
 
     def active_count(self) -> int:

@@ -125,6 +125,14 @@ class ProviderUnavailableError(ProviderError):
     """The provider's API is down, timing out, or answered with something unreadable."""
 
 
+class AmbiguousCreateError(ProviderUnavailableError):
+    """A create request went out and no clear answer came back; the instance may exist.
+
+    Its journal entry stays open (marked abandoned), so ``broker instances reconcile`` terminates
+    the instance if it turns up, and no further offer is tried (that could bill twice).
+    """
+
+
 class StaleOfferError(ProviderError):
     """The offer changed or vanished between search and create (price, stock, or id)."""
 
@@ -203,6 +211,7 @@ class TerminateError(BrokerError):
 
 
 __all__ = [
+    "AmbiguousCreateError",
     "AuthError",
     "BrokerError",
     "BudgetExceededError",

@@ -14,7 +14,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +235,8 @@ class Journal:
         entry = self.get(name)
         if entry is None:
             raise KeyError(name)
+        if not entry.is_open:
+            return  # a stale reading from another process must not reopen a closed entry
         if entry.status == status.value and (ssh_target is None or ssh_target == entry.ssh_target):
             return
         fields: dict[str, Any] = {"status": status.value}
@@ -278,6 +280,8 @@ class Journal:
     ) -> None:
         """Enter an instance found at a provider but missing here (an orphan), so it is counted."""
         now = utcnow()
+        if created_at is not None and created_at.tzinfo is None:
+            created_at = created_at.replace(tzinfo=UTC)  # providers that omit the zone mean UTC
         with self._tx() as c:
             c.execute(
                 "INSERT OR IGNORE INTO instances (name, provider, instance_id, status, gpu_type,"
@@ -377,8 +381,22 @@ class Journal:
         return [(datetime.fromisoformat(r["at"]), r["status"], r["detail"]) for r in rows]
 
     def estimated_spend(self) -> float:
-        """Sum of cost so far over every entry (the budget guard's measure)."""
+        """Sum of cost so far over every entry."""
         return sum(e.cost_so_far() for e in self.all_entries())
+
+    def committed_spend(self) -> float:
+        """The budget guard's measure: cost so far of closed entries, and for open ones the
+        larger of cost so far and price x TTL (one hour without a TTL): what they will cost
+        if nobody stops them earlier."""
+        total = 0.0
+        now = utcnow()
+        for e in self.all_entries():
+            spent = e.cost_so_far(now)
+            if e.is_open and e.price_per_hour is not None:
+                hours = (e.ttl_seconds or 3600) / 3600
+                spent = max(spent, e.price_per_hour * hours)
+            total += spent
+        return total
 
 
 def offer_of(entry_json: str | None) -> GPUOffer | None:

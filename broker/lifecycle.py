@@ -31,6 +31,7 @@ from pydantic import PrivateAttr
 
 from broker import catalog
 from broker.errors import (
+    AmbiguousCreateError,
     AuthError,
     BrokerError,
     BudgetExceededError,
@@ -111,8 +112,12 @@ def parse_ttl(ttl: str | float | None) -> int | None:
                 raise ConfigError(
                     f"cannot read ttl {ttl!r}: use a duration like '45m', '3h', '1h30m' or '2d'"
                 )
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        raise ConfigError(f"ttl {ttl!r} is not a duration; use e.g. '3h'")
     if seconds < 60:
         raise ConfigError(f"ttl {ttl!r} is shorter than one minute; use at least '1m'")
+    if seconds > 365 * 86400:
+        raise ConfigError(f"ttl {ttl!r} is longer than a year; use at most '365d'")
     return int(seconds)
 
 
@@ -147,10 +152,17 @@ def current_owner() -> str:
     return f"{socket.gethostname()}:{pid}:{_proc_start(pid) or '?'}"
 
 
+#: Owner of an entry its process gave up on (a cleanup that failed, an unanswered create):
+#: nobody holds it, so ``reconcile`` terminates the instance as soon as it sees it.
+ABANDONED = "abandoned"
+
+
 def owner_alive(owner: str | None) -> bool | None:
     """Whether the owning process still runs: True/False on this host, None when unknown."""
     if not owner:
         return None
+    if owner == ABANDONED:
+        return False
     try:
         host, pid_s, start = owner.rsplit(":", 2)
         pid = int(pid_s)
@@ -263,8 +275,17 @@ class ManagedInstance(Instance):
     def __enter__(self) -> ManagedInstance:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.terminate()
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        entry = self.client.journal.get(self.name) if self.name else None
+        if entry is not None and entry.owner is None:
+            return  # detached inside the block: it outlives the block, as asked
+        try:
+            self.terminate()
+        except BrokerError as e:
+            if exc is None:
+                raise
+            # Do not hide the user's own exception; the entry stays open for reap/reconcile.
+            log.error("could not terminate %s after an error in the block: %s", self.name, e)
 
 
 # -- readiness ------------------------------------------------------------------------------------
@@ -566,12 +587,12 @@ def create(client: GPUClient, offers: Sequence[GPUOffer], opts: CreateOptions) -
             f"{soonest:%H:%M:%S} UTC or lower capacity_cooldown_s"
         )
     if opts.budget is not None:
-        spent = journal.estimated_spend()
+        spent = journal.committed_spend()
         first = ready_offers[0]
         need = _projected_cost(first, opts.ttl_seconds)
         if spent + need > opts.budget:
             raise BudgetExceededError(
-                f"budget ${opts.budget:.2f} would be exceeded: ${spent:.2f} spent so far "
+                f"budget ${opts.budget:.2f} would be exceeded: ${spent:.2f} spent or committed "
                 f"+ ${need:.2f} for {first.gpu_count}x {first.gpu_type} at "
                 f"${first.price_per_hour:.2f}/h for "
                 f"{format_duration(opts.ttl_seconds) if opts.ttl_seconds else '1h (no ttl)'}"
@@ -586,7 +607,7 @@ def create(client: GPUClient, offers: Sequence[GPUOffer], opts: CreateOptions) -
             "price_per_hour": offer.price_per_hour,
         }
         if opts.budget is not None:
-            spent = journal.estimated_spend()
+            spent = journal.committed_spend()
             need = _projected_cost(offer, opts.ttl_seconds)
             if spent + need > opts.budget:
                 note(
@@ -614,6 +635,18 @@ def create(client: GPUClient, offers: Sequence[GPUOffer], opts: CreateOptions) -
             if e.kept:
                 raise
             continue
+        except AmbiguousCreateError as e:
+            note(
+                ProvisionAttempt(
+                    **base,
+                    ok=False,
+                    error_type=type(e).__name__,
+                    error=e.message,
+                    seconds=time.monotonic() - t0,
+                )
+            )
+            # Another offer now could mean two boxes billing: stop here.
+            raise ProvisionError("stopped after an unanswered create", attempts) from e
         except (ProviderError, BrokerError) as e:
             if isinstance(e, NoCapacityError):
                 journal.add_cooldown(offer.key, client.settings.capacity_cooldown_s, str(e))
@@ -675,9 +708,9 @@ def _create_one(
             # A definite refusal: nothing was created.
             journal.record_failed(name, f"{type(e).__name__}: {e.message}")
             raise
-        except (ProviderError, OSError) as e:
-            # Ambiguous: the provider may have created it. Look for it by name; if we cannot
-            # tell, the entry stays open for `reconcile`.
+        except Exception as e:
+            # Ambiguous (an unanswered request, or an adapter bug after sending): the provider
+            # may have created it. Look for it by name; if we cannot tell, reconcile will.
             created = _find_after_ambiguous(provider, name, journal, e)
         journal.record_created(name, created.instance_id, created.status)
         managed = ManagedInstance.model_validate(
@@ -718,40 +751,63 @@ def _find_after_ambiguous(
     provider: Provider, name: str, journal: Journal, error: BaseException
 ) -> Instance:
     try:
-        found = provider.find_by_name(name)
-    except ProviderError as e2:
-        journal.record_event(name, "create_ambiguous", f"{error}; lookup failed: {e2}")
-        raise ProviderError(
-            f"create may or may not have happened ({error}); `broker instances reconcile` "
-            f"will find {name} if it exists",
+        found = _find_by_name_patiently(provider, name)
+    except BrokerError as e2:
+        found, error = None, AmbiguousCreateError(f"{error}; lookup failed: {e2}")
+    if found is None:
+        # Not listed (yet) is not proof it was never created: keep the entry open and let
+        # reconcile terminate it if it turns up.
+        journal.set_owner(name, ABANDONED)
+        journal.record_event(name, "create_ambiguous", str(error)[:500])
+        raise AmbiguousCreateError(
+            f"the create of {name} got no clear answer ({error}); it may exist: "
+            "`broker instances reconcile` terminates it if it turns up",
             provider=provider.name,
         ) from error
-    if found is None:
-        journal.record_failed(name, f"{type(error).__name__}: {error}")
-        if isinstance(error, ProviderError):
-            raise error
-        raise ProviderError(str(error), provider=provider.name) from error
     journal.record_event(name, "create_recovered", f"found by name after: {error}")
     return found
 
 
+def _find_by_name_patiently(
+    provider: Provider, name: str, attempts: int = 3, delay: float = 1.0
+) -> Instance | None:
+    """``find_by_name``, asked a few times: providers list a new instance with some lag."""
+    for i in range(attempts):
+        found = provider.find_by_name(name)
+        if found is not None or i == attempts - 1:
+            return found
+        time.sleep(delay)
+    return None
+
+
 def _cleanup(
     client: GPUClient, provider: Provider, name: str, instance_id: str | None, why: str
-) -> None:
-    """Best-effort terminate during a failed or interrupted create (the journal keeps the rest)."""
+) -> bool:
+    """Terminate during a failed or interrupted create; True when confirmed done.
+
+    When it cannot confirm, the entry is marked abandoned so ``reconcile`` (and nothing held by
+    a live process) finishes the job.
+    """
     journal = client.journal
     try:
         if instance_id is None:
-            found = provider.find_by_name(name)
+            found = _find_by_name_patiently(provider, name)
             if found is None:
-                journal.record_failed(name, why)
-                return
+                journal.set_owner(name, ABANDONED)
+                journal.record_event(name, "cleanup", f"{why}; not listed at the provider (yet)")
+                return False
             journal.record_created(name, found.instance_id, found.status)
             instance_id = found.instance_id
         journal.record_event(name, "cleanup", why)
         terminate(client, name, wait=True, timeout=120.0)
+        return True
     except BaseException as e:
         log.warning("could not clean up %s (%s); run `broker instances reconcile`", name, e)
+        try:
+            journal.set_owner(name, ABANDONED)
+        except Exception as e2:
+            log.warning("could not mark %s abandoned: %s", name, e2)
+        return False
 
 
 # -- terminate ------------------------------------------------------------------------------------
@@ -768,6 +824,12 @@ def resolve_entry(journal: Journal, ref: str | Instance) -> JournalEntry:
                 provider=ref.provider,
             )
         return entry
+    ref = ref.strip()
+    if len(ref) < 3:
+        raise InvalidRequestError(
+            f"instance reference {ref!r} is too short: give a name, a provider id or a prefix "
+            "of at least 3 characters"
+        )
     entry = journal.get(ref)
     if entry is not None:
         return entry
@@ -836,7 +898,13 @@ def terminate(
                     provider=entry.provider,
                 )
             delay = _backoff(delay, deadline)
-    journal.record_terminated(entry.name, "confirmed gone" if wait else "terminate requested")
+    if not wait:
+        # Not confirmed: the entry stays open (terminating) until a later check sees it gone.
+        journal.record_event(entry.name, "terminate_requested", None)
+        done = journal.get(entry.name)
+        assert done is not None
+        return done
+    journal.record_terminated(entry.name, "confirmed gone")
     if entry.ssh_target and not provider.capabilities.persistent_hosts:
         _forget(forget_host, entry.ssh_target)
     done = journal.get(entry.name)
@@ -910,24 +978,46 @@ class ReconcileReport:
         return [f for f in self.findings if f.kind == "ghost"]
 
 
+def orphan_reason(entry: JournalEntry | None, instance_id: str, now: datetime) -> str | None:
+    """Why a live ``broker-...`` instance is held by nobody, or None when it is accounted for."""
+    if entry is None:
+        return "not in the journal"
+    if not entry.is_open:
+        return "journal says terminated, provider still has it"
+    if entry.instance_id is not None and entry.instance_id != instance_id:
+        return f"a second instance under the name of {entry.instance_id}"
+    if entry.expires_at is not None and entry.expires_at <= now:
+        return f"TTL expired {format_duration((now - entry.expires_at).total_seconds())} ago"
+    if entry.owner == ABANDONED:
+        return "abandoned by its creator (cleanup or create left unconfirmed)"
+    if owner_alive(entry.owner) is False:
+        return "the process that created it died"
+    if entry.instance_id is None and entry.owner is None:
+        return "create was interrupted before the provider answered"
+    return None
+
+
 def find_discrepancies(
     client: GPUClient, providers: Sequence[str] | None = None, *, intent_grace_s: float = 120.0
 ) -> ReconcileReport:
     """Compare the journal with what each provider lists; changes nothing."""
     journal = client.journal
     report = ReconcileReport()
-    entries = journal.all_entries()
-    open_entries = [e for e in entries if e.is_open]
-    by_name = {e.name: e for e in entries}
     names = list(providers) if providers else client.provider_names()
-    names = list(dict.fromkeys([*names, *(e.provider for e in open_entries)]))
-    now = utcnow()
+    names = list(dict.fromkeys([*names, *(e.provider for e in journal.open_entries())]))
     for pname in names:
+        listed_at = utcnow()
         try:
             listed = client.get_provider(pname).list_instances()
         except BrokerError as e:
             report.unreachable[pname] = str(e)
             continue
+        # Read the journal only after the listing: an instance created meanwhile by another
+        # process is then already in it, not mistaken for an orphan.
+        entries = journal.all_entries()
+        open_entries = [e for e in entries if e.is_open]
+        by_name = {e.name: e for e in entries}
+        now = utcnow()
         live: dict[str, Instance] = {}
         for inst in listed:
             if inst.status is InstanceStatus.TERMINATED:
@@ -935,20 +1025,7 @@ def find_discrepancies(
             live[inst.instance_id] = inst
             if not (inst.name or "").startswith(NAME_PREFIX):
                 continue  # not created by broker: never touch it
-            entry = by_name.get(inst.name or "")
-            reason: str | None = None
-            if entry is None:
-                reason = "not in the journal"
-            elif not entry.is_open:
-                reason = "journal says terminated, provider still has it"
-            elif entry.expires_at is not None and entry.expires_at <= now:
-                reason = (
-                    f"TTL expired {format_duration((now - entry.expires_at).total_seconds())} ago"
-                )
-            elif owner_alive(entry.owner) is False:
-                reason = "the process that created it died"
-            elif entry.instance_id is None and entry.owner is None:
-                reason = "create was interrupted before the provider answered"
+            reason = orphan_reason(by_name.get(inst.name or ""), inst.instance_id, now)
             if reason is not None:
                 report.findings.append(
                     Finding(
@@ -963,8 +1040,8 @@ def find_discrepancies(
                     )
                 )
         for ent in open_entries:
-            if ent.provider != pname:
-                continue
+            if ent.provider != pname or ent.updated_at >= listed_at:
+                continue  # changed while we listed: the listing cannot speak for it
             if ent.instance_id is not None:
                 if ent.instance_id not in live:
                     report.findings.append(
@@ -999,17 +1076,38 @@ def find_discrepancies(
 
 
 def fix(client: GPUClient, finding: Finding, *, timeout: float = 300.0) -> str:
-    """Resolve one finding: terminate an orphan, close a ghost. Returns what was done."""
+    """Resolve one finding: terminate an orphan, close a ghost. Returns what was done.
+
+    Each finding is checked again first: between the report and the fix another process may
+    have taken the instance, or a slow provider may have listed it after all.
+    """
     journal = client.journal
+    provider = client.get_provider(finding.provider)
     if finding.kind == "ghost":
-        if finding.instance_id is None:
-            journal.record_failed(finding.name or "", f"reconcile: {finding.reason}")
-        else:
+        if finding.instance_id is not None:
+            try:
+                cur = provider.get(finding.instance_id)
+            except NotFoundError:
+                cur = None
+            if cur is not None and cur.status is not InstanceStatus.TERMINATED:
+                return "skipped: the provider shows it again"
             journal.record_terminated(finding.name or "", f"reconcile: {finding.reason}")
+        else:
+            entry = journal.get(finding.name or "")
+            if entry is None or entry.instance_id is not None or not entry.is_open:
+                return "skipped: the entry changed"
+            journal.record_failed(finding.name or "", f"reconcile: {finding.reason}")
         return "closed in journal"
     assert finding.instance_id is not None
     name = finding.name or f"{NAME_PREFIX}{finding.provider}-{finding.instance_id}"
     entry = journal.get(name)
+    if orphan_reason(entry, finding.instance_id, utcnow()) is None:
+        return "skipped: now held by a live process"
+    if entry is not None and entry.instance_id not in (None, finding.instance_id):
+        # A duplicate under a known name: end exactly that instance, keep the entry's own.
+        provider.terminate(finding.instance_id)
+        journal.record_event(name, "duplicate_terminated", finding.instance_id)
+        return "terminated"
     inst = finding.instance
     if entry is None or entry.instance_id is None or not entry.is_open:
         journal.record_adopted(
@@ -1028,6 +1126,7 @@ def fix(client: GPUClient, finding: Finding, *, timeout: float = 300.0) -> str:
 
 
 __all__ = [
+    "ABANDONED",
     "CreateOptions",
     "Finding",
     "ManagedInstance",
@@ -1041,6 +1140,7 @@ __all__ = [
     "fix",
     "format_duration",
     "instance_name",
+    "orphan_reason",
     "owner_alive",
     "parse_ttl",
     "resolve_entry",

@@ -123,7 +123,7 @@ def test_reconcile_reports_and_fixes_a_ghost() -> None:
     assert fixed.exit_code == 0, fixed.output
     assert "closed in journal" in fixed.stdout
     again = runner.invoke(app, ["instances", "reconcile", "-y"])
-    assert "agree" in again.stdout
+    assert "no orphans, no ghosts" in again.stdout
 
 
 def test_error_text_with_brackets_is_printed_verbatim() -> None:

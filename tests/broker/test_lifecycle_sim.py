@@ -209,7 +209,7 @@ def test_sigkill_at_each_step_then_reconcile_leaves_no_leak(
         assert not j.open_entries()
         assert len(j.all_entries()) == 1
     again = CliRunner().invoke(app, ["instances", "reconcile", "-y"])
-    assert "agree" in again.stdout
+    assert "no orphans, no ghosts" in again.stdout
 
 
 def test_reconcile_adopts_an_orphan_unknown_to_the_journal(env: RunPodSimulator) -> None:
