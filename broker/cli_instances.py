@@ -20,7 +20,7 @@ from broker.lifecycle import format_duration
 from broker.types import InstanceStatus, ProvisionAttempt, utcnow
 
 instances_app = typer.Typer(
-    help="Your instances: list, status, ssh, terminate, reconcile, reap.",
+    help="Your instances: list, status, ssh, terminate, reconcile, reap, forget.",
     no_args_is_help=True,
 )
 app.add_typer(instances_app, name="instances")
@@ -527,6 +527,35 @@ def reconcile_cmd(
             )
         if failed or report.unreachable:
             raise typer.Exit(1)
+
+
+@instances_app.command("forget")
+def forget_cmd(
+    refs: Annotated[list[str], typer.Argument(help="Names, provider ids, or unique prefixes.")],
+    yes: YesOpt = False,
+) -> None:
+    """Close journal entries without asking the provider (e.g. its account or key is gone).
+
+    Use only when you know the instance no longer bills: broker stops tracking its cost and
+    its budget share. `reconcile` still terminates it if it ever shows up at a provider.
+    """
+    with _errors():
+        client = GPUClient()
+        from broker.lifecycle import resolve_entry
+
+        targets = [e for e in (resolve_entry(client.journal, r) for r in refs) if e.is_open]
+        if not targets:
+            out.print("nothing open to forget")
+            return
+        _wide().print(instances_table(targets))
+        if not yes and not typer.confirm(
+            f"Close {len(targets)} entry(ies) without asking the provider?", err=True
+        ):
+            raise typer.Exit(1)
+        for e in targets:
+            client.journal.record_event(e.name, "forgotten", "closed by `broker instances forget`")
+            client.journal.record_status(e.name, InstanceStatus.TERMINATED, detail="forgotten")
+            out.print(f"forgot {e.name}", highlight=False)
 
 
 @instances_app.command("reap")

@@ -146,10 +146,20 @@ def _proc_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
+def _host_id() -> str:
+    # Containers sharing a hostname (host networking) have their own pid tables: the pid
+    # namespace tells them apart, so one never judges another's pids.
+    try:
+        ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return socket.gethostname()
+    return f"{socket.gethostname()}/{ns}"
+
+
 def current_owner() -> str:
-    """This process as an owner string: ``host:pid:starttime``."""
+    """This process as an owner string: ``host/pidns:pid:starttime``."""
     pid = os.getpid()
-    return f"{socket.gethostname()}:{pid}:{_proc_start(pid) or '?'}"
+    return f"{_host_id()}:{pid}:{_proc_start(pid) or '?'}"
 
 
 #: Owner of an entry its process gave up on (a cleanup that failed, an unanswered create):
@@ -168,7 +178,7 @@ def owner_alive(owner: str | None) -> bool | None:
         pid = int(pid_s)
     except ValueError:
         return None
-    if host != socket.gethostname():
+    if host != _host_id():
         return None
     now_start = _proc_start(pid)
     if now_start is None:

@@ -142,3 +142,17 @@ def test_list_settings_from_the_environment(monkeypatch) -> None:  # type: ignor
     r = runner.invoke(app, ["list"])
     assert r.exit_code == 2
     assert "ssh_hosts" in r.stderr and "Traceback" not in r.output
+
+
+def test_forget_closes_an_entry_whose_provider_is_gone() -> None:
+    name = _create()["instance"]["name"]
+    settings = load_settings()
+    with sqlite3.connect(settings.state_dir / "journal.sqlite") as db:
+        db.execute("UPDATE instances SET provider = 'runpod' WHERE name = ?", (name,))
+    # No RunPod key any more: terminate cannot reach it ...
+    r = runner.invoke(app, ["terminate", name, "-y"])
+    assert r.exit_code == 1 and "not configured" in r.stderr
+    # ... so the user closes the entry by hand.
+    r = runner.invoke(app, ["instances", "forget", name, "-y"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(runner.invoke(app, ["list", "--json"]).stdout) == []
