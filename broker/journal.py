@@ -182,6 +182,8 @@ class Journal:
         sweep: str | None = None,
         tag: str | None = None,
         owner: str | None = None,
+        budget: float | None = None,
+        projected_cost: float = 0.0,
     ) -> str:
         """Record that we are about to create an instance from ``offer``; returns its name.
 
@@ -192,6 +194,18 @@ class Journal:
         now = utcnow()
         expires = now + timedelta(seconds=ttl_seconds) if ttl_seconds else None
         with self._tx() as c:
+            if budget is not None:
+                # Checked under the write lock: concurrent creates cannot both slip under it.
+                rows = c.execute("SELECT * FROM instances").fetchall()
+                committed = _committed([JournalEntry.model_validate(dict(r)) for r in rows], now)
+                if committed + projected_cost > budget:
+                    from broker.errors import BudgetExceededError
+
+                    raise BudgetExceededError(
+                        f"budget ${budget:.2f} would be exceeded: ${committed:.2f} spent or "
+                        f"committed + ${projected_cost:.2f} for {offer.gpu_count}x "
+                        f"{offer.gpu_type} at ${offer.price_per_hour:.2f}/h"
+                    )
             c.execute(
                 "INSERT INTO instances (name, provider, status, gpu_type, gpu_count,"
                 " price_per_hour, spot, offer_json, ttl_seconds, expires_at, sweep, tag,"
@@ -388,15 +402,17 @@ class Journal:
         """The budget guard's measure: cost so far of closed entries, and for open ones the
         larger of cost so far and price x TTL (one hour without a TTL): what they will cost
         if nobody stops them earlier."""
-        total = 0.0
-        now = utcnow()
-        for e in self.all_entries():
-            spent = e.cost_so_far(now)
-            if e.is_open and e.price_per_hour is not None:
-                hours = (e.ttl_seconds or 3600) / 3600
-                spent = max(spent, e.price_per_hour * hours)
-            total += spent
-        return total
+        return _committed(self.all_entries(), utcnow())
+
+
+def _committed(entries: list[JournalEntry], now: datetime) -> float:
+    total = 0.0
+    for e in entries:
+        spent = e.cost_so_far(now)
+        if e.is_open and e.price_per_hour is not None:
+            spent = max(spent, e.price_per_hour * (e.ttl_seconds or 3600) / 3600)
+        total += spent
+    return total
 
 
 def offer_of(entry_json: str | None) -> GPUOffer | None:

@@ -693,6 +693,8 @@ def _create_one(
         sweep=opts.sweep,
         tag=opts.tag,
         owner=current_owner(),
+        budget=opts.budget,
+        projected_cost=_projected_cost(fresh, opts.ttl_seconds),
     )
     request = CreateRequest(
         offer=fresh,

@@ -493,3 +493,25 @@ def test_short_references_are_refused(make_client) -> None:  # type: ignore[no-u
         with pytest.raises(InvalidRequestError):
             c.terminate(ref)
     inst.terminate()
+
+
+def test_concurrent_creates_cannot_both_slip_under_the_budget(make_client) -> None:  # type: ignore[no-untyped-def]
+    c, fake = make_client([offer("a", 3.0)], budget=10.0)  # room for one 3 h x $3 box
+    results: list[object] = []
+    barrier = threading.Barrier(4)
+
+    def one() -> None:
+        barrier.wait()
+        try:
+            results.append(c.create(offer("a", 3.0), ttl="3h", wait=False, detach=True))
+        except (BudgetExceededError, ProvisionError) as e:
+            results.append(e)
+
+    threads = [threading.Thread(target=one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    made = [r for r in results if isinstance(r, Instance)]
+    assert len(made) == 1 and len(fake.instances) == 1
+    c.terminate(made[0])
