@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
 
 from broker.errors import ConfigError, InvalidRequestError
 from broker.types import CreateRequest, GPUOffer, Instance
 
 if TYPE_CHECKING:
+    from pydantic import SecretStr
+
     from broker.config import Settings
+    from broker.http import HttpClient
     from broker.query import Query
 
 
@@ -114,6 +119,55 @@ class Provider(ABC):
         return f"<{type(self).__name__} {self.name}>"
 
 
+class HttpProvider(Provider):
+    """A cloud reached over its HTTP API with one API key: the shared setup of those adapters.
+
+    Subclasses set ``api_url`` and ``key_variable`` (the environment variable named in errors)
+    and use ``self._http`` (retries, typed errors, redaction), ``self._sleep`` (backoff waits)
+    and ``self._ssh_public_key``.
+    """
+
+    api_url: ClassVar[str]
+    key_variable: ClassVar[str]
+
+    def __init__(
+        self,
+        api_key: SecretStr,
+        *,
+        ssh_public_key: str | None = None,
+        base_url: str | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        http: HttpClient | None = None,
+    ) -> None:
+        from broker.http import HttpClient
+
+        self._sleep = sleep
+        self._ssh_public_key = ssh_public_key
+        self._http = http or HttpClient(self.name, base_url or self.api_url, api_key, sleep=sleep)
+
+    @classmethod
+    def is_configured(cls, settings: Settings) -> bool:
+        """True when this provider's API key is set."""
+        return settings.api_key(cls.name) is not None
+
+    @classmethod
+    def base_url(cls, settings: Settings) -> str:
+        """The API's base URL (a provider with a settings override redefines this)."""
+        return cls.api_url
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Self:
+        """Adapter using the provider's API key and the configured SSH public key."""
+        key = settings.api_key(cls.name)
+        if key is None:
+            raise ConfigError(f"{cls.display_name} needs {cls.key_variable}", provider=cls.name)
+        return cls(key, ssh_public_key=settings.ssh_public_key(), base_url=cls.base_url(settings))
+
+    def close(self) -> None:
+        """Close the HTTP client."""
+        self._http.close()
+
+
 P = TypeVar("P", bound=type[Provider])
 
 _REGISTRY: dict[str, type[Provider]] = {}
@@ -162,6 +216,7 @@ def get_provider_class(name: str) -> type[Provider]:
 
 __all__ = [
     "Capabilities",
+    "HttpProvider",
     "Provider",
     "get_provider_class",
     "provider_classes",

@@ -11,15 +11,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import time
-from collections.abc import Callable
 from datetime import datetime
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field
 
 from broker import catalog
-from broker.config import Settings
 from broker.errors import (
     ConfigError,
     InvalidRequestError,
@@ -27,8 +24,8 @@ from broker.errors import (
     NotFoundError,
     ProviderUnavailableError,
 )
-from broker.http import AmbiguousRequestError, HttpClient, create_once, parse_as
-from broker.providers.base import Capabilities, Provider, register
+from broker.http import AmbiguousRequestError, create_once, parse_as
+from broker.providers.base import Capabilities, HttpProvider, register
 from broker.query import Query
 from broker.types import (
     CloudType,
@@ -148,42 +145,15 @@ def resolve_gpu(it: InstanceType) -> catalog.Resolved:
 
 
 @register
-class LambdaProvider(Provider):
+class LambdaProvider(HttpProvider):
     """Lambda Cloud on-demand instances (no spot, no stop, named SSH keys)."""
 
     name: ClassVar[str] = "lambdalabs"
     display_name: ClassVar[str] = "Lambda"
     capabilities: ClassVar[Capabilities] = Capabilities(ssh_key_registry=True, pushdown=())
 
-    def __init__(
-        self,
-        api_key: SecretStr,
-        *,
-        ssh_public_key: str | None = None,
-        base_url: str = API_URL,
-        sleep: Callable[[float], None] = time.sleep,
-        http: HttpClient | None = None,
-    ) -> None:
-        self._sleep = sleep
-        self._ssh_public_key = ssh_public_key
-        self._http = http or HttpClient(self.name, base_url, api_key, sleep=sleep)
-
-    @classmethod
-    def is_configured(cls, settings: Settings) -> bool:
-        """True when a Lambda key is set."""
-        return settings.api_key(cls.name) is not None
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> LambdaProvider:
-        """Adapter using ``LAMBDA_API_KEY`` and the configured SSH public key."""
-        key = settings.api_key(cls.name)
-        if key is None:
-            raise ConfigError("Lambda needs LAMBDA_API_KEY", provider=cls.name)
-        return cls(key, ssh_public_key=settings.ssh_public_key())
-
-    def close(self) -> None:
-        """Close the HTTP client."""
-        self._http.close()
+    api_url: ClassVar[str] = API_URL
+    key_variable: ClassVar[str] = "LAMBDA_API_KEY"
 
     # -- search -----------------------------------------------------------------------------
 

@@ -12,24 +12,20 @@ from __future__ import annotations
 
 import logging
 import shlex
-import time
-from collections.abc import Callable
 from datetime import datetime
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field
 
 from broker import catalog
-from broker.config import Settings
 from broker.errors import (
-    ConfigError,
     InvalidRequestError,
     NoCapacityError,
     NotFoundError,
     ProviderUnavailableError,
 )
-from broker.http import HttpClient, create_once, parse_as
-from broker.providers.base import Capabilities, Provider, register
+from broker.http import create_once, parse_as
+from broker.providers.base import Capabilities, HttpProvider, register
 from broker.query import Query, hints
 from broker.types import (
     CloudType,
@@ -216,7 +212,7 @@ def prime_gpu_type(canonical: str) -> str | None:
 
 
 @register
-class PrimeIntellectProvider(Provider):
+class PrimeIntellectProvider(HttpProvider):
     """Prime Intellect pods across its underlying clouds (create, get, list, delete; no stop)."""
 
     name: ClassVar[str] = "primeintellect"
@@ -225,35 +221,8 @@ class PrimeIntellectProvider(Provider):
         spot=True, pushdown=("gpu_count", "gpu_type", "cloud_type")
     )
 
-    def __init__(
-        self,
-        api_key: SecretStr,
-        *,
-        ssh_public_key: str | None = None,
-        base_url: str = API_URL,
-        sleep: Callable[[float], None] = time.sleep,
-        http: HttpClient | None = None,
-    ) -> None:
-        self._sleep = sleep
-        self._ssh_public_key = ssh_public_key
-        self._http = http or HttpClient(self.name, base_url, api_key, sleep=sleep)
-
-    @classmethod
-    def is_configured(cls, settings: Settings) -> bool:
-        """True when a Prime Intellect key is set."""
-        return settings.api_key(cls.name) is not None
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> PrimeIntellectProvider:
-        """Adapter using ``PRIME_API_KEY``."""
-        key = settings.api_key(cls.name)
-        if key is None:
-            raise ConfigError("Prime Intellect needs PRIME_API_KEY", provider=cls.name)
-        return cls(key, ssh_public_key=settings.ssh_public_key())
-
-    def close(self) -> None:
-        """Close the HTTP client."""
-        self._http.close()
+    api_url: ClassVar[str] = API_URL
+    key_variable: ClassVar[str] = "PRIME_API_KEY"
 
     # -- search -----------------------------------------------------------------------------
 

@@ -13,26 +13,23 @@ GPU × count. A ``stockStatus`` of null means RunPod has none right now: such of
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, SecretStr
+from pydantic import BaseModel, ConfigDict
 
 from broker import catalog
 from broker.config import Settings
 from broker.errors import (
     AuthError,
-    ConfigError,
     InvalidRequestError,
     NoCapacityError,
     NotFoundError,
     ProviderError,
     RateLimitedError,
 )
-from broker.http import HttpClient, create_once, parse_as, truncate
-from broker.providers.base import Capabilities, Provider, register
+from broker.http import create_once, parse_as, truncate
+from broker.providers.base import Capabilities, HttpProvider, register
 from broker.query import Query, hints
 from broker.types import (
     CloudType,
@@ -228,7 +225,7 @@ def classify_graphql_error(message: str) -> type[ProviderError]:
 
 
 @register
-class RunPodProvider(Provider):
+class RunPodProvider(HttpProvider):
     """RunPod pods: secure and community cloud, on-demand and spot, stop/resume, TTL."""
 
     name: ClassVar[str] = "runpod"
@@ -240,35 +237,13 @@ class RunPodProvider(Provider):
         pushdown=("gpu_count", "spot"),
     )
 
-    def __init__(
-        self,
-        api_key: SecretStr,
-        *,
-        ssh_public_key: str | None = None,
-        base_url: str = API_URL,
-        sleep: Callable[[float], None] = time.sleep,
-        http: HttpClient | None = None,
-    ) -> None:
-        self._sleep = sleep
-        self._ssh_public_key = ssh_public_key
-        self._http = http or HttpClient(self.name, base_url, api_key, sleep=sleep)
+    api_url: ClassVar[str] = API_URL
+    key_variable: ClassVar[str] = "RUNPOD_API_KEY"
 
     @classmethod
-    def is_configured(cls, settings: Settings) -> bool:
-        """True when a RunPod key is set."""
-        return settings.api_key(cls.name) is not None
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> RunPodProvider:
-        """Adapter using ``RUNPOD_API_KEY`` and the configured SSH public key."""
-        key = settings.api_key(cls.name)
-        if key is None:
-            raise ConfigError("RunPod needs RUNPOD_API_KEY", provider=cls.name)
-        return cls(key, ssh_public_key=settings.ssh_public_key(), base_url=settings.runpod_api_url)
-
-    def close(self) -> None:
-        """Close the HTTP client."""
-        self._http.close()
+    def base_url(cls, settings: Settings) -> str:
+        """``RUNPOD_API_URL`` (the simulator, for offline tests) or the real API."""
+        return settings.runpod_api_url
 
     # -- GraphQL transport ------------------------------------------------------------------
 

@@ -10,23 +10,19 @@ including ``allocated_storage`` GB of disk.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field
 
 from broker import catalog
-from broker.config import Settings
 from broker.errors import (
-    ConfigError,
     InvalidRequestError,
     NoCapacityError,
     NotFoundError,
 )
-from broker.http import HttpClient, create_once, parse_as
-from broker.providers.base import Capabilities, Provider, register
+from broker.http import create_once, parse_as
+from broker.providers.base import Capabilities, HttpProvider, register
 from broker.query import Query, hints
 from broker.types import (
     CloudType,
@@ -224,7 +220,7 @@ def _country(geo: str | None) -> str | None:
 
 
 @register
-class VastProvider(Provider):
+class VastProvider(HttpProvider):
     """Vast.ai marketplace: on-demand and interruptible (bid) instances on community hosts."""
 
     name: ClassVar[str] = "vast"
@@ -244,35 +240,8 @@ class VastProvider(Provider):
         ),
     )
 
-    def __init__(
-        self,
-        api_key: SecretStr,
-        *,
-        ssh_public_key: str | None = None,
-        base_url: str = API_URL,
-        sleep: Callable[[float], None] = time.sleep,
-        http: HttpClient | None = None,
-    ) -> None:
-        self._sleep = sleep
-        self._ssh_public_key = ssh_public_key
-        self._http = http or HttpClient(self.name, base_url, api_key, sleep=sleep)
-
-    @classmethod
-    def is_configured(cls, settings: Settings) -> bool:
-        """True when a Vast key is set."""
-        return settings.api_key(cls.name) is not None
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> VastProvider:
-        """Adapter using ``VAST_API_KEY``."""
-        key = settings.api_key(cls.name)
-        if key is None:
-            raise ConfigError("Vast.ai needs VAST_API_KEY", provider=cls.name)
-        return cls(key, ssh_public_key=settings.ssh_public_key())
-
-    def close(self) -> None:
-        """Close the HTTP client."""
-        self._http.close()
+    api_url: ClassVar[str] = API_URL
+    key_variable: ClassVar[str] = "VAST_API_KEY"
 
     # -- search -----------------------------------------------------------------------------
 
