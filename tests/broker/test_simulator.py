@@ -492,7 +492,8 @@ def test_terminate_after_expires(bifrost_home: Path, user_key: tuple[Path, str])
         assert s.pod(inst.instance_id).terminated_by == "terminateAfter"
         with pytest.raises(NotFoundError):
             rp.get(inst.instance_id)
-        assert pid_gone(info.ssh_pid)
+        # The status flips first; the sshd is stopped just after, outside the simulator's lock.
+        wait_for(lambda: pid_gone(info.ssh_pid), what="the pod's sshd to exit")
         rp.close()
 
 
