@@ -21,6 +21,7 @@ from rich.table import Table
 from broker.client import GPUClient, SearchResult
 from broker.config import default_config_path, load_settings, write_config_template
 from broker.errors import BrokerError, ConfigError, QueryError
+from broker.lifecycle import format_duration
 from broker.providers.base import provider_classes
 from broker.types import GPUOffer
 
@@ -58,17 +59,6 @@ def _errors() -> Iterator[None]:
 
 def _dump(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-
-
-def _age(seconds: float) -> str:
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m"
-    if s < 86400:
-        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-    return f"{s // 86400}d{(s % 86400) // 3600}h"
 
 
 def _num(v: float | None, fmt: str = "{:g}") -> str:
@@ -109,7 +99,7 @@ def offers_table(offers: list[GPUOffer]) -> Table:
             f"{o.price_per_gpu_hour:.3f}",
             o.region or o.country or "-",
             o.stock.value if o.stock else "-",
-            _age(o.age_seconds),
+            format_duration(max(0.0, o.age_seconds)),
         )
     return t
 

@@ -268,15 +268,7 @@ def list_cmd(
     _list(include_all, refresh, sweep, as_json)
 
 
-@app.command("list")
-def list_alias(
-    include_all: AllOpt = False,
-    refresh: RefreshOpt = True,
-    sweep: SweepOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Alias of `broker instances list`."""
-    _list(include_all, refresh, sweep, as_json)
+app.command("list", help="Alias of `broker instances list`.")(list_cmd)
 
 
 @instances_app.command("status")
@@ -423,17 +415,7 @@ def terminate_cmd(
     _terminate(refs, all_, provider, yes, wait, as_json)
 
 
-@app.command("terminate")
-def terminate_alias(
-    refs: RefsArg = None,
-    all_: AllTermOpt = False,
-    provider: ProviderOpt = None,
-    yes: YesOpt = False,
-    wait: WaitOpt = True,
-    as_json: JsonOpt = False,
-) -> None:
-    """Alias of `broker instances terminate`."""
-    _terminate(refs, all_, provider, yes, wait, as_json)
+app.command("terminate", help="Alias of `broker instances terminate`.")(terminate_cmd)
 
 
 # -- reconcile / reap -------------------------------------------------------------------------
