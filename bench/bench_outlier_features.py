@@ -13,9 +13,14 @@ Each method runs in a fresh child process, so peak RSS (``ru_maxrss`` of that pr
 own. Bytes written = sizes of every file the method created (the dump plus its outputs);
 ``/proc/self/io`` ``wchar`` (bytes passed to write(2)) is recorded as a cross-check.
 
+On a GPU (``--device cuda``) each method also records tokens/s and peak GPU memory
+(``torch.cuda.max_memory_allocated``); ``--preset olmoe`` builds the random model at
+OLMoE-1B-7B's real size (h 2048, 16 layers, 64 experts, top-8, 16 heads, vocab 50304).
+
 Run by hand (takes minutes on a CPU):
     uv run python bench/bench_outlier_features.py                       # 16 x 2048, h 2048
     uv run python bench/bench_outlier_features.py --seq-len 512        # quicker
+    uv run python bench/bench_outlier_features.py --device cuda --preset olmoe
 """
 
 from __future__ import annotations
@@ -37,8 +42,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-DEFAULT_OUT = ROOT / "bench" / "results" / "outlier_features.json"
+RESULTS = ROOT / "bench" / "results"
 PLANTED = (7, 42, 99)
+#: OLMoE-1B-7B's shape (allenai/OLMoE-1B-7B-0924 config.json), for random weights.
+PRESETS: dict[str, dict[str, int]] = {
+    "olmoe": {"hidden": 2048, "layers": 16, "experts": 64, "top_k": 8, "heads": 16,
+              "intermediate": 1024, "vocab": 50304},
+}
 
 
 def _wchar() -> int:
@@ -68,11 +78,24 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any]:
         get_spec("tiny-moe"), hidden_size=args.hidden, num_layers=args.layers,
         num_experts=args.experts, top_k=args.top_k, seq_len=args.seq_len,
         num_sequences=args.num_sequences, plant_dims=PLANTED, plant_gain=8.0,
+        num_heads=args.heads, intermediate_size=args.intermediate, vocab_size=args.vocab,
     )
-    lm = load_model(spec, device="cpu", backend="nnsight" if args.child == "ours" else "hooks")
+    lm = load_model(spec, device=args.device, dtype=args.dtype,
+                    backend="nnsight" if args.child == "ours" else "hooks")
     ids = load_chunks(lm.tokenizer, num_sequences=args.num_sequences, seq_len=args.seq_len,
                       corpus="packaged").input_ids
+    if args.device != "cpu":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     return lm, ids
+
+
+def _sync(args: argparse.Namespace) -> None:
+    """Wait for queued GPU work, so a timer read after it covers that work."""
+    if args.device != "cpu":
+        import torch
+
+        torch.cuda.synchronize()
 
 
 def child_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -85,6 +108,7 @@ def child_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     w0 = _wchar()
     t0 = time.perf_counter()
     stats = extract(lm, ids, backend="nnsight")
+    _sync(args)
     t1 = time.perf_counter()
     summary, table = analyze(stats, n_resamples=args.bootstrap, k=4)
     atomic_write_text(work / "per_dim.csv", table.to_csv(index=False))
@@ -117,7 +141,9 @@ def child_naive(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     def saver(tag: str) -> Any:
         def hook(_m: Any, _i: Any, out: Any) -> None:
             x = out[0] if isinstance(out, tuple) else out
-            torch.save(x[0].detach().to(dump_dtype).clone(), dump / f"b{cur['b']:03d}_{tag}.pt")
+            # .cpu() is the GPU->host copy the seed's "immediate CPU transfer" did.
+            torch.save(x[0].detach().to(dump_dtype).cpu().clone(),
+                       dump / f"b{cur['b']:03d}_{tag}.pt")
         return hook
 
     handles = []
@@ -128,9 +154,10 @@ def child_naive(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     with torch.inference_mode():
         for b in range(ids.shape[0]):
             cur["b"] = b
-            lm.module.model(input_ids=ids[b : b + 1], use_cache=False)
+            lm.module.model(input_ids=ids[b : b + 1].to(lm.input_device), use_cache=False)
     for h in handles:
         h.remove()
+    _sync(args)
     t1 = time.perf_counter()
     n_b, n_s = ids.shape
     hidden = layers[0].input_layernorm.weight.shape[0]
@@ -162,7 +189,8 @@ def child_forward(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     with torch.inference_mode():
         for b in range(ids.shape[0]):
-            lm.module.model(input_ids=ids[b : b + 1], use_cache=False)
+            lm.module.model(input_ids=ids[b : b + 1].to(lm.input_device), use_cache=False)
+    _sync(args)
     t1 = time.perf_counter()
     return {"extract_s": t1 - t0, "scan_s": 0.0, "analysis_s": 0.0, "wall_s": t1 - t0,
             "wchar": 0, "dims": None, "dims_without_pos0": None, "table_sha": None}
@@ -181,6 +209,13 @@ def run_child(args: argparse.Namespace) -> None:
         res = fn(args, work)
         res["bytes_written"], res["files_written"] = _dir_bytes(work)
         res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        res["tokens_per_s"] = args.num_sequences * args.seq_len / res["extract_s"]
+        if args.device != "cpu":
+            import torch
+
+            res["peak_gpu_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
+            res["peak_gpu_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
+            res["gpu"] = torch.cuda.get_device_name(0)
         print("RESULT " + json.dumps(res))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -190,10 +225,18 @@ def main() -> int:
     """Parent: run both methods in child processes and write the comparison JSON."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="a real model's shape (the size flags' defaults; explicit flags win)")
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--heads", type=int, default=0, help="attention heads (0 = 4)")
+    p.add_argument("--intermediate", type=int, default=0, help="expert width (0 = hidden/2)")
+    p.add_argument("--vocab", type=int, default=0, help="vocabulary (0 = 384, the byte vocab)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="model dtype (default: float32 on cpu, bfloat16 on a GPU)")
     p.add_argument("--num-sequences", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--bootstrap", type=int, default=1000)
@@ -201,9 +244,27 @@ def main() -> int:
                    help="dtype of the naive dump (bf16 = what a GPU run would write)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--work-dir", default=None, help="where the dump goes (default: system tmp)")
-    p.add_argument("--output", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--output", type=Path, default=None,
+                   help="result JSON (default: bench/results/outlier_features[_<device>"
+                        "][_<preset>].json)")
     p.add_argument("--child", choices=["ours", "naive", "forward"], help=argparse.SUPPRESS)
+    preset = p.parse_known_args()[0].preset
+    if preset:
+        # A preset replaces the defaults only: explicit size flags still win (quick runs).
+        p.set_defaults(**PRESETS[preset])
     args = p.parse_args()
+    if args.dtype is None:
+        args.dtype = "float32" if args.device == "cpu" else "bfloat16"
+    if args.device != "cpu" and not args.child:
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error(f"--device {args.device}: torch sees no CUDA device on this machine "
+                    "(use --device cpu)")
+    if args.output is None:
+        tag = "".join(f"_{t}" for t in (args.device.replace(":", ""), args.preset)
+                      if t and t != "cpu")
+        args.output = RESULTS / f"outlier_features{tag}.json"
     if args.child:
         run_child(args)
         return 0
@@ -232,8 +293,9 @@ def main() -> int:
     out = {
         "benchmark": "outlier_features: in-trace reduction vs dump-then-scan",
         "config": {k: v for k, v in vars(args).items() if k not in ("child", "output")},
-        "model": "random OlmoeForCausalLM, float32 on CPU, planted dims "
+        "model": f"random OlmoeForCausalLM, {args.dtype} on {args.device}, planted dims "
                  f"{list(PLANTED)} (RMSNorm gain 8)",
+        "tokens": args.num_sequences * args.seq_len,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
         "results": results,

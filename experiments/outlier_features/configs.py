@@ -58,6 +58,11 @@ class ModelSpec:
     # In-code models only (``hf_id == ""``): build a random model with these planted dims.
     plant_dims: tuple[int, ...] = field(default=())
     plant_gain: float = 8.0
+    # In-code models only: shape details a real checkpoint carries in its config (0 = the
+    # small defaults of ``build_tiny_moe``); set to build a random model at a real size.
+    num_heads: int = 0
+    intermediate_size: int = 0
+    vocab_size: int = 0
 
     @property
     def is_tiny(self) -> bool:

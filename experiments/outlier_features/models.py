@@ -46,6 +46,10 @@ class LoadedModel:
         return next(emb.parameters()).device
 
 
+#: Vocabulary of ``tiny_tokenizer`` (ByT5: 3 special ids, 256 bytes, 125 extra ids).
+TINY_VOCAB = 384
+
+
 def tiny_tokenizer() -> Any:
     """Byte-level tokenizer that needs no files (ids 0-2 special, 3-258 bytes, vocab 384)."""
     from transformers import ByT5Tokenizer
@@ -57,15 +61,20 @@ def build_tiny_moe(spec: ModelSpec, *, seed: int = 0) -> nn.Module:
     """A random OLMoE with the spec's hidden size / layers / experts, planted dims applied."""
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
-    if spec.hidden_size % 4:
-        raise ConfigError("tiny-moe hidden size must be divisible by 4 (4 attention heads)")
+    heads = spec.num_heads or 4
+    if spec.hidden_size % heads:
+        raise ConfigError(
+            f"hidden size {spec.hidden_size} must be divisible by the {heads} attention heads"
+        )
+    if spec.vocab_size and spec.vocab_size < TINY_VOCAB:
+        raise ConfigError(f"vocab size must be at least {TINY_VOCAB} (the byte tokenizer's ids)")
     cfg = OlmoeConfig(
-        vocab_size=384,  # ByT5 byte vocabulary
+        vocab_size=spec.vocab_size or TINY_VOCAB,
         hidden_size=spec.hidden_size,
-        intermediate_size=max(32, spec.hidden_size // 2),
+        intermediate_size=spec.intermediate_size or max(32, spec.hidden_size // 2),
         num_hidden_layers=spec.num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
         num_experts=spec.num_experts,
         num_experts_per_tok=spec.top_k,
         max_position_embeddings=max(4096, spec.seq_len),
