@@ -22,6 +22,7 @@ from bifrost.errors import (
     HostKeyChangedError,
     JobError,
     JobNotFoundError,
+    JobTimeout,
     TargetError,
     TransferError,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "JobError",
     "JobNotFoundError",
     "JobStatus",
+    "JobTimeout",
     "KnownHosts",
     "LogDecoder",
     "PushResult",

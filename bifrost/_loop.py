@@ -58,11 +58,12 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     try:
         # Waiting in slices keeps the main thread returning to the interpreter, so a signal
         # handler runs promptly even on platforms that cannot steer signals to it.
-        while True:
-            try:
-                return fut.result(timeout=0.2)
-            except concurrent.futures.TimeoutError:
-                continue
+        # In 3.11 the builtin TimeoutError *is* concurrent.futures.TimeoutError, so a
+        # coroutine that raises TimeoutError looks exactly like an elapsed slice; only
+        # ``done()`` tells them apart (a done future re-raises its own error below).
+        while not fut.done():
+            concurrent.futures.wait([fut], timeout=0.2)
+        return fut.result()
     except KeyboardInterrupt:
         fut.cancel()
         with contextlib.suppress(BaseException):  # already unwinding a Ctrl-C

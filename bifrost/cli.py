@@ -18,6 +18,7 @@ from bifrost.errors import (
     CommandError,
     ConnectError,
     JobError,
+    JobTimeout,
     TargetError,
 )
 from bifrost.group import Group, HostOutcome
@@ -363,7 +364,7 @@ def wait(
     target, job_id = _job_args(target_or_job, job)
     try:
         st = _host(target, identity).job(job_id).wait(timeout)
-    except TimeoutError as exc:
+    except JobTimeout as exc:
         _fail(str(exc), 124)
     if as_json:
         _print_json(st.to_dict())

@@ -69,3 +69,14 @@ class JobError(BifrostError):
 
 class JobNotFoundError(JobError):
     """No job with this id exists on the target."""
+
+
+class JobTimeout(JobError, TimeoutError):
+    """``Job.wait(timeout)`` gave up while the job was still running (the job keeps running).
+
+    Also a ``TimeoutError``, so ``except TimeoutError`` keeps working."""
+
+    def __init__(self, job_id: str, timeout: float) -> None:
+        super().__init__(f"job {job_id} still running after {timeout:g}s (it keeps running)")
+        self.job_id = job_id
+        self.timeout = timeout

@@ -22,7 +22,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bifrost._loop import run_sync
-from bifrost.errors import ConnectError, ConnectionLostError, JobError, JobNotFoundError
+from bifrost.errors import (
+    ConnectError,
+    ConnectionLostError,
+    JobError,
+    JobNotFoundError,
+    JobTimeout,
+)
 from bifrost.exec import env_lines
 from bifrost.paths import bifrost_home
 from bifrost.transport.base import Transport
@@ -319,12 +325,14 @@ class Job:
             if st.done:
                 return st
             if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"job {self.id} still running after {timeout}s")
+                raise JobTimeout(self.id, timeout)
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 2.0)
 
     def wait(self, timeout: float | None = None) -> JobStatus:
-        """Block until the job ends; returns its final status (``exit_code`` for the code)."""
+        """Block until the job ends; returns its final status (``exit_code`` for the code).
+
+        Raises :class:`JobTimeout` (a ``TimeoutError``) after ``timeout`` seconds."""
         return run_sync(self.await_(timeout))
 
     async def akill(self, grace: float = 5.0) -> str:

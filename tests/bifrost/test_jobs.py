@@ -187,3 +187,24 @@ def test_job_index_survives_concurrent_starters(tmp_path: Path) -> None:
     index = json.loads((tmp_path / "jobs.json").read_text())
     assert len(index) == 160 and index["job-3-39"] == "root@h:3"
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_wait_timeout_on_a_running_job(host: Host, sshd: SSHServer, bifrost_home: Path) -> None:
+    from bifrost import JobTimeout
+
+    job = host.run("sleep 300")
+    try:
+        started = time.monotonic()
+        with pytest.raises(JobTimeout, match="still running"):
+            job.wait(timeout=0.5)
+        assert time.monotonic() - started < 10
+        env = {**os.environ, "BIFROST_HOME": str(bifrost_home)}
+        r = subprocess.run(
+            [sys.executable, "-m", "bifrost.cli", "wait", "--timeout", "1",
+             "-i", str(sshd.client_key), sshd.target, job.id],
+            capture_output=True, text=True, env=env, timeout=60,
+        )  # fmt: skip
+        assert r.returncode == 124, r.stderr
+        assert "still running" in r.stderr and "Traceback" not in r.stderr
+    finally:
+        job.kill(grace=0.5)

@@ -33,3 +33,25 @@ def test_ctrl_c_interrupts_a_running_exec_at_once() -> None:
         host.exec("sleep 20")
     assert time.monotonic() - started < 10  # not after the command's 20 s
     timer.cancel()
+
+
+def test_timeout_error_from_a_coroutine_is_raised_not_retried() -> None:
+    """In 3.11 builtin TimeoutError is concurrent.futures.TimeoutError: the loop's wait slices
+    must not mistake the coroutine's own TimeoutError for an elapsed slice (and spin)."""
+
+    async def boom() -> None:
+        raise TimeoutError("from the coroutine")
+
+    result: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            loop_mod.run_sync(boom())
+        except BaseException as exc:
+            result.append(exc)
+
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "run_sync spun on the coroutine's TimeoutError"
+    assert isinstance(result[0], TimeoutError) and "from the coroutine" in str(result[0])
