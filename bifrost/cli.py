@@ -21,6 +21,7 @@ from bifrost.errors import (
     JobTimeout,
     TargetError,
 )
+from bifrost.exec import check_env_name
 from bifrost.group import Group, HostOutcome
 from bifrost.host import Host
 from bifrost.hostkeys import KnownHosts
@@ -80,6 +81,10 @@ def _env(pairs: list[str] | None) -> dict[str, str]:
         if "=" not in pair:
             _fail(f"--env {pair!r} must look like NAME=VALUE")
         k, v = pair.split("=", 1)
+        try:
+            check_env_name(k)
+        except ValueError as exc:
+            _fail(f"--env {pair!r}: {exc}")
         env[k] = v
     return env
 
@@ -87,6 +92,10 @@ def _env(pairs: list[str] | None) -> dict[str, str]:
 def _secrets(names: list[str] | None) -> dict[str, str]:
     secrets: dict[str, str] = {}
     for name in names or []:
+        try:
+            check_env_name(name)
+        except ValueError as exc:
+            _fail(f"--secret-env {name!r}: {exc}")
         if name not in os.environ:
             _fail(f"--secret-env {name}: no such variable in your local environment")
         secrets[name] = os.environ[name]
@@ -556,7 +565,14 @@ def attach(
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: one-line errors, exit codes mirroring the remote side."""
     try:
-        app(args=argv, standalone_mode=False)
+        # Without standalone mode typer turns a KeyboardInterrupt into *returning* 130 (and
+        # an explicit typer.Exit into returning its code): that must not end as exit 0.
+        rv = app(args=argv, standalone_mode=False)
+        if rv == 130:
+            err.print("interrupted", markup=False)
+            return _finish(130)
+        if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:
+            return _finish(rv)
     except _Exit as exc:
         return _finish(exc.code)
     except TargetError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import secrets as _secrets
 import shlex
@@ -83,15 +84,22 @@ def build_command(
     cwd: str | None = None,
     pid_token: str | None = None,
     secrets_token: str | None = None,
+    exec_token: str | None = None,
 ) -> str:
     """The wire command: the script run by bash as sshd's session leader (so the process group
-    leader is known), in the login shell itself when that is bash."""
+    leader is known), in the login shell itself when that is bash.
+
+    ``exec_token`` is exported as ``BIFROST_EXEC_ID``: every process the command starts
+    inherits it, so :func:`kill_remote_group` can find the command's process group after a
+    Ctrl-C without a pid file (a builtin ``export``: no extra process per command)."""
     lines = [BASE_PATH]
+    if exec_token:
+        lines.append(f"export BIFROST_EXEC_ID={_check_token(exec_token)}")
     if pid_token:
-        f = f'"$HOME/.bifrost/run/{pid_token}"'
+        f = f'"$HOME/.bifrost/run/{_check_token(pid_token)}"'
         lines.append(f'mkdir -p "$HOME/.bifrost/run" && echo $$ > {f}; trap "rm -f {f}" EXIT')
     if secrets_token:
-        f = f'"$HOME/.bifrost/secrets/{secrets_token}"'
+        f = f'"$HOME/.bifrost/secrets/{_check_token(secrets_token)}"'
         lines.append(f"set -a; . {f}; set +a; rm -f {f}")
     if env:
         lines.append(env_lines(env).rstrip("\n"))
@@ -111,15 +119,46 @@ def build_command(
     )
 
 
-async def kill_remote_group(transport: Transport, token: str, grace: float = 2.0) -> None:
-    """TERM then KILL the process group whose leader wrote ``~/.bifrost/run/<token>``."""
-    f = f'"$HOME/.bifrost/run/{token}"'
+_TOKEN = re.compile(r"^[0-9a-f]{8,64}$")
+
+
+def _check_token(token: str) -> str:
+    # Tokens are spliced into remote shell text unquoted: only ever our own hex.
+    if not _TOKEN.match(token):
+        raise ValueError(f"internal error: bad token {token!r}")
+    return token
+
+
+async def kill_remote_group(
+    transport: Transport,
+    token: str,
+    grace: float = 2.0,
+    *,
+    secrets_token: str | None = None,
+) -> None:
+    """TERM then KILL the process group of the command started with ``token``: the pid its
+    leader wrote to ``~/.bifrost/run/<token>`` (timeouts), plus the group of every process whose
+    environment carries ``BIFROST_EXEC_ID=<token>`` (found through /proc, so it works with no
+    pid file, e.g. after a Ctrl-C). Also removes the command's secrets file if it never ran."""
+    tok = _check_token(token)
+    f = f'"$HOME/.bifrost/run/{tok}"'
     steps = max(1, int(grace / 0.1))
+    cleanup = f"rm -f {f}"
+    if secrets_token:
+        cleanup += f' "$HOME/.bifrost/secrets/{_check_token(secrets_token)}"'
     script = (
-        f'p=$(cat {f} 2>/dev/null); if [ -n "$p" ]; then kill -TERM -- -"$p" 2>/dev/null; '
-        f'i=0; while [ $i -lt {steps} ] && kill -0 -- -"$p" 2>/dev/null; '
-        "do sleep 0.1; i=$((i+1)); done; "
-        f'kill -KILL -- -"$p" 2>/dev/null; fi; rm -f {f}; true'
+        f"gs=$(cat {f} 2>/dev/null); me=$(ps -o pgid= -p $$ 2>/dev/null | tr -d ' '); "
+        f"for e in $(grep -lzx BIFROST_EXEC_ID={tok} /proc/[0-9]*/environ 2>/dev/null); do "
+        's=$(cat "${e%/environ}/stat" 2>/dev/null) || continue; r=${s##*) }; set -- $r; '
+        'gs="$gs $3"; done; '
+        # Never signal group 0/1 or this cleanup command's own group.
+        'live=""; for g in $gs; do case "$g" in ""|0|1|"$me") continue;; esac; '
+        'kill -TERM -- -"$g" 2>/dev/null && live="$live $g"; done; '
+        f'i=0; while [ -n "$live" ] && [ $i -lt {steps} ]; do n=""; '
+        'for g in $live; do kill -0 -- -"$g" 2>/dev/null && n="$n $g"; done; live=$n; '
+        '[ -n "$live" ] && sleep 0.1; i=$((i+1)); done; '
+        'for g in $live; do kill -KILL -- -"$g" 2>/dev/null; done; '
+        f"{cleanup}; true"
     )
     await transport.run(script)
 
@@ -166,22 +205,29 @@ async def run_command(
     """Run one command; returns (Result, timed_out). Never raises on a non-zero exit."""
     target = transport.target.display
     started = time.monotonic()
-    secrets_token = None
-    if secrets:
-        secrets_token = _secrets.token_hex(8)
-        # Secrets travel on stdin into a 0600 file: never argv, never the environment of sshd.
-        write = (
-            'umask 077 && mkdir -p "$HOME/.bifrost/secrets" && '
-            f'cat > "$HOME/.bifrost/secrets/{secrets_token}"'
-        )
-        await transport.run(write, stdin=env_lines(secrets).encode())
-    pid_token = _secrets.token_hex(8) if timeout is not None else None
+    token = _secrets.token_hex(8)
+    secrets_token = _secrets.token_hex(8) if secrets else None
+    secret_lines = env_lines(secrets) if secrets else ""
+    # Local commands die with their process group when cancelled (LocalTransport kills it);
+    # on SSH the exported token lets a Ctrl-C find and kill the remote group.
     wire = build_command(
-        command, env=env, cwd=cwd, pid_token=pid_token, secrets_token=secrets_token
-    )
+        command,
+        env=env,
+        cwd=cwd,
+        pid_token=token if timeout is not None else None,
+        secrets_token=secrets_token,
+        exec_token=None if transport.target.is_local else token,
+    )  # validates every name first: a bad one must not leave a secrets file behind
     out, err = _Collector(on_stdout), _Collector(on_stderr)
     timed_out = False
     try:
+        if secrets_token is not None:
+            # Secrets travel on stdin into a 0600 file: never argv, never sshd's environment.
+            write = (
+                'umask 077 && mkdir -p "$HOME/.bifrost/secrets" && '
+                f'cat > "$HOME/.bifrost/secrets/{secrets_token}"'
+            )
+            await transport.run(write, stdin=secret_lines.encode())
         rc = await asyncio.wait_for(
             transport.run(
                 wire, stdin=stdin, on_stdout=out, on_stderr=err, merge_stderr=merge_stderr
@@ -193,8 +239,18 @@ async def run_command(
         rc = 124
         if on_timeout is not None:
             on_timeout()
-        assert pid_token is not None
-        await kill_remote_group(transport, pid_token)
+        await kill_remote_group(transport, token, secrets_token=secrets_token)
+    except asyncio.CancelledError:
+        if transport.target.is_local:
+            raise
+        # Ctrl-C: closing the channel does not stop a command that has no pty, so kill its
+        # process group too; best effort and quick, the user is waiting for their prompt.
+        # (LocalTransport has already killed the local group itself.)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                kill_remote_group(transport, token, 1.0, secrets_token=secrets_token), 3.0
+            )
+        raise
     result = Result(
         command=command,
         target=target,

@@ -155,3 +155,18 @@ def test_wire_command_gets_bash_as_the_session_leader(login_shell: list[str]) ->
     )  # fmt: skip
     out, _ = proc.communicate(timeout=30)
     assert (proc.returncode, out) == (0, f"bash:{proc.pid}\nnormal\n")
+
+
+def test_bad_env_name_leaves_no_secret_file_behind(host: Host) -> None:
+    before = host.exec("ls ~/.bifrost/secrets 2>/dev/null | sort", warn=True).stdout
+    with pytest.raises(ValueError, match="invalid environment variable name"):
+        host.exec("true", env={"BAD-NAME": "1"}, secrets={"MYSEC": "hush"})
+    assert host.exec("ls ~/.bifrost/secrets 2>/dev/null | sort", warn=True).stdout == before
+
+
+def test_cli_bad_env_name_is_exit_2(sshd: SSHServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bifrost.cli import main
+
+    monkeypatch.setenv("MYSEC", "hush")
+    args = ["exec", "-i", str(sshd.client_key), sshd.target, "--secret-env", "MYSEC"]
+    assert main([*args, "-e", "BAD-NAME=1", "true"]) == 2

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 
 import bifrost._loop as loop_mod
 from bifrost import Host
+from bifrost.testing import SSHServer
 
 
 def test_loop_thread_blocks_process_signals() -> None:
@@ -55,3 +58,79 @@ def test_timeout_error_from_a_coroutine_is_raised_not_retried() -> None:
     t.join(10)
     assert not t.is_alive(), "run_sync spun on the coroutine's TimeoutError"
     assert isinstance(result[0], TimeoutError) and "from the coroutine" in str(result[0])
+
+
+def _poll(fn, timeout: float = 30.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if fn():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not met before the deadline")
+
+
+def _cli_proc(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bifrost.cli", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+
+
+def test_ctrl_c_on_ssh_exec_exits_130_and_kills_the_remote_group(
+    sshd: SSHServer, bifrost_home: Path
+) -> None:
+    marker = f"bf-int-{time.monotonic_ns()}"
+    env = {**os.environ, "BIFROST_HOME": str(bifrost_home)}
+    with Host(sshd.target, identity_file=sshd.client_key) as h:
+        running = f"pgrep -f '[s]leep 30; echo {marker}'"
+        proc = _cli_proc(
+            "exec", "-i", str(sshd.client_key), sshd.target,
+            f"bash -c 'sleep 30; echo {marker}' & sleep 31; wait", env=env,
+        )  # fmt: skip
+        _poll(lambda: h.exec(running, warn=True).ok)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err
+        assert "interrupted" in err and "Traceback" not in err
+        # The remote process group went with it (best effort with a short deadline).
+        _poll(lambda: not h.exec(running, warn=True).ok, timeout=10)
+
+
+def test_ctrl_c_on_local_exec_exits_130(tmp_path: Path) -> None:
+    env = {**os.environ, "HOME": str(tmp_path), "BIFROST_HOME": str(tmp_path / "bf")}
+    flag = tmp_path / "started"
+    proc = _cli_proc("exec", "local", f"touch {flag}; sleep 30", env=env)
+    _poll(flag.exists)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+
+
+def test_interrupted_command_is_not_exit_0(monkeypatch: pytest.MonkeyPatch) -> None:
+    """typer (standalone_mode=False) returns 130 on KeyboardInterrupt instead of raising."""
+    from bifrost.cli import main
+
+    def boom(*args: object, **kwargs: object) -> Path:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Host, "pull", boom)
+    assert main(["pull", "local", "~/x", "."]) == 130
+
+
+def test_ctrl_c_in_the_api_kills_the_remote_group(host: Host) -> None:
+    """The connection stays open after a Ctrl-C in a script, and sshd does not stop a command
+    without a pty when its channel closes: bifrost must kill the remote process group."""
+    marker = f"bf-api-int-{time.monotonic_ns()}"
+    running = f"pgrep -f '[s]leep 40; echo {marker}'"
+    with Host(host.target) as probe:
+        timer = threading.Thread(
+            target=lambda: (_poll(lambda: probe.exec(running, warn=True).ok),
+                            os.kill(os.getpid(), signal.SIGINT)),
+            daemon=True,
+        )  # fmt: skip
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            host.exec(f"bash -c 'sleep 40; echo {marker}' & sleep 41; wait")
+        timer.join(10)
+        _poll(lambda: not probe.exec(running, warn=True).ok, timeout=10)
