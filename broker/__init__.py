@@ -22,6 +22,7 @@ from broker.errors import (
     RateLimitedError,
     StaleOfferError,
 )
+from broker.lifecycle import parse_ttl
 from broker.query import F, Query, parse, to_text
 from broker.types import (
     CloudType,
@@ -65,5 +66,6 @@ __all__ = [
     "StockLevel",
     "load_settings",
     "parse",
+    "parse_ttl",
     "to_text",
 ]

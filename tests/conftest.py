@@ -10,6 +10,11 @@ import pytest
 
 from bifrost.testing import SSHServer, ensure_user
 
+# Nothing here can reach the Hugging Face Hub: with the `fineweb` extra installed, corpus
+# "auto" and hub lookups must take their offline paths at once instead of timing out.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 
 @pytest.fixture(scope="session")
 def bifrost_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:

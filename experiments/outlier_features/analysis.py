@@ -271,8 +271,9 @@ def cross_batch(
         "batch_sizes": [len(s) for s in splits],
         "n_dims_per_batch": [len(s) for s in sets],
         "pairwise_jaccard": pairs,
-        "mean_jaccard": float(np.mean(pairs)) if pairs else 1.0,
-        "min_jaccard": float(np.min(pairs)) if pairs else 1.0,
+        # K = 1 compares nothing: no agreement figure rather than a perfect one.
+        "mean_jaccard": float(np.mean(pairs)) if pairs else None,
+        "min_jaccard": float(np.min(pairs)) if pairs else None,
         "stable_rule": f"detected in >= ceil(K/2) = {need} of {k} batches",
         "stable_dims": np.flatnonzero(freq >= need).tolist(),
         "_detect_freq": freq / k,

@@ -29,7 +29,7 @@ import pandas as pd
 if __package__ in (None, ""):  # run as a file (python experiments/outlier_features/run.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from experiments.common.io import atomic_write_text
+from experiments.common.io import atomic_path, atomic_write_text
 
 DEFAULT_RESULTS = Path(__file__).parent / "results"
 METRICS = (("layers_affected", "layers affected (%)"),
@@ -88,8 +88,28 @@ def _row(s: dict[str, Any], path: Path) -> dict[str, Any]:
     row["kurtosis_attn_median"] = s["kurtosis"]["attn_input"]["median"]
     row["kurtosis_ffn_median"] = s["kurtosis"]["ffn_input"]["median"]
     row["max_abs"] = s.get("max_abs_overall")
+    row["criteria"] = criteria_text(s["criteria"])
+    run = s.get("run") or {}
+    row["corpus"] = (run.get("corpus") or {}).get("source", "?")
     row["path"] = str(path)
     return row
+
+
+def criteria_text(c: dict[str, Any]) -> str:
+    """``|x|>=6, >=25% layers, >=6% positions`` from a summary's ``criteria``."""
+    return (f"|x|>={c['threshold']:g}, >={100 * c['layer_pct']:g}% layers, "
+            f">={100 * c['seq_pct']:g}% positions")
+
+
+def mixed_runs(df: pd.DataFrame) -> list[str]:
+    """Warnings for runs that are not comparable: different criteria or corpora."""
+    out = []
+    for col, what in (("criteria", "detection criteria"), ("corpus", "corpora")):
+        vals = sorted(df[col].unique())
+        if len(vals) > 1:
+            per = "; ".join(f"{v}: {', '.join(df.loc[df[col] == v, 'model'])}" for v in vals)
+            out.append(f"runs use different {what} ({per}); their numbers are not comparable")
+    return out
 
 
 def plot_png(df: pd.DataFrame, out_dir: Path, sfx: str = "") -> list[Path]:
@@ -123,10 +143,13 @@ def plot_png(df: pd.DataFrame, out_dir: Path, sfx: str = "") -> list[Path]:
             ax.set_ylim(-3, 103)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-    fig.suptitle("Systematic outlier features (|x|>=6, >=25% layers, >=6% positions)"
+    crit = df["criteria"].unique()
+    fig.suptitle("Systematic outlier features ("
+                 + (str(crit[0]) if len(crit) == 1 else "MIXED criteria, see the table") + ")"
                  + (", position 0 excluded" if sfx else ""))
     p = out_dir / f"outlier_scaling{sfx}.png"
-    fig.savefig(p, dpi=120)
+    with atomic_path(p) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     written.append(p)
 
@@ -145,7 +168,8 @@ def plot_png(df: pd.DataFrame, out_dir: Path, sfx: str = "") -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     p = out_dir / f"outlier_counts{sfx}.png"
-    fig.savefig(p, dpi=120)
+    with atomic_path(p) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     written.append(p)
     return written
@@ -174,7 +198,8 @@ def text_plot(df: pd.DataFrame, xcol: str, ycol: str, title: str, width: int = 6
 
 TABLE_COLS = ["model", "family", "total_params", "active_params", "n_dims", "n_dims_ci_lo",
               "n_dims_ci_hi", "layers_affected_pct", "positions_affected_pct", "n_dims_nopos0",
-              "positions_affected_pct_nopos0", "xbatch_mean_jaccard", "massive_dims"]
+              "positions_affected_pct_nopos0", "xbatch_mean_jaccard", "massive_dims",
+              "corpus"]
 
 
 def render(df: pd.DataFrame, fmt: str) -> str:
@@ -220,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     sfx = "_nopos0" if args.without_pos0 else ""
+    for w in mixed_runs(df):
+        print(f"warning: {w}", file=sys.stderr)
     if args.terminal:
         if args.format == "table":
             for key, label in METRICS:

@@ -160,6 +160,8 @@ ALL_SPECS: tuple[ModelSpec, ...] = SWEEP + DENSE + TINY
 def get_spec(key: str) -> ModelSpec | None:
     """Find a spec by sweep id (``"03"`` or ``"3"``), name or HF id, case-insensitively."""
     k = key.strip().lower()
+    if not k:
+        return None  # the in-code models have an empty hf_id: "" must not select them
     if k.isdigit() and len(k) == 1:
         k = "0" + k
     for spec in ALL_SPECS:
@@ -234,8 +236,11 @@ def plan_gpus(spec: ModelSpec, vram_per_gpu_gb: float | None = None) -> VramPlan
     marketed size (80 for an "80GB" card), treated as GiB for safety (80 GiB > 80 GB).
     """
     vram = float(vram_per_gpu_gb if vram_per_gpu_gb is not None else spec.vram_per_gpu_gb)
-    if vram <= PER_GPU_RESERVE_GIB:
-        raise ConfigError(f"{spec.id}: no GPU size set (vram_per_gpu_gb={vram})")
+    if not vram > PER_GPU_RESERVE_GIB:
+        raise ConfigError(
+            f"{spec.id}: GPU memory must be more than the {PER_GPU_RESERVE_GIB:g} GiB kept free "
+            f"per GPU, got {vram:g} GB (for example 24, 48, 80 or 141)"
+        )
     weights, act, red = vram_need_gib(spec)
     total = weights * (1 + BALANCE_MARGIN) + act + red
     for n in RENTABLE_GPU_COUNTS:

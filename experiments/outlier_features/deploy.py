@@ -42,14 +42,16 @@ if __package__ in (None, ""):  # run as a file (python experiments/outlier_featu
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bifrost import BifrostError, Host, Job, JobStatus
-from broker import BrokerError, ConfigError, GPUClient, GPUOffer, QueryError
+from broker import BrokerError, ConfigError, F, GPUClient, GPUOffer, QueryError, parse_ttl
 from experiments.common.io import atomic_write_json
+from experiments.outlier_features import run as run_script
 from experiments.outlier_features.configs import (
     ALL_SPECS,
     ModelSpec,
     disk_gb_needed,
     get_spec,
     plan_gpus,
+    spec_for_unknown,
     with_overrides,
 )
 from experiments.outlier_features.configs import ConfigError as SpecError
@@ -128,6 +130,7 @@ class DeployOptions:
     corpus: str | None = None
     device: str = "auto"
     state_file: Path | None = None
+    min_cpu_ram_gb: float | None = None
 
 
 # -- model and offers ----------------------------------------------------------------------------
@@ -139,11 +142,18 @@ def known_models() -> str:
 
 
 def resolve_model(key: str) -> ModelSpec:
-    """A config by number (``3`` or ``03``), name or HF id; BadInput names the choices."""
+    """A config by number (``3`` or ``03``), name or HF id, or any other Hugging Face id
+    (``owner/name``; its size is unknown, so ``--min-vram`` must say what to rent)."""
+    if not key.strip():
+        raise BadInput(f"--model is empty; choose one of: {known_models()}, or a Hugging Face id")
     spec = get_spec(key)
-    if spec is None:
-        raise BadInput(f"unknown model {key!r}; choose one of: {known_models()}")
-    return spec
+    if spec is not None:
+        return spec
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", key.strip()):
+        return spec_for_unknown(key.strip())
+    raise BadInput(
+        f"unknown model {key!r}; choose one of: {known_models()}, or a Hugging Face id (owner/name)"
+    )
 
 
 def slug(spec: ModelSpec) -> str:
@@ -259,6 +269,23 @@ def plan_deploy(client: GPUClient, spec: ModelSpec, opts: DeployOptions) -> Plan
         if opts.min_vram_gb is not None:
             filters["min_vram_gb"] = opts.min_vram_gb
         cap = opts.max_price if opts.max_price is not None else TINY_MAX_PRICE
+    elif spec.family == "unknown":
+        # A hub id outside the tables: its size is unknown until it is loaded on the box.
+        if opts.min_vram_gb is None:
+            raise BadInput(
+                f"{spec.hf_id} is not one of the configs, so its size is unknown: say how much "
+                "GPU memory to rent with --min-vram GB (and --gpu-count N, default 1)"
+            )
+        gpu_count = gpu_count or 1
+        filters["min_vram_gb"] = opts.min_vram_gb
+        filters["manufacturer"] = "nvidia"
+        if opts.gpu_filter:
+            filters["gpu_type"] = opts.gpu_filter
+        cap = (
+            opts.max_price
+            if opts.max_price is not None
+            else spec.max_price_per_gpu_hour * gpu_count
+        )
     else:
         vram = opts.min_vram_gb if opts.min_vram_gb is not None else spec.vram_per_gpu_gb
         try:
@@ -285,12 +312,15 @@ def plan_deploy(client: GPUClient, spec: ModelSpec, opts: DeployOptions) -> Plan
         )
         if x
     )
+    query = F.ram_gb >= opts.min_cpu_ram_gb if opts.min_cpu_ram_gb is not None else None
+    if query is not None:
+        wanted += f" ram>={opts.min_cpu_ram_gb:g}GB"
     try:
         names = client.provider_names()
-        result = client.search(None, max_price_per_hour=cap, **filters)
+        result = client.search(query, max_price_per_hour=cap, **filters)
         over = None
         if not result.offers:
-            wider = client.search(None, **filters)
+            wider = client.search(query, **filters)
             over = wider.offers[0] if wider.offers else None
             errors = _errors_of(wider) or _errors_of(result)
         else:
@@ -437,35 +467,65 @@ def _cleanup_shield(out: Callable[[str], None]) -> Iterator[None]:
 # -- the deploy ----------------------------------------------------------------------------------
 
 
-def _run_command(spec: ModelSpec, opts: DeployOptions, *, local: bool, out_rel: str) -> str:
-    # On `local`: this interpreter, whose environment has the extra already. On a rented box:
-    # the workspace venv's python (the job runs with that venv on PATH).
-    python = sys.executable if local else "python"
-    argv = [
-        python,
-        "experiments/outlier_features/run.py",
-        "--model",
-        spec.id,
-        "--output-dir",
-        out_rel,
-        "--device",
-        opts.device,
-    ]
+def _run_args(spec: ModelSpec, opts: DeployOptions, out_rel: str) -> list[str]:
+    """The flags handed to ``run.py`` on the box (checked here before anything is rented)."""
+    device = opts.device
+    if device == "auto" and not spec.is_tiny:
+        # A real model on a box rented for its GPUs: fail loudly if torch cannot see them
+        # (a driver older than torch's CUDA) instead of running on the CPU until the TTL.
+        device = "cuda"
+    argv = ["--model", spec.id, "--output-dir", out_rel, "--device", device]
     if opts.num_sequences is not None:
         argv += ["--num-sequences", str(opts.num_sequences)]
         # run.py's default K=4 disjoint batches needs at least 4 sequences.
         argv += ["--xbatch-k", str(max(1, min(4, opts.num_sequences)))]
     if opts.seq_len is not None:
         argv += ["--seq-len", str(opts.seq_len)]
-    if opts.corpus is not None:
-        argv += ["--corpus", opts.corpus]
-    command = shlex.join(argv)
-    if not local and opts.corpus in (None, "auto", "fineweb-edu"):
-        # FineWeb-Edu needs `datasets`, which the lock file leaves out (only a rented box can
-        # reach the hub). `uv pip` installs into the job's venv ($VIRTUAL_ENV); if it fails,
-        # run.py's `auto` falls back to the packaged corpus and records which one it used.
-        command = f"uv pip install --quiet datasets; {command}"
-    return command
+    argv += ["--corpus", _corpus(spec, opts)]
+    return argv
+
+
+def preflight(spec: ModelSpec, opts: DeployOptions) -> None:
+    """Refuse, before renting, what would fail on the box: the job's own flags (through
+    ``run.py``'s validation), the TTL and the timeouts. BadInput (exit 2) names the fix."""
+    try:
+        if opts.ttl is not None:
+            parse_ttl(opts.ttl)
+    except ConfigError as e:
+        raise BadInput(f"--ttl: {e}") from None
+    for flag, value in (
+        ("--ready-timeout", opts.ready_timeout),
+        ("--min-vram", opts.min_vram_gb),
+        ("--min-cpu-ram", opts.min_cpu_ram_gb),
+    ):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise BadInput(f"{flag} must be a number > 0, got {value}")
+    argv = _run_args(spec, opts, f"experiments/outlier_features/results/{slug(spec)}")
+    try:
+        run_script.validate(run_script.build_parser().parse_args(argv), root=ROOT)
+    except SpecError as e:
+        raise BadInput(str(e)) from None
+
+
+def _run_command(spec: ModelSpec, opts: DeployOptions, *, local: bool, out_rel: str) -> str:
+    # On `local`: this interpreter, whose environment has the extra already. On a rented box:
+    # the workspace venv's python (the job runs with that venv on PATH).
+    python = sys.executable if local else "python"
+    argv = [python, "experiments/outlier_features/run.py", *_run_args(spec, opts, out_rel)]
+    return shlex.join(argv)
+
+
+def _extras(spec: ModelSpec, opts: DeployOptions) -> tuple[str, ...]:
+    """Extras synced on a rented box: FineWeb-Edu streaming needs the locked `fineweb` one."""
+    if _corpus(spec, opts) in ("auto", "fineweb-edu"):
+        return (*EXTRAS, "fineweb")
+    return EXTRAS
+
+
+def _corpus(spec: ModelSpec, opts: DeployOptions) -> str:
+    # The random in-code models read any text the same way: the offline corpus keeps them
+    # independent of the hub (and of a 30 s hub timeout on a machine without network).
+    return opts.corpus or ("packaged" if spec.is_tiny else "auto")
 
 
 def _replace_dir(new: Path, final: Path) -> None:
@@ -530,6 +590,7 @@ def deploy(
     try:
         try:
             spec = resolve_model(opts.model)
+            preflight(spec, opts)
             state.update(model=spec.id, name=spec.name)
             if client is None:
                 client = GPUClient(providers=opts.providers)
@@ -562,6 +623,8 @@ def deploy(
                 name=f"outlier-{spec.id}",
                 on_progress=progress,
             )
+        except ConfigError as e:  # a request the broker refuses as such (e.g. the TTL)
+            raise BadInput(f"could not rent a box: {e}") from None
         except BrokerError as e:
             raise DeployError(f"could not rent a box: {e}") from None
         timings["provision_s"] = time.monotonic() - t0
@@ -593,7 +656,11 @@ def deploy(
             # bootstrapping would build a second copy of torch under ~/.bifrost/venvs.
             pushed = _interruptible(
                 lambda: host.push(
-                    ROOT, name=workspace, bootstrap=not local, extras=EXTRAS, progress=tty
+                    ROOT,
+                    name=workspace,
+                    bootstrap=not local,
+                    extras=_extras(spec, opts),
+                    progress=tty,
                 )
             )
         except BifrostError as e:
@@ -637,9 +704,25 @@ def deploy(
         state.update(job_state=final.state, exit_code=final.exit_code)
         if final.state != "succeeded":
             tail = "\n".join(f"    {ln}" for ln in printer.tail)
-            raise DeployError(
-                f"job {job.id} {final.state} (exit code {final.exit_code}); last log lines:\n{tail}"
+            # The cause goes on the first line: a sweep's table shows only that one.
+            cause = next(
+                (
+                    ln.strip()
+                    for ln in reversed(printer.tail)
+                    if ln.lstrip().lower().startswith("error")
+                ),
+                None,
             )
+            msg = (
+                f"job {job.id} {final.state} (exit code {final.exit_code})"
+                + (f": {cause}" if cause else "")
+                + f"; last log lines:\n{tail}"
+            )
+            if final.exit_code == EXIT_BAD_INPUT:
+                # run.py's "bad input" (a flag or the corpus): the same on any box, so a
+                # sweep must not rent another one for it.
+                raise BadInput(msg)
+            raise DeployError(msg)
 
         t3 = time.monotonic()
         record = {
@@ -748,7 +831,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 2)[1] if __doc__ else None,
     )
     p.add_argument(
-        "--model", required=True, help=f"config: {known_models()} (number, name or HF id)"
+        "--model",
+        required=True,
+        help=f"config: {known_models()} (number, name or HF id), or any Hugging Face id "
+        "(then --min-vram is needed)",
     )
     p.add_argument(
         "--provider",
@@ -777,6 +863,12 @@ def build_parser() -> argparse.ArgumentParser:
         ">= 1h); the box is reaped after it even if this script dies",
     )
     p.add_argument("--disk", type=int, dest="disk_gb", help="disk GB (default: from the config)")
+    p.add_argument(
+        "--min-cpu-ram",
+        type=float,
+        dest="min_cpu_ram_gb",
+        help="system RAM in GB the box must have (offers that do not list RAM are left out)",
+    )
     p.add_argument(
         "--ready-timeout",
         type=float,
@@ -818,7 +910,7 @@ def options_from_args(args: argparse.Namespace) -> DeployOptions:
     ):
         if value is not None and value < 1:
             raise BadInput(f"{flag} must be >= 1, got {value}")
-    if args.max_price is not None and args.max_price < 0:
+    if args.max_price is not None and not (math.isfinite(args.max_price) and args.max_price >= 0):
         raise BadInput(f"--max-price must be >= 0, got {args.max_price}")
     return DeployOptions(
         model=args.model,
@@ -839,6 +931,7 @@ def options_from_args(args: argparse.Namespace) -> DeployOptions:
         corpus=args.corpus,
         device=args.device,
         state_file=args.state_file,
+        min_cpu_ram_gb=args.min_cpu_ram_gb,
     )
 
 

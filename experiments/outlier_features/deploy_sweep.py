@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -55,15 +56,31 @@ from experiments.outlier_features.deploy import (
     BadInput,
     DeployOptions,
     Plan,
+    options_from_args,
     plan_deploy,
+    preflight,
     resolve_model,
 )
+from experiments.outlier_features.deploy import build_parser as deploy_parser
 
 DEPLOY = Path(__file__).resolve().parent / "deploy.py"
 SWEEP_PREFIX = "outlier-"
 #: deploy.py exit codes that another attempt cannot fix.
 NO_RETRY = {EXIT_OK, EXIT_BAD_INPUT, EXIT_NO_OFFER, EXIT_INTERRUPTED}
 DEFAULT_DELAY_S = 30.0
+
+
+SWEEP_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}")
+
+
+def check_sweep_id(sweep_id: str) -> str:
+    """A sweep id names a folder and tags journal entries: letters, digits, ``._-`` only."""
+    if not SWEEP_ID_RE.fullmatch(sweep_id) or ".." in sweep_id:
+        raise ValueError(
+            f"--sweep-id {sweep_id!r}: use 1-80 letters, digits, '.', '_' or '-', starting with "
+            "a letter or digit (for example outlier-run2)"
+        )
+    return sweep_id
 
 
 def new_sweep_id() -> str:
@@ -417,11 +434,12 @@ def leak_check(
 def latest_sweep(client: GPUClient, results_dir: Path) -> str | None:
     """The most recently started sweep: from the journal and the sweep folders."""
     started: dict[str, str] = {}
+    sweeps = results_dir / "sweeps"
     for e in client.journal.all_entries():
         sweep, t = e.sweep or "", e.created_at.isoformat()
-        if sweep.startswith(SWEEP_PREFIX):
+        # A custom --sweep-id has no prefix, but it has its folder.
+        if sweep.startswith(SWEEP_PREFIX) or (sweep and (sweeps / sweep).is_dir()):
             started[sweep] = min(started.get(sweep, t), t)
-    sweeps = results_dir / "sweeps"
     for p in sweeps.iterdir() if sweeps.is_dir() else []:
         with contextlib.suppress(OSError, ValueError, AttributeError):
             started.setdefault(p.name, json.loads((p / "sweep.json").read_text())["created_at"])
@@ -622,14 +640,19 @@ def _plans(client: GPUClient, specs: list[ModelSpec], args: argparse.Namespace) 
     for name in client.provider_names():  # build adapters once, before threads share them
         client.get_provider(name)
 
-    def one(spec: ModelSpec) -> Plan:
-        opts = DeployOptions(
-            model=spec.id, providers=args.providers, ttl=args.ttl, seq_len=args.seq_len
-        )
-        return plan_deploy(client, spec, opts)
+    def options(spec: ModelSpec) -> DeployOptions:
+        # Exactly the flags each worker's deploy.py will get, checked by deploy.py's own
+        # rules before anything is rented: a bad value fails the sweep now, not per box.
+        argv = ["--model", spec.id, *_passthrough(args)]
+        for prov in args.providers or []:
+            argv += ["--provider", prov]
+        opts = options_from_args(deploy_parser().parse_args(argv))
+        preflight(spec, opts)
+        return opts
 
+    checked = [options(spec) for spec in specs]
     with ThreadPoolExecutor(max_workers=min(8, len(specs))) as pool:
-        return list(pool.map(one, specs))
+        return list(pool.map(lambda so: plan_deploy(client, *so), zip(specs, checked, strict=True)))
 
 
 def _confirm(n: int, total: float) -> bool:
@@ -666,6 +689,12 @@ def _term_as_interrupt(signum: int, frame: object) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
+    if args.sweep_id is not None:
+        try:
+            check_sweep_id(args.sweep_id)
+        except ValueError as e:
+            say(f"error: {e}")
+            return EXIT_BAD_INPUT
     if args.max_concurrent is not None and args.max_concurrent < 1:
         say("error: --max-concurrent must be >= 1")
         return EXIT_BAD_INPUT

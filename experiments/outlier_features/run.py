@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import platform
 import resource
 import sys
@@ -65,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="load dtype (default: the config's; bfloat16 for real models)")
     p.add_argument("--max-memory-per-gpu", type=float,
-                   help="GiB cap per GPU for device_map='balanced' (default: from the VRAM plan)")
+                   help="GiB cap per GPU for device_map='balanced' (default: GPU memory - 3)")
     p.add_argument("--backend", choices=["nnsight", "hooks"], default="nnsight",
                    help="nnsight trace (default) or plain torch forward hooks (same reduction)")
     p.add_argument("--corpus", default="auto",
@@ -95,6 +97,9 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 
 def resolve_spec(args: argparse.Namespace) -> ModelSpec:
     """Config id / HF id / local path -> spec with the CLI overrides applied."""
+    if not args.model.strip():
+        raise ConfigError("--model is empty; give a config id (for example 01 or tiny-moe), "
+                          "a Hugging Face id or a checkpoint directory")
     spec = get_spec(args.model)
     if spec is None:
         path = Path(args.model).expanduser()
@@ -111,6 +116,11 @@ def resolve_spec(args: argparse.Namespace) -> ModelSpec:
     plant = _int_list(args.plant_dims, "--plant-dims") if args.plant_dims else None
     if (plant is not None or args.plant_gain is not None) and not spec.is_tiny:
         raise ConfigError("--plant-dims/--plant-gain only apply to the in-code tiny models")
+    if args.plant_gain is not None and not (plant or spec.plant_dims):
+        raise ConfigError(f"--plant-gain does nothing: {spec.id} has no planted dims; add "
+                          "--plant-dims (for example 7,42) or use tiny-moe-planted")
+    if args.plant_gain is not None and not math.isfinite(args.plant_gain):
+        raise ConfigError(f"--plant-gain must be a finite number, got {args.plant_gain}")
     spec = with_overrides(
         spec, num_sequences=args.num_sequences, seq_len=args.seq_len,
         batch_size=args.batch_size, chunk_layers=args.chunk_layers, dtype=args.dtype,
@@ -128,24 +138,91 @@ def resolve_spec(args: argparse.Namespace) -> ModelSpec:
         raise ConfigError(f"--xbatch-k must be in [1, {spec.num_sequences}] (the sequence count)")
     if args.bootstrap < 1:
         raise ConfigError("--bootstrap must be >= 1")
-    if args.threshold <= 0:
-        raise ConfigError("--threshold must be > 0")
+    if not (math.isfinite(args.threshold) and args.threshold > 0):
+        raise ConfigError(f"--threshold must be a finite number > 0, got {args.threshold}")
     for name in ("layer_pct", "seq_pct"):
         v = getattr(args, name)
         if not 0 < v <= 100:
             raise ConfigError(f"--{name.replace('_', '-')} is a percentage in (0, 100], got {v}")
+    if args.max_memory_per_gpu is not None and not (
+        math.isfinite(args.max_memory_per_gpu) and args.max_memory_per_gpu > 0
+    ):
+        raise ConfigError(f"--max-memory-per-gpu is GiB > 0, got {args.max_memory_per_gpu}")
+    layers = _layer_list(args.layers)
+    if layers and spec.num_layers and layers[-1] >= spec.num_layers:
+        raise ConfigError(f"--layers {args.layers}: {spec.name} has blocks 0-{spec.num_layers - 1}")
     return spec
 
 
-def _device(arg: str) -> str:
+def _layer_list(text: str | None) -> list[int] | None:
+    """``--layers`` as a sorted list of distinct block indices (nnsight needs forward order)."""
+    if not text:
+        return None
+    layers = list(_int_list(text, "--layers"))
+    if not layers:
+        raise ConfigError("--layers is empty; give block indices such as 0,4,8 or leave it out")
+    if any(i < 0 for i in layers) or layers != sorted(set(layers)):
+        raise ConfigError(f"--layers must be distinct block indices >= 0 in increasing order, "
+                          f"got {text!r} (for example 0,4,8)")
+    return layers
+
+
+def validate(args: argparse.Namespace, *, root: Path | None = None) -> ModelSpec:
+    """Every check that needs no model or GPU, so a bad flag fails before anything is loaded
+    (or rented: ``deploy.py`` runs this on the argv it will send). Relative paths are taken
+    from ``root`` (the job's working directory) when given."""
+    spec = resolve_spec(args)
+    _device_name(args.device)
+    corpus = args.corpus
+    if corpus not in ("auto", "packaged", "fineweb-edu"):
+        path = Path(corpus).expanduser()
+        if root is not None and not path.is_absolute():
+            path = root / path
+        if not path.is_file():
+            raise ConfigError(f"--corpus must be auto, packaged, fineweb-edu or an existing "
+                              f"text file, got {corpus!r}")
+    if args.output_dir is not None and not args.dry_run:
+        _check_output_dir(args.output_dir if root is None or args.output_dir.is_absolute()
+                          else root / args.output_dir)
+    return spec
+
+
+def _check_output_dir(out: Path) -> None:
+    """The results must be writable there: found out now, not after hours of extraction."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output-dir {out} exists and is not a directory")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--output-dir {out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output-dir {out}: {parent} is not writable")
+
+
+def _device_name(arg: str) -> str:
+    if arg in ("auto", "cpu", "cuda") or (arg.startswith("cuda:") and arg[5:].isdigit()):
+        return arg
+    raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {arg!r}")
+
+
+def _device(arg: str, spec: ModelSpec) -> str:
     import torch
 
+    arg = _device_name(arg)
     if arg == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available():
+            return "cuda"
+        if not spec.is_tiny:
+            # A rented box whose driver is older than torch's CUDA also lands here: say so
+            # loudly instead of running a 30B model on the CPU until the TTL ends it.
+            log.warning("no CUDA device visible to torch %s (CUDA %s): running %s on the CPU; "
+                        "pass --device cuda to fail instead", torch.__version__,
+                        torch.version.cuda, spec.name)
+        return "cpu"
     if arg.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {arg}: CUDA is not available on this machine")
-    if arg not in ("cpu", "cuda") and not arg.startswith("cuda:"):
-        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {arg!r}")
+        raise ConfigError(f"--device {arg}: torch {torch.__version__} (CUDA {torch.version.cuda})"
+                          " sees no CUDA device on this machine (driver missing or too old?)")
     return arg
 
 
@@ -189,10 +266,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from experiments.outlier_features.analysis import analyze
     from experiments.outlier_features.data import load_chunks
     from experiments.outlier_features.extract import extract
-    from experiments.outlier_features.models import load_model
+    from experiments.outlier_features.models import decoder_layers, load_model
 
-    spec = resolve_spec(args)
-    device = _device(args.device)
+    spec = validate(args)
+    device = _device(args.device, spec)
     plan = None
     if not spec.is_tiny and spec.total_params:
         plan = plan_gpus(spec)
@@ -207,15 +284,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return info
     out_dir = args.output_dir or DEFAULT_RESULTS / _slug(spec)
     t0 = time.perf_counter()
-    max_mem = args.max_memory_per_gpu or (plan.max_memory_per_gpu_gib if plan else None)
+    # None: load_model caps each GPU at its real memory minus the reserve; the plan's cap
+    # assumes the config's card size, which the rented GPUs need not have.
+    max_mem = args.max_memory_per_gpu
     lm = load_model(spec, device=device, backend=args.backend, dtype=args.dtype,
                     max_memory_per_gpu_gib=max_mem, seed=args.seed)
     t_load = time.perf_counter() - t0
     chunks = load_chunks(lm.tokenizer, num_sequences=spec.num_sequences, seq_len=spec.seq_len,
                          corpus=args.corpus, bos=not args.no_bos)
-    layers = list(_int_list(args.layers, "--layers")) if args.layers else None
+    layers = _layer_list(args.layers)
+    n_blocks = len(decoder_layers(lm.module))
+    if layers and layers[-1] >= n_blocks:
+        raise ConfigError(f"--layers {args.layers}: the model has blocks 0-{n_blocks - 1}")
     if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
     stats = extract(lm, chunks.input_ids, backend=args.backend, batch_size=spec.batch_size,
                     chunk_layers=spec.chunk_layers, layers=layers, progress=not args.quiet)
     t1 = time.perf_counter()
@@ -239,7 +322,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "device": device, "device_map": str(lm.device_map), "dtype": str(lm.dtype),
             "backend": args.backend, "batch_size": spec.batch_size,
             "chunk_layers": spec.chunk_layers, "layers_observed": stats.layer_indices,
-            "corpus": chunks.to_dict(), "bos": not args.no_bos, "seed": args.seed,
+            "corpus": chunks.to_dict(), "seed": args.seed,
+            # Whether every sequence starts with BOS: asked for and the tokenizer has one.
+            "bos": (not args.no_bos) and getattr(lm.tokenizer, "bos_token_id", None) is not None,
             "timings_s": {"load": round(t_load, 3),
                           "extract": round(stats.timings["extract_s"], 3),
                           "analysis": round(t_analysis, 3)},
@@ -277,6 +362,10 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+def _fmt(x: float | None) -> str:
+    return "n/a (K=1)" if x is None else f"{x:.2f}"
+
+
 def _print_result(s: dict[str, Any], out_dir: Path | None) -> None:
     m = s["model"]
     print(f"model {m['name']} ({m['family']}, {m['total_params'] / 1e9:.3g}B total, "
@@ -291,7 +380,7 @@ def _print_result(s: dict[str, Any], out_dir: Path | None) -> None:
         print(f"  {tag:13s} outlier dims: {r['n_dims']} [{lo:g}, {hi:g}] {dims}{more}; "
               f"layers affected {100 * b['layers_affected']:.1f}%, positions affected "
               f"{100 * b['positions_affected']:.1f}%; cross-batch K={xb['k']} mean Jaccard "
-              f"{xb['mean_jaccard']:.2f}, stable {len(xb['stable_dims'])}")
+              f"{_fmt(xb['mean_jaccard'])}, stable {len(xb['stable_dims'])}")
     t = s["run"]["timings_s"]
     print(f"  load {t['load']:.1f}s, extract {t['extract']:.1f}s, analysis {t['analysis']:.1f}s;"
           f" peak RSS {s['run']['peak_rss_gib']:.2f} GiB")
