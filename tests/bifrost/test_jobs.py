@@ -208,3 +208,19 @@ def test_wait_timeout_on_a_running_job(host: Host, sshd: SSHServer, bifrost_home
         assert "still running" in r.stderr and "Traceback" not in r.stderr
     finally:
         job.kill(grace=0.5)
+
+
+def test_pull_results_twice_never_copies_env(host: Host, tmp_path: Path) -> None:
+    job = host.run("echo done", cwd="/tmp", secrets={"MYSEC": "hush-hush"})
+    job.wait(timeout=30)
+    # Whatever the wrapper did with it, an env file holding a secret must never come back.
+    host.exec(f"printf 'export MYSEC=hush-hush\\n' > ~/.bifrost/jobs/{job.id}/env")
+    first = job.pull_results(tmp_path / "res")
+    host.exec(f"echo again >> ~/.bifrost/jobs/{job.id}/log")
+    second = job.pull_results(tmp_path / "res")
+    assert first == second == tmp_path / "res" / job.id
+    assert (second / "job" / "log").read_text() == "done\nagain\n"
+    assert not (second / "job" / "job").exists()
+    for p in (tmp_path / "res").rglob("*"):
+        assert p.name != "env"
+        assert not p.is_file() or b"hush-hush" not in p.read_bytes(), p

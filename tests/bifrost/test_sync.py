@@ -158,3 +158,68 @@ def test_nonroot_push_and_job(sshd_nonroot: SSHServer, tmp_path: Path) -> None:
         first = job.logs().splitlines()[0]
         assert first == h.home() + "/.bifrost/workspaces/nr"
         assert res.files == len(EXPECTED)
+
+
+def test_upload_and_pull_a_tree_again_merge_in_place(host: Host, tmp_path: Path) -> None:
+    src = tmp_path / "tree"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "f.txt").write_text("v1\n")
+    base = f"bifrost-remerge-{os.getpid()}"
+    host.exec(f"rm -rf ~/{base} && mkdir -p ~/{base}/dst")
+    try:
+        first = host.upload(src, f"~/{base}/dst")
+        assert first == f"{host.home()}/{base}/dst/tree"
+        (src / "sub" / "f.txt").write_text("v2\n")
+        (src / "new.txt").write_text("new\n")
+        again = host.upload(src, f"~/{base}/dst")
+        assert again == first
+        listing = host.exec(f"cd ~/{base}/dst && find . -type f | sort").stdout.split()
+        assert listing == ["./tree/new.txt", "./tree/sub/f.txt"]
+        assert host.exec(f"cat ~/{base}/dst/tree/sub/f.txt").stdout == "v2\n"
+        into = tmp_path / "into"
+        into.mkdir()
+        p1 = host.pull(f"~/{base}/dst/tree", into)
+        host.exec(f"echo v3 > ~/{base}/dst/tree/sub/f.txt")
+        p2 = host.pull(f"~/{base}/dst/tree", into)
+        assert p1 == p2 == into / "tree"
+        assert sorted(str(p.relative_to(into)) for p in into.rglob("*") if p.is_file()) == [
+            "tree/new.txt",
+            "tree/sub/f.txt",
+        ]
+        assert (into / "tree" / "sub" / "f.txt").read_text() == "v3\n"
+        assert not [p for p in into.rglob("*") if "bifrost-part" in p.name]
+    finally:
+        host.exec(f"rm -rf ~/{base}")
+
+
+def test_interrupted_single_file_pull_leaves_no_partial_file(
+    host: Host, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bifrost.transport import ssh as ssh_mod
+
+    host.exec("echo complete > ~/bifrost-partial.txt")
+    (tmp_path / "out.txt").write_text("old\n")
+
+    async def broken_get(self, remote, local, *, progress=None):  # type: ignore[no-untyped-def]
+        Path(local).write_bytes(b"compl")  # half of it, then the link dies
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(ssh_mod.SSHTransport, "get", broken_get)
+    with pytest.raises(TransferError, match="connection reset"):
+        host.pull("~/bifrost-partial.txt", tmp_path / "out.txt")
+    assert (tmp_path / "out.txt").read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+    monkeypatch.undo()
+    assert host.pull("~/bifrost-partial.txt", tmp_path / "out.txt") == tmp_path / "out.txt"
+    assert (tmp_path / "out.txt").read_text() == "complete\n"
+    host.exec("rm -f ~/bifrost-partial.txt")
+
+
+def test_pull_says_permission_denied(sshd_nonroot: SSHServer, tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs a login user who cannot read /root (tests run as root)")
+    with Host(sshd_nonroot.target, identity_file=sshd_nonroot.client_key) as h:
+        with pytest.raises(TransferError, match="permission denied"):
+            h.pull("/root/.bashrc", tmp_path)
+        with pytest.raises(TransferError, match="does not exist"):
+            h.pull("~/no-such-file", tmp_path)
