@@ -143,7 +143,10 @@ def exec_(
     targets = _targets(target)
     if len(targets) > 1:
         group = Group(targets, concurrency=concurrency, identity_file=identity)
-        outcomes = group.exec(cmd, env=envs, cwd=cwd, timeout=timeout, echo=not as_json)
+        outcomes = group.exec(
+            cmd, env=envs, secrets=secrets, cwd=cwd, timeout=timeout, merge_stderr=merge,
+            echo=not as_json,
+        )  # fmt: skip
         _report_outcomes(outcomes, as_json)
         raise _Exit(0 if all(o.ok for o in outcomes) else 1)
     host = _host(targets[0], identity)
@@ -172,12 +175,12 @@ def _report_outcomes(outcomes: list[HostOutcome[Any]], as_json: bool) -> None:
                 if o.value is not None and hasattr(o.value, "to_dict")
                 else o.value
             )
-            rows.append({"host": o.host, "ok": o.ok, "error": o.error, "result": value})
+            rows.append({"host": o.host, "ok": o.ok, "error": o.reason, "result": value})
         _print_json(rows)
         return
     failed = [o for o in outcomes if not o.ok]
     for o in failed:
-        err.print(f"[{o.host}] FAILED: {o.error}", markup=False)
+        err.print(f"[{o.host}] FAILED: {o.reason}", markup=False)
     err.print(f"{len(outcomes) - len(failed)}/{len(outcomes)} hosts ok", markup=False)
 
 
@@ -242,6 +245,8 @@ def run(
         "secrets": _secrets(secret_env), "outputs": output or [],
     }  # fmt: skip
     targets = _targets(target)
+    if len(targets) > 1 and follow:
+        _fail("--follow needs a single target: follow each job with `bifrost logs -f JOB`")
     if len(targets) > 1:
         outcomes = Group(targets, identity_file=identity).run(cmd, **opts)
         if as_json:

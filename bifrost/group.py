@@ -37,6 +37,15 @@ class HostOutcome(Generic[T]):
             return False
         return not (isinstance(self.value, Result) and self.value.exit_code != 0)
 
+    @property
+    def reason(self) -> str | None:
+        """Why this host failed in one line (``exit 3`` for a non-zero exit), None when ok."""
+        if self.error is not None:
+            return self.error
+        if isinstance(self.value, Result) and self.value.exit_code != 0:
+            return f"exit {self.value.exit_code}"
+        return None
+
 
 class PrefixWriter:
     """Turns a byte stream into ``[host] line`` lines, never interleaving partial lines."""
@@ -109,11 +118,14 @@ class Group:
         command: str,
         *,
         env: Mapping[str, str] | None = None,
+        secrets: Mapping[str, str] | None = None,
         cwd: str | None = None,
         timeout: float | None = None,
+        merge_stderr: bool = False,
         echo: bool = False,
     ) -> list[HostOutcome[Result]]:
-        """Run ``command`` everywhere; with ``echo`` print ``[host]``-prefixed output live."""
+        """Run ``command`` everywhere (the options as in :meth:`Host.exec`); with ``echo`` print
+        ``[host]``-prefixed output live."""
 
         async def op(h: Host) -> Result:
             out = err = None
@@ -122,8 +134,8 @@ class Group:
                 err = PrefixWriter(f"[{h.name}] ", _stderr_write)
             try:
                 return await h.aexec(
-                    command, env=env, cwd=cwd, timeout=timeout, warn=True,
-                    on_stdout=out, on_stderr=err,
+                    command, env=env, secrets=secrets, cwd=cwd, timeout=timeout, warn=True,
+                    merge_stderr=merge_stderr, on_stdout=out, on_stderr=err,
                 )  # fmt: skip
             finally:
                 if out is not None and err is not None:

@@ -48,3 +48,39 @@ def test_cli_fanout_exit_code_and_json(sshd_many: list[SSHServer], bifrost_home:
     rows = json.loads(failing.stdout)
     assert [r["ok"] for r in rows] == [True, False, True, True, True]
     assert rows[1]["result"]["exit_code"] == 4
+
+
+def test_cli_fanout_passes_secret_env_and_merge(sshd_many: list[SSHServer]) -> None:
+    import os
+
+    hosts = ",".join(sshd_many[0].targets()[:2])
+    env = {**os.environ, "MYSEC": "fan-out-secret"}
+    base = [sys.executable, "-m", "bifrost.cli", "exec", "-i", str(sshd_many[0].client_key)]
+    r = subprocess.run(
+        [*base, "--json", "--secret-env", "MYSEC", "--merge", hosts,
+         'printf "%s\\n" "$MYSEC"; echo to-stderr >&2'],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    for row in json.loads(r.stdout):
+        assert row["result"]["stdout"] == "fan-out-secret\nto-stderr\n"
+        assert row["result"]["stderr"] == ""
+
+
+def test_cli_fanout_failure_shows_the_exit_code(sshd_many: list[SSHServer]) -> None:
+    hosts = ",".join(sshd_many[0].targets()[:2])
+    base = [sys.executable, "-m", "bifrost.cli", "exec", "-i", str(sshd_many[0].client_key)]
+    r = subprocess.run([*base, hosts, "exit 3"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "FAILED: exit 3" in r.stderr and "None" not in r.stderr
+    r = subprocess.run(
+        [*base, "--json", hosts, "exit 3"], capture_output=True, text=True, timeout=120
+    )
+    assert [row["error"] for row in json.loads(r.stdout)] == ["exit 3", "exit 3"]
+
+
+def test_cli_run_follow_on_several_hosts_is_refused(sshd_many: list[SSHServer]) -> None:
+    from bifrost.cli import main
+
+    hosts = ",".join(sshd_many[0].targets()[:2])
+    assert main(["run", "-f", "-i", str(sshd_many[0].client_key), hosts, "--", "true"]) == 2
