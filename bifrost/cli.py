@@ -199,6 +199,10 @@ def push(
     as_json: JsonOpt = False,
 ) -> None:
     """Sync a project (git-tracked + untracked-not-ignored files) to ~/.bifrost/workspaces/NAME."""
+    if extra and not bootstrap:
+        _fail("--extra only applies to --bootstrap: add --bootstrap (or drop --extra)")
+    if bootstrap and not (path / "uv.lock").is_file():
+        _fail(f"--bootstrap needs a uv.lock in {path} (run `uv lock` there, or drop --bootstrap)")
     res = _host(target, identity).push(
         path, name=name, bootstrap=bootstrap, extras=extra or [], progress=sys.stderr.isatty()
     )

@@ -32,8 +32,8 @@ DEFAULT_IGNORES = (".git/", "__pycache__/", "*.pyc", ".venv/", ".mypy_cache/", "
 @dataclass(frozen=True)
 class PushResult:
     """What a push did. ``method`` is ``rsync`` or ``tar``; ``bootstrapped`` is ``synced``,
-    ``skipped`` (env stamp unchanged) or None (no bootstrap asked, or no uv.lock);
-    ``uv_installed`` says the bootstrap had to install uv first."""
+    ``skipped`` (env stamp unchanged) or None (no bootstrap asked; asking without a uv.lock is
+    an error); ``uv_installed`` says the bootstrap had to install uv first."""
 
     target: str
     workspace: str
@@ -300,6 +300,12 @@ async def apush(
     if not root.is_dir():
         raise TransferError(f"cannot push {root}: not a directory")
     name = check_workspace_name(name or re.sub(r"[^A-Za-z0-9._-]+", "-", root.name).strip(".-"))
+    if extras and not bootstrap:
+        raise TransferError("extras only apply to the environment bootstrap: add bootstrap=True")
+    if bootstrap and not (root / "uv.lock").is_file():
+        raise TransferError(
+            f"cannot bootstrap: no uv.lock in {root} (run `uv lock` there, or push without it)"
+        )
     files = await asyncio.to_thread(list_files, root)
     sha, dirty = await asyncio.to_thread(_git_state, root)
     t = await host.atransport()
@@ -317,6 +323,21 @@ async def apush(
         old_files = set(json.loads(old_manifest)["files"]) if old_manifest.strip() else set()
     except (ValueError, KeyError, TypeError):
         old_files = set()
+    deleted = sorted(old_files - set(files))
+    safe_deleted = [p for p in deleted if _safe_rel(p)]
+    # Stale paths go BEFORE the transfer, so a path that changed type can be written: a file
+    # that became a directory (`foo` → `foo/child`) is in `deleted`; a directory that became a
+    # file (`d/x` → `d`) is a new file some old entry lived under. `rm -rf` of exactly those
+    # relative paths, inside the workspace: nothing else is ever removed.
+    old_dirs = {p.rsplit("/", 1)[0] for p in old_files if "/" in p}
+    old_dirs |= {d.rsplit("/", i)[0] for d in old_dirs for i in range(1, d.count("/") + 1)}
+    retyped = [f for f in files if f in old_dirs and _safe_rel(f)]
+    stale = sorted(set(safe_deleted) | set(retyped))
+    if stale:
+        listing = b"".join(p.encode("utf-8", "surrogateescape") + b"\0" for p in stale)
+        await _run_checked(
+            t, f'cd "$HOME/.bifrost/workspaces/{name}" && xargs -0 -r rm -rf --', stdin=listing
+        )
     shell = t.rsync_shell()
     use_rsync = first.strip() == "rsync=yes" and shell is not None and _has_local("rsync")
     if use_rsync:
@@ -332,8 +353,6 @@ async def apush(
         if rc != 0:
             raise TransferError(f"tar upload to {host.name} failed: {b''.join(err).decode()}")
         method = "tar"
-    deleted = sorted(old_files - set(files))
-    safe_deleted = [p for p in deleted if not p.startswith("/") and ".." not in p.split("/")]
     manifest = json.dumps(
         {
             "files": files,
@@ -343,11 +362,6 @@ async def apush(
             "root": str(root),
         }
     )
-    if safe_deleted:
-        listing = b"".join(p.encode("utf-8", "surrogateescape") + b"\0" for p in safe_deleted)
-        await _run_checked(
-            t, f'cd "$HOME/.bifrost/workspaces/{name}" && xargs -0 rm -f --', stdin=listing
-        )
     await _run_checked(
         t,
         f"cat > {state}/manifest.json.tmp && mv -f {state}/manifest.json.tmp {state}/manifest.json",
@@ -373,6 +387,12 @@ async def apush(
         duration=time.monotonic() - started,
         uv_installed=uv_installed,
     )
+
+
+def _safe_rel(path: str) -> bool:
+    """A manifest entry that is safe to remove: relative, no ``..``/``.``/empty component."""
+    parts = path.split("/")
+    return bool(path) and not path.startswith("/") and all(p not in ("", ".", "..") for p in parts)
 
 
 def _has_local(prog: str) -> bool:

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,28 @@ def host(sshd: SSHServer) -> Iterator[Host]:
     h = Host(sshd.target, identity_file=sshd.client_key)
     yield h
     h.close()
+
+
+@pytest.fixture
+def workspace() -> Iterator[Callable[[Host, str], str]]:
+    """``workspace(host, "proj")`` → a workspace name unique to this test run, removed (with its
+    state and venv) afterwards. The sshd fixtures log in as a real user (root when the tests
+    run as root) whose real home holds real workspaces: a fixed name would reuse, and a push
+    would prune, somebody's workspace of that name through its old manifest."""
+    made: list[tuple[Host, str]] = []
+
+    def make(host: Host, base: str) -> str:
+        name = f"bftest-{base}-{secrets.token_hex(4)}"
+        made.append((host, name))
+        return name
+
+    yield make
+    for host, name in made:
+        host.exec(
+            f'rm -rf "$HOME/.bifrost/workspaces/{name}" "$HOME/.bifrost/state/{name}" '
+            f'"$HOME/.bifrost/venvs/{name}"',
+            warn=True,
+        )
 
 
 @pytest.fixture

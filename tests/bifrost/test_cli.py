@@ -3,10 +3,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from bifrost import Host
 from bifrost.cli import main
 from bifrost.testing import SSHServer
 
@@ -81,13 +83,17 @@ def test_run_logs_wait_jobs_flow(sshd: SSHServer, capsys: pytest.CaptureFixture[
 
 
 def test_push_pull_upload_gpus(
-    sshd: SSHServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    sshd: SSHServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    workspace: Callable[[Host, str], str],
 ) -> None:
     key = str(sshd.client_key)
+    name = workspace(Host(sshd.target, identity_file=sshd.client_key), "cliproj")
     proj = tmp_path / "cliproj"
     proj.mkdir()
     (proj / "a.txt").write_text("a\n")
-    assert main(["push", "--json", "-i", key, sshd.target, str(proj)]) == 0
+    assert main(["push", "--json", "--name", name, "-i", key, sshd.target, str(proj)]) == 0
     assert json.loads(capsys.readouterr().out)["files"] == 1
     assert main(["upload", "-i", key, sshd.target, str(proj / "a.txt"), "~/cli-up/a.txt"]) == 0
     assert main(["pull", "-i", key, sshd.target, "~/cli-up/a.txt", str(tmp_path / "b.txt")]) == 0

@@ -8,7 +8,7 @@ import hashlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -70,7 +70,9 @@ def _project(root: Path, payload: bytes) -> Path:
 
 
 def test_exec_push_job_pull_through_the_jump(
-    via_jump: tuple[Path, CuttableProxy, SSHServer], tmp_path: Path
+    via_jump: tuple[Path, CuttableProxy, SSHServer],
+    tmp_path: Path,
+    workspace: Callable[[Host, str], str],
 ) -> None:
     _cfg, proxy, target = via_jump
     payload = os.urandom(256 * 1024)  # incompressible: rsync -z cannot shrink it
@@ -80,21 +82,24 @@ def test_exec_push_job_pull_through_the_jump(
         # the target sees its own address 127.0.0.23: we reached it, through the jump
         assert h.exec("echo $SSH_CONNECTION").stdout.split()[2] == "127.0.0.23"
         before = proxy.bytes
-        res = h.push(root, name="jumpproj")
+        name = workspace(h, "jumpproj")
+        res = h.push(root, name=name)
         assert res.method == "rsync" and res.files == 2
         assert proxy.bytes - before > len(payload)
-        job = h.run("sha256sum blob.bin; python3 pkg/main.py", workspace="jumpproj")
+        job = h.run("sha256sum blob.bin; python3 pkg/main.py", workspace=name)
         assert job.wait(timeout=30).state == "succeeded"
         digest = hashlib.sha256(payload).hexdigest()
         assert job.logs().splitlines() == [f"{digest}  blob.bin", "behind the jump"]
-        back = h.pull("~/.bifrost/workspaces/jumpproj/blob.bin", tmp_path / "back.bin")
+        back = h.pull(f"~/.bifrost/workspaces/{name}/blob.bin", tmp_path / "back.bin")
         assert back.read_bytes() == payload
         assert proxy.connections >= 2  # asyncssh's and rsync's ssh both went through the jump
     assert h.target.ssh_destination() == f"{target.user}@127.0.0.23"
 
 
 def test_two_hops_nested_proxy_command(
-    via_jump: tuple[Path, CuttableProxy, SSHServer], tmp_path: Path
+    via_jump: tuple[Path, CuttableProxy, SSHServer],
+    tmp_path: Path,
+    workspace: Callable[[Host, str], str],
 ) -> None:
     t = parse_target("bf-behind2")
     assert [j.display for j in hop_chain(t)] == ["bf-jump", "bf-jump2"]
@@ -106,8 +111,9 @@ def test_two_hops_nested_proxy_command(
     (tmp_path / "two" / "f.txt").write_text("two hops\n")
     with Host("bf-behind2") as h:
         assert h.exec("echo $SSH_CONNECTION").stdout.split()[2] == "127.0.0.23"
-        assert h.push(tmp_path / "two", name="twohops").method == "rsync"
-        assert h.exec("cat ~/.bifrost/workspaces/twohops/f.txt").stdout == "two hops\n"
+        name = workspace(h, "twohops")
+        assert h.push(tmp_path / "two", name=name).method == "rsync"
+        assert h.exec(f"cat ~/.bifrost/workspaces/{name}/f.txt").stdout == "two hops\n"
 
 
 def test_cli_exec_and_openssh_through_the_jump(

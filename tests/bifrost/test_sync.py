@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -76,12 +77,16 @@ def _remote_files(h: Host, name: str) -> list[str]:
 
 @pytest.mark.parametrize("method", ["rsync", "tar"])
 def test_push_then_delete(
-    host: Host, tmp_path: Path, method: str, monkeypatch: pytest.MonkeyPatch
+    host: Host,
+    tmp_path: Path,
+    method: str,
+    monkeypatch: pytest.MonkeyPatch,
+    workspace: Callable[[Host, str], str],
 ) -> None:
     if method == "tar":
         monkeypatch.setattr(sync_mod, "_has_local", lambda prog: False)
     root = _git_project(tmp_path / "proj")
-    name = f"proj-{method}"
+    name = workspace(host, f"proj-{method}")
     res = host.push(root, name=name)
     assert res.method == method and res.files == len(EXPECTED)
     assert res.git_sha and res.dirty is True
@@ -96,17 +101,20 @@ def test_push_then_delete(
     assert job.wait(timeout=30).state == "succeeded"
 
 
-def test_same_size_edit_within_the_same_second_is_pushed(host: Host, tmp_path: Path) -> None:
+def test_same_size_edit_within_the_same_second_is_pushed(
+    host: Host, tmp_path: Path, workspace: Callable[[Host, str], str]
+) -> None:
+    name = workspace(host, "quick")
     root = _git_project(tmp_path / "quick")
     cfg = root / "cfg.txt"
     cfg.write_text("version = 1\n")
-    host.push(root, name="quick")
+    host.push(root, name=name)
     # Same size, and the same whole second as the first push's copy: only the nanoseconds differ.
     st = cfg.stat()
     cfg.write_text("version = 2\n")
     os.utime(cfg, ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
-    host.push(root, name="quick")
-    assert host.exec("cat ~/.bifrost/workspaces/quick/cfg.txt").stdout == "version = 2\n"
+    host.push(root, name=name)
+    assert host.exec(f"cat ~/.bifrost/workspaces/{name}/cfg.txt").stdout == "version = 2\n"
 
 
 def test_push_rejects_bad_names(host: Host, tmp_path: Path) -> None:
@@ -148,15 +156,18 @@ def test_pull_and_upload_trees(host: Host, tmp_path: Path) -> None:
     host.exec("rm -rf ~/bifrost-upload-test")
 
 
-def test_nonroot_push_and_job(sshd_nonroot: SSHServer, tmp_path: Path) -> None:
+def test_nonroot_push_and_job(
+    sshd_nonroot: SSHServer, tmp_path: Path, workspace: Callable[[Host, str], str]
+) -> None:
     root = _git_project(tmp_path / "nr")
     with Host(sshd_nonroot.target, identity_file=sshd_nonroot.client_key) as h:
-        res = h.push(root, name="nr")
-        assert _remote_files(h, "nr") == EXPECTED
-        job = h.run("pwd; ls", workspace="nr")
+        name = workspace(h, "nr")
+        res = h.push(root, name=name)
+        assert _remote_files(h, name) == EXPECTED
+        job = h.run("pwd; ls", workspace=name)
         assert job.wait(timeout=30).state == "succeeded"
         first = job.logs().splitlines()[0]
-        assert first == h.home() + "/.bifrost/workspaces/nr"
+        assert first == h.home() + f"/.bifrost/workspaces/{name}"
         assert res.files == len(EXPECTED)
 
 
@@ -223,3 +234,59 @@ def test_pull_says_permission_denied(sshd_nonroot: SSHServer, tmp_path: Path) ->
             h.pull("/root/.bashrc", tmp_path)
         with pytest.raises(TransferError, match="does not exist"):
             h.pull("~/no-such-file", tmp_path)
+
+
+@pytest.mark.parametrize("method", ["rsync", "tar"])
+def test_push_survives_file_dir_type_changes(
+    host: Host,
+    tmp_path: Path,
+    method: str,
+    monkeypatch: pytest.MonkeyPatch,
+    workspace: Callable[[Host, str], str],
+) -> None:
+    if method == "tar":
+        monkeypatch.setattr(sync_mod, "_has_local", lambda prog: False)
+    root = tmp_path / "retype"
+    (root / "d").mkdir(parents=True)
+    (root / "foo").write_text("a file\n")
+    (root / "d" / "x.txt").write_text("in a dir\n")
+    (root / "keep.txt").write_text("keep\n")
+    name = workspace(host, f"retype-{method}")
+    host.push(root, name=name)
+    # foo: file → directory; d: directory → file
+    (root / "foo").unlink()
+    (root / "foo").mkdir()
+    (root / "foo" / "child").write_text("child\n")
+    (root / "d" / "x.txt").unlink()
+    (root / "d").rmdir()
+    (root / "d").write_text("now a file\n")
+    res = host.push(root, name=name)
+    assert res.method == method
+    assert _remote_files(host, name) == ["d", "foo/child", "keep.txt"]
+    assert host.exec(f"cat ~/.bifrost/workspaces/{name}/d").stdout == "now a file\n"
+    # and back again, then a plain push still works
+    (root / "d").unlink()
+    (root / "d").mkdir()
+    (root / "d" / "y.txt").write_text("y\n")
+    host.push(root, name=name)
+    assert _remote_files(host, name) == ["d/y.txt", "foo/child", "keep.txt"]
+
+
+def test_push_bootstrap_and_extra_misuse_is_an_error(
+    sshd: SSHServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bifrost.cli import main
+
+    root = tmp_path / "nolock"
+    root.mkdir()
+    (root / "a.py").write_text("")
+    key = str(sshd.client_key)
+    assert main(["push", "-i", key, "--bootstrap", sshd.target, str(root)]) == 2
+    assert "uv.lock" in capsys.readouterr().err
+    assert main(["push", "-i", key, "--extra", "dev", sshd.target, str(root)]) == 2
+    assert "--bootstrap" in capsys.readouterr().err
+    with Host(sshd.target, identity_file=sshd.client_key) as h:
+        with pytest.raises(TransferError, match="uv.lock"):
+            h.push(root, bootstrap=True)
+        with pytest.raises(TransferError, match="bootstrap"):
+            h.push(root, extras=["dev"])
