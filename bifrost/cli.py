@@ -46,6 +46,9 @@ IdentityOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
+MAX_TAIL = 1_000_000_000  # far more lines than any log; beyond it `tail -n` itself may refuse
+
+
 class _Exit(Exception):
     def __init__(self, code: int) -> None:
         self.code = code
@@ -356,6 +359,8 @@ def logs(
 ) -> None:
     """Print a job's log; with -f follow it (resumes across dropped connections) and exit with
     the job's exit code."""
+    if tail is not None and not 0 <= tail <= MAX_TAIL:
+        _fail(f"--tail {tail}: give a number of lines between 0 and {MAX_TAIL}")
     target, job_id = _job_args(target_or_job, job)
     j = _host(target, identity).job(job_id)
 

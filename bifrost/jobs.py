@@ -293,6 +293,11 @@ class LogDecoder:
         self._pending = ""
 
 
+def _first_line(chunks: list[bytes]) -> str:
+    text = b"".join(chunks).decode(errors="replace").strip()
+    return text.splitlines()[0] if text else "no error message"
+
+
 def _job_dir(job_id: str) -> str:
     return f'"$HOME/.bifrost/jobs/{job_id}"'
 
@@ -324,7 +329,7 @@ class Job:
             st = await self.astatus()
             if st.done:
                 return st
-            if deadline is not None and time.monotonic() >= deadline:
+            if timeout is not None and deadline is not None and time.monotonic() >= deadline:
                 raise JobTimeout(self.id, timeout)
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 2.0)
@@ -384,34 +389,53 @@ class Job:
 
         async def op(t: Transport) -> bytes:
             out: list[bytes] = []
-            cmd = f"tail -c +{offset + 1} {_job_dir(self.id)}/log"
-            rc = await t.run(cmd, on_stdout=out.append)
+            err: list[bytes] = []
+            cmd = f"tail -c +{int(offset) + 1} {_job_dir(self.id)}/log"
+            rc = await t.run(cmd, on_stdout=out.append, on_stderr=err.append)
             if rc != 0:
                 await self.astatus()  # raises JobNotFoundError when it does not exist
+                raise JobError(f"cannot read the log of {self.id}: {_first_line(err)}")
             return b"".join(out)
 
         return await self.host.aretrying(op)
 
-    async def atail(self, lines: int) -> tuple[list[str], int]:
-        """The last ``lines`` lines and the byte offset where they end."""
+    async def atail(self, lines: int, *, partial: bool = True) -> tuple[list[str], int]:
+        """The last ``lines`` lines and the byte offset where they end.
+
+        With ``partial=False`` an unterminated last line is left out and the offset is that of
+        the last complete line's end: a follow resuming there gets the whole line (and any
+        UTF-8 character cut at the end) instead of a fragment."""
+        if isinstance(lines, bool) or not isinstance(lines, int) or lines < 0:
+            raise ValueError(f"tail needs a number of lines >= 0, not {lines!r}")
 
         async def op(t: Transport) -> tuple[bytes, int]:
             out: list[bytes] = []
             err: list[bytes] = []
             d = _job_dir(self.id)
+            # One more line than asked: tail counts an unterminated last line as one.
             cmd = (
                 f'sz=$(stat -c %s {d}/log 2>/dev/null) || exit 3; echo "$sz" >&2; '
-                f'head -c "$sz" {d}/log | tail -n {int(lines)}'
+                f'head -c "$sz" {d}/log | tail -n {lines + 1}'
             )
             rc = await t.run(cmd, on_stdout=out.append, on_stderr=err.append)
             if rc == 3:
-                await self.astatus()
-            return b"".join(out), int(b"".join(err).split()[0])
+                await self.astatus()  # raises JobNotFoundError when it does not exist
+                raise JobError(f"job {self.id} on {self.host.name} has no log file")
+            words = b"".join(err).split()
+            if rc != 0 or not words or not words[0].isdigit():
+                raise JobError(f"cannot read the log of {self.id}: {_first_line(err)}")
+            return b"".join(out), int(words[0])
 
         data, size = await self.host.aretrying(op)
+        cut = data.rfind(b"\n") + 1
+        complete, rest = data[:cut], data[cut:]
         dec = LogDecoder()
-        got = dec.feed(data) + dec.flush() if not data.endswith((b"\n", b"\r")) else dec.feed(data)
-        return got, size
+        got = dec.feed(complete) + dec.flush()
+        if partial and rest:
+            tail_dec = LogDecoder()
+            got += tail_dec.feed(rest) + tail_dec.flush()
+            return got[-lines:] if lines else [], size
+        return (got[-lines:] if lines else []), size - len(rest)
 
     async def afollow(
         self,
@@ -500,7 +524,8 @@ class Job:
         async def go() -> JobStatus:
             offset = 0
             if tail is not None:
-                lines, offset = await self.atail(tail)
+                # Stop at the last complete line: the follow picks up the unfinished one whole.
+                lines, offset = await self.atail(tail, partial=False)
                 for line in lines:
                     on_line(line)
             return await self.afollow(on_line, offset=offset)

@@ -224,3 +224,49 @@ def test_pull_results_twice_never_copies_env(host: Host, tmp_path: Path) -> None
     for p in (tmp_path / "res").rglob("*"):
         assert p.name != "env"
         assert not p.is_file() or b"hush-hush" not in p.read_bytes(), p
+
+
+def test_follow_with_tail_keeps_an_unfinished_last_line_whole(host: Host) -> None:
+    gate = f"/tmp/bf-tail-gate-{time.monotonic_ns()}"
+    # 'é' is split across the wait: its first byte is written before, its second after.
+    job = host.run(
+        f"printf 'first\\n'; printf 'abc\\303'; while [ ! -e {gate} ]; do sleep 0.05; done; "
+        "printf '\\251def\\n'; printf 'last\\n'"
+    )
+    try:
+        _poll(lambda: host.exec(f"cat ~/.bifrost/jobs/{job.id}/log").stdout.startswith("first"))
+        _poll(lambda: "abc" in host.exec(f"cat ~/.bifrost/jobs/{job.id}/log").stdout)
+        seen: list[str] = []
+
+        def on_line(line: str) -> None:
+            seen.append(line)
+            if line == "first":
+                Path(gate).touch()  # the sshd is on this machine (and this runs on bifrost's loop)
+
+        st = job.follow(on_line, tail=1)
+    finally:
+        Path(gate).unlink(missing_ok=True)
+    assert st.state == "succeeded"
+    assert seen == ["first", "abcédef", "last"]
+    assert job.logs(tail=2) == "abcédef\nlast\n"
+
+
+def test_tail_edge_cases(host: Host, capsys: pytest.CaptureFixture[str]) -> None:
+    from bifrost import JobError
+    from bifrost.cli import main
+
+    job = host.run("printf 'one\\ntwo\\nthree'")
+    job.wait(timeout=30)
+    assert job.logs(tail=2) == "two\nthree\n"
+    assert job.logs(tail=0) == ""
+    with pytest.raises(ValueError, match="tail"):
+        job.logs(tail=-3)
+    key = str(host.target.identity_files[0])
+    for bad in ["--tail=-3", "--tail=99999999999999999999"]:
+        assert main(["logs", bad, "-i", key, str(host.target), job.id]) == 2
+        assert "--tail" in capsys.readouterr().err
+    host.exec(f"rm ~/.bifrost/jobs/{job.id}/log")
+    with pytest.raises(JobError, match="no log"):
+        job.logs(tail=1)
+    with pytest.raises(JobError, match="cannot read the log"):
+        job.logs()
