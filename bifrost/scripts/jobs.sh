@@ -40,6 +40,8 @@ __bf_wrapper() {
   # shellcheck disable=SC1091
   . "$d/env"
   set +a
+  # It may hold secrets and nothing reads it again: do not leave them on the box's disk.
+  rm -f "$d/env"
   if [ -s "$d/venv" ]; then
     v=$(cat "$d/venv")
     case "$v" in "~/"*) v="$HOME/${v#"~/"}" ;; esac

@@ -37,7 +37,6 @@ def test_run_status_wait_logs(host: Host) -> None:
     for f in [
         "cmd",
         "meta.json",
-        "env",
         "pid",
         "boot_id",
         "log",
@@ -46,7 +45,7 @@ def test_run_status_wait_logs(host: Host) -> None:
         "ended_at",
     ]:
         assert f in files
-    assert host.exec(f"stat -c %a ~/.bifrost/jobs/{job.id}/env").stdout.strip() == "600"
+    assert "env" not in files  # sourced by the wrapper, then deleted (it may hold secrets)
     assert any(s.id == job.id for s in host.jobs())
 
 
@@ -270,3 +269,14 @@ def test_tail_edge_cases(host: Host, capsys: pytest.CaptureFixture[str]) -> None
         job.logs(tail=1)
     with pytest.raises(JobError, match="cannot read the log"):
         job.logs()
+
+
+def test_job_env_file_with_secrets_is_deleted_after_launch(host: Host) -> None:
+    job = host.run(
+        '[ "$MYSEC" = launch-secret ] && echo got-it', secrets={"MYSEC": "launch-secret"}
+    )
+    assert job.wait(timeout=30).state == "succeeded"
+    assert job.logs() == "got-it\n"
+    d = f"~/.bifrost/jobs/{job.id}"
+    assert "env" not in host.exec(f"ls -A {d}").stdout.split()
+    assert host.exec(f"grep -rl launch-secret {d}", warn=True).stdout == ""
