@@ -272,9 +272,7 @@ def test_tail_edge_cases(host: Host, capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_job_env_file_with_secrets_is_deleted_after_launch(host: Host) -> None:
-    job = host.run(
-        '[ "$MYSEC" = launch-secret ] && echo got-it', secrets={"MYSEC": "launch-secret"}
-    )
+    job = host.run('[ "${#MYSEC}" = 13 ] && echo got-it', secrets={"MYSEC": "launch-secret"})
     assert job.wait(timeout=30).state == "succeeded"
     assert job.logs() == "got-it\n"
     d = f"~/.bifrost/jobs/{job.id}"
