@@ -4,6 +4,7 @@ forget, ssh, attach. Exit codes mirror the remote command; bad input is one line
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from bifrost.errors import (
 from bifrost.exec import check_env_name
 from bifrost.group import Group, HostOutcome
 from bifrost.host import Host
-from bifrost.hostkeys import KnownHosts
+from bifrost.hostkeys import KnownHosts, host_port
 from bifrost.jobs import JobStatus, remembered_target
 from bifrost.target import parse_target
 
@@ -60,7 +61,23 @@ def _fail(message: str, code: int = 2) -> NoReturn:
 
 
 def _host(spec: str, identity: str | None) -> Host:
+    _check_identity(identity)
     return Host(spec, identity_file=identity)
+
+
+def _check_seconds(option: str, value: float | None) -> None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        _fail(f"{option} {value}: give a number of seconds greater than 0")
+
+
+def _group(targets: list[str], identity: str | None, concurrency: int = 16) -> Group:
+    _check_identity(identity)
+    return Group(targets, concurrency=concurrency, identity_file=identity)
+
+
+def _check_identity(identity: str | None) -> None:
+    if identity is not None and not Path(identity).expanduser().is_file():
+        _fail(f"--identity {identity}: no such key file (give the path of a private key)")
 
 
 def _targets(spec: str) -> list[str]:
@@ -140,12 +157,16 @@ def exec_(
     identity: IdentityOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run a command and stream its output; exit with its exit code."""
+    """Run a command and stream its output; exit with its exit code. stdin is not forwarded
+    (the command reads /dev/null-like EOF): upload input files, or use Host.exec(stdin=)."""
     cmd = " ".join(command)
+    if not cmd.strip():
+        _fail("the command is empty: give the shell command to run (quote it)")
+    _check_seconds("--timeout", timeout)
     envs, secrets = _env(env), _secrets(secret_env)
     targets = _targets(target)
     if len(targets) > 1:
-        group = Group(targets, concurrency=concurrency, identity_file=identity)
+        group = _group(targets, identity, concurrency=concurrency)
         outcomes = group.exec(
             cmd, env=envs, secrets=secrets, cwd=cwd, timeout=timeout, merge_stderr=merge,
             echo=not as_json,
@@ -247,6 +268,8 @@ def run(
     """Start a detached job; prints its id (one round trip). Survives disconnects and reboots of
     your laptop; `bifrost logs -f JOB` later."""
     cmd = " ".join(command) if len(command) > 1 else command[0]
+    if not cmd.strip():
+        _fail("the command is empty: give the job's command after `--`")
     opts: dict[str, Any] = {
         "name": name, "cwd": cwd, "workspace": workspace, "env": _env(env),
         "secrets": _secrets(secret_env), "outputs": output or [],
@@ -255,7 +278,7 @@ def run(
     if len(targets) > 1 and follow:
         _fail("--follow needs a single target: follow each job with `bifrost logs -f JOB`")
     if len(targets) > 1:
-        outcomes = Group(targets, identity_file=identity).run(cmd, **opts)
+        outcomes = _group(targets, identity).run(cmd, **opts)
         if as_json:
             _print_json(
                 [
@@ -319,7 +342,7 @@ def jobs(
 ) -> None:
     """List jobs on a host (or several)."""
     targets = _targets(target)
-    outcomes = Group(targets, identity_file=identity).status(None)
+    outcomes = _group(targets, identity).status(None)
     rows = [s for o in outcomes for s in (o.value or [])]
     if as_json:
         _print_json([s.to_dict() for s in rows])
@@ -384,6 +407,7 @@ def wait(
     as_json: JsonOpt = False,
 ) -> None:
     """Wait for a job to end; exit with its exit code."""
+    _check_seconds("--timeout", timeout)
     target, job_id = _job_args(target_or_job, job)
     try:
         st = _host(target, identity).job(job_id).wait(timeout)
@@ -461,7 +485,7 @@ def gpus(
     from bifrost.gpus import GPUReport, agpus
 
     all_targets = [t for spec in targets for t in _targets(spec)]
-    group = Group(all_targets, identity_file=identity)
+    group = _group(all_targets, identity)
     outcomes: list[HostOutcome[GPUReport]] = run_sync(group._each(agpus))
     if as_json:
         _print_json(
@@ -490,21 +514,17 @@ def gpus(
 def forget(
     host: Annotated[str, typer.Argument(help="host, host:port, [v6]:port or a target string.")],
 ) -> None:
-    """Forget a pinned host key (after a box was legitimately re-imaged)."""
+    """Forget a pinned host key (after a box was legitimately re-imaged). Without a port
+    (and not an ssh_config alias, which names one port) every port of the host is forgotten."""
+    t = parse_target(host)  # the one target parser: host:port, [v6]:port, ::1, alias, ssh -p
+    if t.is_local:
+        _fail("`local` has no host key to forget")
     kh = KnownHosts()
-    port: int | None = None
-    name = host
-    try:
-        t = parse_target(host)
-        name = t.host
-        explicit_port = ":" in host.rsplit("]", 1)[-1] or host.startswith("ssh ")
-        port = t.port if explicit_port else None
-    except TargetError:
-        pass
-    removed = kh.forget(name, port)
+    removed = kh.forget_entries(t.host, t.port if t.explicit_port else None)
     if not removed:
-        _fail(f"no pinned key for {host} in {kh.path}", 1)
-    out.print(f"forgot {removed} key(s) for {host}", markup=False)
+        where = host_port(t.host, t.port) if t.explicit_port else f"{t.host} (any port)"
+        _fail(f"no pinned key for {where} in {kh.path}", 1)
+    out.print(f"forgot {len(removed)} key(s): {', '.join(removed)}", markup=False)
 
 
 def _ssh_argv(spec: str, identity: str | None, tty: bool) -> list[str]:
@@ -527,7 +547,7 @@ def ssh(
     identity: IdentityOpt = None,
 ) -> None:
     """Interactive ssh with bifrost's pinned host keys."""
-    Host(target, identity_file=identity).connect()  # pins the key (TOFU) before ssh checks it
+    _host(target, identity).connect()  # pins the key (TOFU) before ssh checks it
     argv = _ssh_argv(target, identity, tty=sys.stdin.isatty())
     os.execvp("ssh", [*argv, *(command or [])])  # noqa: S606 - hand the terminal to ssh
 

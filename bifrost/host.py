@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -147,6 +148,8 @@ class Host:
         on_stderr: OutputSink | None = None,
     ) -> Result:
         """Coroutine twin of :meth:`exec`."""
+        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+            raise ValueError(f"timeout must be a number of seconds > 0, not {timeout!r}")
         transport = await self.atransport()
         if echo:
             on_stdout = on_stdout or echo_sink("stdout")

@@ -25,6 +25,11 @@ def host_pattern(host: str, port: int) -> str:
     return host if port == 22 else f"[{host}]:{port}"
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as a target string: IPv6 in brackets (``[::1]:2222``), so it parses back."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class KnownHosts:
     """bifrost's pinned host keys. Safe to share between threads and processes (flock)."""
 
@@ -63,18 +68,26 @@ class KnownHosts:
 
     def forget(self, host: str, port: int | None = None) -> int:
         """Remove the pinned keys for ``host`` (every port unless ``port`` is given)."""
+        return len(self.forget_entries(host, port))
+
+    def forget_entries(self, host: str, port: int | None = None) -> list[str]:
+        """Like :meth:`forget`; returns the host names of the removed lines (``[h]:p``)."""
         with self._locked():
-            keep, removed = [], 0
+            keep: list[str] = []
+            removed: list[str] = []
             for ln in self._lines():
                 names = ln.split(" ", 1)[0].split(",")
-                match = any(
-                    n == host_pattern(host, port)
-                    if port is not None
-                    else n == host or (n.startswith(f"[{host}]:"))
+                hit = [
+                    n
                     for n in names
-                )
-                if match:
-                    removed += 1
+                    if (
+                        n == host_pattern(host, port)
+                        if port is not None
+                        else n == host or n.startswith(f"[{host}]:")
+                    )
+                ]
+                if hit:
+                    removed.append(hit[0])
                 else:
                     keep.append(ln)
             if removed:

@@ -192,6 +192,8 @@ async def astart(
     outputs: Sequence[str] = (),
 ) -> Job:
     """Start a detached job in one round trip; see :meth:`bifrost.Host.run`."""
+    if not command.strip():
+        raise ValueError("a job needs a command: got an empty one")
     job_id = new_job_id(name)
     venv = ""
     if workspace is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import getpass
+import glob
 import ipaddress
 import os
 import re
@@ -40,6 +41,7 @@ class Target:
     alias: str | None = None
     is_local: bool = False
     explicit_user: bool = field(default=False, compare=False)
+    explicit_port: bool = field(default=False, compare=False)
 
     def __str__(self) -> str:
         if self.is_local:
@@ -75,7 +77,8 @@ def _bad(text: str, what: str) -> TargetError:
 
 
 def _check_port(text: str, port: str) -> int:
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    # isdigit() alone accepts '²' and other Unicode digits that int() rejects.
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise _bad(text, f"port {port!r} is not a number between 1 and 65535")
     return int(port)
 
@@ -85,9 +88,13 @@ def _check_host(text: str, host: str) -> str:
         raise _bad(text, "the host is empty")
     if ":" in host:
         try:
-            return str(ipaddress.IPv6Address(host.split("%")[0]))
+            addr = str(ipaddress.IPv6Address(host))  # keeps a zone (fe80::1%eth0)
         except ValueError:
             raise _bad(text, f"{host!r} is not a valid IPv6 address") from None
+        zone = addr.partition("%")[2]
+        if zone and not re.fullmatch(r"[A-Za-z0-9_.-]+", zone):
+            raise _bad(text, f"IPv6 zone {zone!r} is not an interface name")
+        return addr
     if not _HOST_RE.match(host):
         raise _bad(text, f"host {host!r} contains characters not allowed in a host name")
     return host
@@ -138,37 +145,46 @@ def _parse_ssh_command(text: str) -> tuple[str, dict[str, str | list[str]]]:
     while i < len(argv):
         arg = argv[i]
         if arg.startswith("-") and len(arg) > 1:
-            flag = arg[1]
-            if flag in takes_arg:
-                value = arg[2:] if len(arg) > 2 else (argv[i + 1] if i + 1 < len(argv) else None)
-                if value is None:
-                    raise _bad(text, f"option -{flag} needs a value")
-                i += 1 if len(arg) > 2 else 2
-                if flag == "p":
-                    opts["port"] = value
-                elif flag == "l":
-                    opts["user"] = value
-                elif flag == "i":
+            # Flags may be bundled (`-tp 2222`, `-4Ap2222`): no-argument flags up to the first
+            # flag that takes one, whose value is the rest of the word or the next word.
+            j = 1
+            while j < len(arg) and arg[j] not in takes_arg:
+                j += 1
+            if j == len(arg):
+                i += 1  # only flags without an argument (-A, -t, -v ...): irrelevant here
+                continue
+            flag = arg[j]
+            if j + 1 < len(arg):
+                value: str | None = arg[j + 1 :]
+                i += 1
+            else:
+                value = argv[i + 1] if i + 1 < len(argv) else None
+                i += 2
+            if value is None:
+                raise _bad(text, f"option -{flag} needs a value")
+            if flag == "p":
+                opts["port"] = value
+            elif flag == "l":
+                opts["user"] = value
+            elif flag == "i":
+                files = opts.setdefault("identity", [])
+                assert isinstance(files, list)
+                files.append(os.path.expanduser(value))
+            elif flag == "J":
+                opts["jump"] = value
+            elif flag == "o":
+                key, _, val = value.replace("=", " ", 1).partition(" ")
+                key = key.lower()
+                if key == "port":
+                    opts["port"] = val.strip()
+                elif key == "user":
+                    opts["user"] = val.strip()
+                elif key == "proxyjump":
+                    opts["jump"] = val.strip()
+                elif key == "identityfile":
                     files = opts.setdefault("identity", [])
                     assert isinstance(files, list)
-                    files.append(os.path.expanduser(value))
-                elif flag == "J":
-                    opts["jump"] = value
-                elif flag == "o":
-                    key, _, val = value.replace("=", " ", 1).partition(" ")
-                    key = key.lower()
-                    if key == "port":
-                        opts["port"] = val.strip()
-                    elif key == "user":
-                        opts["user"] = val.strip()
-                    elif key == "proxyjump":
-                        opts["jump"] = val.strip()
-                    elif key == "identityfile":
-                        files = opts.setdefault("identity", [])
-                        assert isinstance(files, list)
-                        files.append(os.path.expanduser(val.strip()))
-                continue
-            i += 1  # a flag without an argument (-A, -t, -v ...): irrelevant to the target
+                    files.append(os.path.expanduser(val.strip()))
             continue
         if dest is None:
             dest = arg
@@ -189,37 +205,70 @@ def default_ssh_config() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".ssh" / "config"
 
 
+def _include_paths(value: str, base: Path) -> list[Path]:
+    """``Include`` arguments → files, as OpenSSH: ``~`` expanded, relative paths relative to
+    ``base`` (~/.ssh for a user config), globs expanded in sorted order."""
+    out: list[Path] = []
+    try:
+        words = shlex.split(value)
+    except ValueError:
+        words = value.split()
+    for word in words:
+        raw = os.path.expanduser(word)
+        pattern = raw if os.path.isabs(raw) else str(base / raw)
+        out += [Path(p) for p in sorted(glob.glob(pattern))]
+    return out
+
+
+def _host_matches(host: str, patterns: list[str]) -> bool:
+    # OpenSSH lowercases the host name and matches patterns case-insensitively.
+    name = host.lower()
+    pats = [p.lower() for p in patterns]
+    if any(p.startswith("!") and fnmatch.fnmatchcase(name, p[1:]) for p in pats):
+        return False
+    return any(not p.startswith("!") and fnmatch.fnmatchcase(name, p) for p in pats)
+
+
 def _ssh_config_lookup(host: str, config_path: Path | None) -> dict[str, list[str]]:
-    """First-match-wins values from ssh_config ``Host`` blocks matching ``host``."""
+    """First-match-wins values from ssh_config ``Host`` blocks matching ``host`` (case-
+    insensitive), following ``Include`` (relative to ~/.ssh, globs allowed)."""
     path = config_path if config_path is not None else default_ssh_config()
     found: dict[str, list[str]] = {}
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return found
-    active = True  # options before the first Host line apply to every host
-    for raw in lines:
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, _, value = line.replace("=", " ", 1).partition(" ")
-        key, value = key.lower(), value.strip().strip('"')
-        if key == "host":
-            pats = value.split()
-            neg = any(p.startswith("!") and fnmatch.fnmatch(host, p[1:]) for p in pats)
-            active = not neg and any(
-                not p.startswith("!") and fnmatch.fnmatch(host, p) for p in pats
-            )
-            continue
-        if key == "match":
-            active = False  # Match blocks need ssh's full evaluation; ignore rather than guess
-            continue
-        if not active:
-            continue
-        if key == "identityfile":
-            found.setdefault(key, []).append(value)
-        elif key not in found:
-            found[key] = [value]
+    base = Path.home() / ".ssh"
+
+    def read(file: Path, active: bool, depth: int) -> None:
+        if depth > 16:
+            raise TargetError(f"ssh_config Include nests too deeply (a loop?) at {file}")
+        try:
+            lines = file.read_text().splitlines()
+        except OSError:
+            return
+        never = not active  # an Include in a non-matching block matches nothing inside
+        for raw in lines:
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            key, _, value = line.replace("=", " ", 1).partition(" ")
+            key, value = key.lower(), value.strip()
+            if key == "host":
+                active = not never and _host_matches(host, value.split())
+                continue
+            if key == "match":
+                active = False  # Match needs ssh's full evaluation; ignore rather than guess
+                continue
+            if not active:
+                continue
+            if key == "include":
+                for inc in _include_paths(value, base):
+                    read(inc, active, depth + 1)
+                continue
+            value = value.strip('"')
+            if key == "identityfile":
+                found.setdefault(key, []).append(value)
+            elif key not in found:
+                found[key] = [value]
+
+    read(path, True, 0)  # options before the first Host line apply to every host
     return found
 
 
@@ -262,6 +311,9 @@ def parse_target(text: str | Target, *, ssh_config: Path | None = None, _depth: 
         alias = host
         host = _check_host(text, cfg["hostname"][0].replace("%h", host))
     explicit_user = user is not None
+    # A port given in the text or by ssh_config (an alias names one host:port) is definite;
+    # `bifrost forget HOST` without one forgets every port of HOST.
+    explicit_port = port is not None or "port" in cfg or alias is not None
     if user is None:
         user = _check_user(text, cfg["user"][0]) if "user" in cfg else getpass.getuser()
     if port is None:
@@ -284,4 +336,5 @@ def parse_target(text: str | Target, *, ssh_config: Path | None = None, _depth: 
         proxy_jump=jumps,
         alias=alias,
         explicit_user=explicit_user,
+        explicit_port=explicit_port,
     )

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import cast
 
@@ -22,7 +24,7 @@ from tenacity import (
 )
 
 from bifrost.errors import AuthError, ConnectError, ConnectionLostError, HostKeyChangedError
-from bifrost.hostkeys import KnownHosts, host_pattern
+from bifrost.hostkeys import KnownHosts, host_pattern, host_port
 from bifrost.target import Target
 from bifrost.transport.base import OutputSink, Progress, StdinSource, Transport
 from bifrost.transport.local import LocalTransport
@@ -155,7 +157,7 @@ async def _connect_once(
         raise HostKeyChangedError(
             f"HOST KEY CHANGED for {name}: pinned {pinned_fp}, the server now offers {new_fp}. "
             "This happens when a rented box is re-imaged, or under a man-in-the-middle attack. "
-            f"If you trust the new key, run: bifrost forget {target.host}:{target.port}"
+            f"If you trust the new key, run: bifrost forget {host_port(target.host, target.port)}"
         ) from None
     if not pinned:
         key = conn.get_server_host_key()
@@ -175,6 +177,17 @@ async def connect_ssh(
 ) -> tuple[asyncssh.SSHClientConnection, _Client, list[asyncssh.SSHClientConnection]]:
     """Open a connection (through ProxyJump hosts), retrying transient failures."""
     kh = known_hosts or KnownHosts()
+    if target.identity_files:
+        # Missing key files are skipped as OpenSSH does (ssh_config may list several); none
+        # left is a local mistake that no retry can fix: say so at once.
+        present = tuple(f for f in target.identity_files if os.path.isfile(f))
+        if not present:
+            raise AuthError(
+                f"no identity file found for {target}: {', '.join(target.identity_files)} "
+                "does not exist (check -i / IdentityFile)",
+                attempts=0,
+            )
+        target = replace(target, identity_files=present)
     hops: list[asyncssh.SSHClientConnection] = []
     for jump in target.proxy_jump:
         conn, _client, more = await connect_ssh(

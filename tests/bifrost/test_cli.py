@@ -116,3 +116,44 @@ def test_nvidia_smi_parsing() -> None:
     assert r.available and len(r.gpus) == 2
     assert r.gpus[0].memory_used_mib == 1234 and r.gpus[0].utilization_pct == 97
     assert r.gpus[0].processes[0].pid == 4242 and not r.gpus[1].processes
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["exec", "--timeout", "-1", "local", "true"],
+        ["exec", "--timeout", "nan", "local", "true"],
+        ["exec", "local", ""],
+        ["run", "local", "--", ""],
+        ["run", "local", "--", "  "],
+        ["wait", "--timeout", "-5", "local", "some-job"],
+        ["logs", "--tail=-3", "local", "some-job"],
+        ["exec", "-i", "/no/such/key", "root@127.0.0.1:1", "true"],
+        ["exec", "user@host:²", "true"],
+        ["forget", "::1:2222:zz"],
+    ],
+)
+def test_more_bad_input_is_exit_2(args: list[str]) -> None:
+    r = _cli(*args)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+
+
+def test_missing_key_file_is_not_retried(tmp_path: Path) -> None:
+    from bifrost import AuthError
+
+    t = Host("root@127.0.0.1:1", identity_file=tmp_path / "nope", retries=4)
+    with pytest.raises(AuthError, match="does not exist") as info:
+        t.connect()
+    assert info.value.attempts == 0
+
+
+def test_api_rejects_bad_timeout_and_empty_job() -> None:
+    h = Host("local")
+    for bad in (-1.0, float("nan"), 0.0):
+        with pytest.raises(ValueError, match="timeout"):
+            h.exec("true", timeout=bad)
+    with pytest.raises(ValueError, match="empty"):
+        h.run("   ")

@@ -70,3 +70,41 @@ def test_forget_cli(sshd: SSHServer) -> None:
     assert main(["forget", f"127.0.0.1:{sshd.port}"]) == 0
     assert KnownHosts().lookup("127.0.0.1", sshd.port) == []
     assert main(["forget", f"127.0.0.1:{sshd.port}"]) == 1
+
+
+def test_host_key_hint_for_ipv6_is_bracketed(bifrost_home: Path) -> None:
+    from bifrost.hostkeys import host_port
+
+    assert host_port("::1", 2222) == "[::1]:2222"
+    assert host_port("10.0.0.1", 22) == "10.0.0.1:22"
+    from bifrost import parse_target
+
+    t = parse_target(host_port("::1", 2222))
+    assert (t.host, t.port) == ("::1", 2222)
+
+
+def test_forget_uses_the_target_parser(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bifrost.cli import main
+
+    monkeypatch.setenv("BIFROST_HOME", str(tmp_path / "bh"))
+    kh = KnownHosts()
+    kh.path.parent.mkdir(parents=True, exist_ok=True)
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
+    kh.path.write_text(
+        f"[::1]:2222 {key}\n[::1]:2223 {key}\n::1 {key}\n"
+        f"[127.0.0.1]:4001 {key}\n[127.0.0.1]:4002 {key}\n"
+    )
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text("Host myalias\n  HostName 127.0.0.1\n  Port 4001\n")
+    monkeypatch.setenv("BIFROST_SSH_CONFIG", str(cfg))
+    assert main(["forget", "[::1]:2222"]) == 0
+    assert "[::1]:2222" in capsys.readouterr().out
+    assert main(["forget", "::1"]) == 0  # bare IPv6, no port: every port, and says which
+    printed = capsys.readouterr().out
+    assert "[::1]:2223" in printed and "::1" in printed
+    assert main(["forget", "myalias"]) == 0  # only the alias's host:port
+    assert kh.lookup("127.0.0.1", 4001) == []
+    assert kh.lookup("127.0.0.1", 4002) != []
+    assert main(["forget", "bad$(x)@h"]) == 2

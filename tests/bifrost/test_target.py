@@ -100,3 +100,50 @@ def test_proxyjump_loop_is_an_error(tmp_path: Path) -> None:
 def test_target_passthrough() -> None:
     t = Target(host="h", user="u", port=1)
     assert parse_target(t) is t
+
+
+def test_ssh_config_include_and_case_insensitive_hosts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "home"
+    (home / ".ssh" / "conf.d").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    (home / ".ssh" / "conf.d" / "10-gpu.conf").write_text(
+        "Host GPUBox\n  HostName 10.0.0.9\n  Port 2201\n  User ml\n"
+    )
+    (home / ".ssh" / "conf.d" / "20-other.conf").write_text("Host other\n  HostName 10.0.0.10\n")
+    cfg = home / ".ssh" / "config"
+    cfg.write_text("Include conf.d/*.conf\n\nHost *\n  User fallback\n")
+    t = parse_target("gpubox", ssh_config=cfg)
+    assert (t.host, t.port, t.user, t.alias) == ("10.0.0.9", 2201, "ml", "gpubox")
+    assert parse_target("OTHER", ssh_config=cfg).host == "10.0.0.10"
+    assert parse_target("OTHER", ssh_config=cfg).user == "fallback"
+    # an Include inside a non-matching Host block contributes nothing
+    cfg.write_text("Host nomatch\n  Include conf.d/*.conf\n")
+    assert parse_target("gpubox", ssh_config=cfg).host == "gpubox"
+
+
+@pytest.mark.parametrize(
+    ("text", "user", "host", "port"),
+    [
+        ("ssh -tp 2222 u@h", "u", "h", 2222),
+        ("ssh -4Ap2200 u@h", "u", "h", 2200),
+        ("ssh -At -l me -p 7 h", "me", "h", 7),
+        ("u@[fe80::1%eth0]:22", "u", "fe80::1%eth0", 22),
+    ],
+)
+def test_bundled_flags_and_zones(
+    text: str, user: str, host: str, port: int, tmp_path: Path
+) -> None:
+    t = parse_target(text, ssh_config=tmp_path / "none")
+    assert (t.user, t.host, t.port) == (user, host, port)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [("user@host:²", "port '²'"), ("u@[fe80::1%e;x]:22", "zone")],
+)
+def test_more_bad_targets(text: str, fragment: str) -> None:
+    with pytest.raises(TargetError, match="expected user@host") as info:
+        parse_target(text)
+    assert fragment in str(info.value)
