@@ -31,7 +31,10 @@ class Host:
     >>> with Host("root@1.2.3.4:22022") as box:          # doctest: +SKIP
     ...     print(box.exec("nvidia-smi -L").stdout)
 
-    Every method has an ``a``-prefixed coroutine twin (``aexec``, ``arun`` ...) for asyncio code.
+    For asyncio code the coroutines behind the facade are public: ``aexec``, ``ahome``,
+    ``atransport``, ``areconnect``, ``aretrying`` and ``aclose`` (``run``, ``push``, ``pull``
+    and the others have no coroutine twin on ``Host``; see ``bifrost.jobs.astart``,
+    ``bifrost.sync.apush`` and ``bifrost.transfer.apull``/``aupload``).
     """
 
     def __init__(

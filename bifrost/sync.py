@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import functools
 import hashlib
 import json
 import os
@@ -88,9 +89,46 @@ def _read_ignore(root: Path) -> list[str]:
     return list(DEFAULT_IGNORES) + pats
 
 
+@functools.lru_cache(maxsize=256)
+def _glob_re(pat: str) -> re.Pattern[str]:
+    """A gitignore glob as a regex over a relative path: ``*``, ``?`` and ``[...]`` never cross
+    ``/`` (fnmatch's ``*`` does: ``a/*.md`` would match ``a/b/deep.md``); ``**/`` matches any
+    number of directories, a trailing ``/**`` everything inside."""
+    out: list[str] = []
+    i, n = 0, len(pat)
+    while i < n:
+        c = pat[i]
+        if pat.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pat.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif c == "*":
+            out.append("[^/]*")
+            i += 1
+        elif c == "?":
+            out.append("[^/]")
+            i += 1
+        elif (
+            c == "["
+            and (end := pat.find("]", i + (2 if pat[i + 1 : i + 2] in ("!", "^") else 1))) > 0
+        ):
+            body = pat[i + 1 : end]
+            if body[:1] in ("!", "^"):
+                body = "^" + body[1:]
+            out.append("[" + body.replace("\\", "\\\\") + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(c))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
 def _ignored(rel: str, is_dir: bool, patterns: Sequence[str]) -> bool:
-    """gitignore-like: last matching pattern wins, ``!`` negates, ``/`` suffix = dirs only,
-    a pattern with a ``/`` inside is anchored at the root, others match any path component."""
+    """gitignore semantics: last matching pattern wins, ``!`` negates, ``/`` suffix = dirs only,
+    a pattern with a ``/`` inside is anchored at the root (``*`` not crossing ``/``, ``**``
+    crossing it), others match the name at any depth."""
     verdict = False
     name = rel.rsplit("/", 1)[-1]
     for raw in patterns:
@@ -102,7 +140,7 @@ def _ignored(rel: str, is_dir: bool, patterns: Sequence[str]) -> bool:
             continue
         anchored = "/" in pat
         pat = pat.lstrip("/")
-        hit = fnmatch.fnmatchcase(rel, pat) if anchored else fnmatch.fnmatchcase(name, pat)
+        hit = _glob_re(pat).match(rel) is not None if anchored else fnmatch.fnmatchcase(name, pat)
         if hit:
             verdict = not neg
     return verdict

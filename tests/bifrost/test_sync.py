@@ -290,3 +290,15 @@ def test_push_bootstrap_and_extra_misuse_is_an_error(
             h.push(root, bootstrap=True)
         with pytest.raises(TransferError, match="bootstrap"):
             h.push(root, extras=["dev"])
+
+
+def test_bifrostignore_star_does_not_cross_slash(tmp_path: Path) -> None:
+    root = tmp_path / "ig"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "top.md").write_text("")
+    (root / "a" / "b" / "deep.md").write_text("")
+    (root / "c" / "x").mkdir(parents=True)
+    (root / "c" / "x" / "y.log").write_text("")
+    (root / "c" / "z.log").write_text("")
+    (root / ".bifrostignore").write_text("a/*.md\nc/**/*.log\n")
+    assert list_files(root) == [".bifrostignore", "a/b/deep.md"]
