@@ -77,23 +77,27 @@ def _cli_proc(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen
 
 
 def test_ctrl_c_on_ssh_exec_exits_130_and_kills_the_remote_group(
-    sshd: SSHServer, bifrost_home: Path
+    sshd: SSHServer, bifrost_home: Path, tmp_path: Path
 ) -> None:
-    marker = f"bf-int-{time.monotonic_ns()}"
+    # The sshd runs on this machine: a marker in the command line would also match the local
+    # CLI process itself (pgrep -f), so the remote side reports its process group in a file.
+    pgid_file = tmp_path / "pgid"
     env = {**os.environ, "BIFROST_HOME": str(bifrost_home)}
+    proc = _cli_proc(
+        "exec", "-i", str(sshd.client_key), sshd.target,
+        f"sleep 30 & sleep 31 & ps -o pgid= -p $$ > {pgid_file}.tmp; mv {pgid_file}.tmp {pgid_file}; wait",
+        env=env,
+    )  # fmt: skip
+    _poll(pgid_file.exists)
+    pgid = pgid_file.read_text().strip()
     with Host(sshd.target, identity_file=sshd.client_key) as h:
-        running = f"pgrep -f '[s]leep 30; echo {marker}'"
-        proc = _cli_proc(
-            "exec", "-i", str(sshd.client_key), sshd.target,
-            f"bash -c 'sleep 30; echo {marker}' & sleep 31; wait", env=env,
-        )  # fmt: skip
-        _poll(lambda: h.exec(running, warn=True).ok)
+        assert h.exec(f"pgrep -g {pgid}", warn=True).ok
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 130, err
         assert "interrupted" in err and "Traceback" not in err
         # The remote process group went with it (best effort with a short deadline).
-        _poll(lambda: not h.exec(running, warn=True).ok, timeout=10)
+        _poll(lambda: not h.exec(f"pgrep -g {pgid}", warn=True).ok, timeout=10)
 
 
 def test_ctrl_c_on_local_exec_exits_130(tmp_path: Path) -> None:
