@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
 import signal
 import threading
 from collections.abc import Coroutine
@@ -54,18 +52,32 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     if threading.current_thread() is _thread:
         coro.close()
         raise RuntimeError("bifrost's synchronous API was called from its own event loop thread")
-    fut: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coro, loop)
+    finished = threading.Event()
+    holder: dict[str, asyncio.Task[T]] = {}
+
+    def _start() -> None:
+        task = loop.create_task(coro)
+        holder["task"] = task
+        task.add_done_callback(lambda _t: finished.set())
+
+    def _cancel() -> None:
+        task = holder.get("task")
+        if task is not None:
+            task.cancel()
+
+    loop.call_soon_threadsafe(_start)
     try:
         # Waiting in slices keeps the main thread returning to the interpreter, so a signal
-        # handler runs promptly even on platforms that cannot steer signals to it.
-        # In 3.11 the builtin TimeoutError *is* concurrent.futures.TimeoutError, so a
-        # coroutine that raises TimeoutError looks exactly like an elapsed slice; only
-        # ``done()`` tells them apart (a done future re-raises its own error below).
-        while not fut.done():
-            concurrent.futures.wait([fut], timeout=0.2)
-        return fut.result()
+        # handler runs promptly even on platforms that cannot steer signals to it. The wait is
+        # on the task itself, not on a chained future: a TimeoutError raised by the coroutine
+        # cannot be mistaken for an elapsed slice.
+        while not finished.wait(0.2):
+            pass
     except KeyboardInterrupt:
-        fut.cancel()
-        with contextlib.suppress(BaseException):  # already unwinding a Ctrl-C
-            fut.result(timeout=5)
+        # Cancel the task and wait until its own cleanup (killing the remote process group,
+        # removing a secrets file) has run: cancelling a chained concurrent future returns at
+        # once, and the process would exit with that cleanup cut off mid-way.
+        loop.call_soon_threadsafe(_cancel)
+        finished.wait(5)
         raise
+    return holder["task"].result()

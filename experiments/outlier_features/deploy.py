@@ -659,7 +659,7 @@ def deploy(
                     ROOT,
                     name=workspace,
                     bootstrap=not local,
-                    extras=_extras(spec, opts),
+                    extras=() if local else _extras(spec, opts),
                     progress=tty,
                 )
             )
