@@ -102,6 +102,17 @@ def _merge_into(src: Path, dst: Path) -> None:
 
 
 @contextmanager
+def _as_transfer_error(what: str) -> Iterator[None]:
+    """Any failure inside becomes a TransferError ``"<what>: <cause>"`` (ours pass through)."""
+    try:
+        yield
+    except TransferError:
+        raise
+    except Exception as exc:
+        raise TransferError(f"{what}: {exc}") from exc
+
+
+@contextmanager
 def _bar(total: int, label: str, enabled: bool) -> Iterator[Progress | None]:
     if not enabled or total < PROGRESS_MIN_BYTES:
         yield None
@@ -138,13 +149,11 @@ async def _get_atomic(
 ) -> None:
     part = _part_name(dest)
     try:
-        with _bar(size, f"pull {posixpath.basename(src)}", progress) as cb:
-            try:
-                await t.get(src, part, progress=cb)
-            except TransferError:
-                raise
-            except Exception as exc:
-                raise TransferError(f"pull of {src} from {host_name} failed: {exc}") from exc
+        with (
+            _bar(size, f"pull {posixpath.basename(src)}", progress) as cb,
+            _as_transfer_error(f"pull of {src} from {host_name} failed"),
+        ):
+            await t.get(src, part, progress=cb)
         await asyncio.to_thread(_merge_into, part, dest)
     finally:
         if part.exists() or part.is_symlink():
@@ -173,20 +182,18 @@ async def aupload(host: Host, local: Path, remote: str, *, progress: bool = Fals
         if local.is_dir()
         else local.stat().st_size
     )
-    with _bar(total, f"upload {local.name}", progress) as cb:
-        try:
-            if local.is_dir() and kind == "dir":
-                await _put_merge(t, local, dst, cb)
-            elif local.is_dir() and kind != "none":
-                raise TransferError(
-                    f"cannot upload directory {local} to {dst} on {host.name}: it is a file there"
-                )
-            else:
-                await t.put(local, dst, progress=cb)
-        except TransferError:
-            raise
-        except Exception as exc:
-            raise TransferError(f"upload of {local} to {host.name} failed: {exc}") from exc
+    with (
+        _bar(total, f"upload {local.name}", progress) as cb,
+        _as_transfer_error(f"upload of {local} to {host.name} failed"),
+    ):
+        if local.is_dir() and kind == "dir":
+            await _put_merge(t, local, dst, cb)
+        elif local.is_dir() and kind != "none":
+            raise TransferError(
+                f"cannot upload directory {local} to {dst} on {host.name}: it is a file there"
+            )
+        else:
+            await t.put(local, dst, progress=cb)
     return dst
 
 

@@ -493,6 +493,16 @@ def preflight(spec: ModelSpec, opts: DeployOptions) -> None:
             parse_ttl(opts.ttl)
     except ConfigError as e:
         raise BadInput(f"--ttl: {e}") from None
+    for flag, count in (
+        ("--gpu-count", opts.gpu_count),
+        ("--num-sequences", opts.num_sequences),
+        ("--seq-len", opts.seq_len),
+        ("--disk", opts.disk_gb),
+    ):
+        if count is not None and count < 1:
+            raise BadInput(f"{flag} must be >= 1, got {count}")
+    if opts.max_price is not None and not (math.isfinite(opts.max_price) and opts.max_price >= 0):
+        raise BadInput(f"--max-price must be >= 0, got {opts.max_price}")
     for flag, value in (
         ("--ready-timeout", opts.ready_timeout),
         ("--min-vram", opts.min_vram_gb),
@@ -901,17 +911,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace) -> DeployOptions:
-    """Validated options from parsed flags (BadInput for impossible values)."""
-    for flag, value in (
-        ("--gpu-count", args.gpu_count),
-        ("--num-sequences", args.num_sequences),
-        ("--seq-len", args.seq_len),
-        ("--disk", args.disk_gb),
-    ):
-        if value is not None and value < 1:
-            raise BadInput(f"{flag} must be >= 1, got {value}")
-    if args.max_price is not None and not (math.isfinite(args.max_price) and args.max_price >= 0):
-        raise BadInput(f"--max-price must be >= 0, got {args.max_price}")
+    """Options from parsed flags; ``preflight`` checks their values (for the API too)."""
     return DeployOptions(
         model=args.model,
         providers=args.providers,

@@ -13,8 +13,9 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 
@@ -24,32 +25,14 @@ from broker.providers.base import Capabilities, Provider
 from experiments.outlier_features import deploy, deploy_sweep
 from experiments.outlier_features.configs import get_spec
 
+#: The `journal` fixture (tests/experiments/conftest.py): all broker journal entries.
+Journal = Callable[[], list[Any]]
+
 FAST = ["--num-sequences", "4", "--seq-len", "64"]
-_KEYS = ("RUNPOD_API_KEY", "RUNPOD_API_URL", "PRIME_API_KEY", "PRIME_INTELLECT_API_KEY",
-         "LAMBDA_API_KEY", "VAST_API_KEY", "BROKER_PROVIDERS", "SSH_KEY_PATH", "HF_TOKEN")
 
 
-@pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Isolated broker + bifrost state and $HOME; returns the results dir."""
-    for k in _KEYS:
-        monkeypatch.delenv(k, raising=False)
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("BROKER_CONFIG", str(tmp_path / "broker" / "config.toml"))
-    monkeypatch.setenv("BROKER_STATE_DIR", str(tmp_path / "broker" / "state"))
-    monkeypatch.setenv("BROKER_ENV_FILE", str(tmp_path / "broker" / "no.env"))
-    monkeypatch.setenv("BIFROST_HOME", str(tmp_path / "bifrost"))
-    return tmp_path / "results"
-
-
-def _journal() -> list:  # type: ignore[type-arg]
-    with GPUClient(providers=["local"]) as c:
-        return c.journal.all_entries()
-
-
-def test_deploy_tiny_moe_on_local_end_to_end(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_deploy_tiny_moe_on_local_end_to_end(env: Path, journal: Journal,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
     rc = deploy.main(["--provider", "local", "--model", "tiny-moe", "--results-dir", str(env),
                       *FAST])
     out = capsys.readouterr().out
@@ -65,7 +48,7 @@ def test_deploy_tiny_moe_on_local_end_to_end(env: Path, capsys: pytest.CaptureFi
     record = json.loads((res / "deploy.json").read_text())
     assert record["status"] == "succeeded" and record["provider"] == "local"
     # The instance is terminated and its journal entry closed, tagged with the model.
-    [entry] = _journal()
+    [entry] = journal()
     assert entry.name == record["instance"] and not entry.is_open
     assert entry.tag == "tiny-moe" and entry.status == "terminated"
     assert f"terminated {entry.name}" in out
@@ -77,7 +60,7 @@ def test_deploy_tiny_moe_on_local_end_to_end(env: Path, capsys: pytest.CaptureFi
         assert h.job(record["job_id"]).status().state == "succeeded"
 
 
-def test_deploy_ctrl_c_terminates_the_instance(env: Path) -> None:
+def test_deploy_ctrl_c_terminates_the_instance(env: Path, journal: Journal) -> None:
     state = env / "state.json"
     cmd = [sys.executable, str(Path(deploy.__file__)), "--provider", "local", "--model",
            "tiny-moe", "--results-dir", str(env), "--state-file", str(state), *FAST]
@@ -93,7 +76,7 @@ def test_deploy_ctrl_c_terminates_the_instance(env: Path) -> None:
     assert proc.returncode == 130, "".join(seen) + rest
     record = json.loads(state.read_text())
     assert record["status"] == "cancelled" and record["instance_state"] == "terminated"
-    [entry] = _journal()
+    [entry] = journal()
     assert not entry.is_open
     # On `local` the terminate alone would not stop the job: deploy.py killed it.
     with Host("local") as h:
@@ -101,7 +84,8 @@ def test_deploy_ctrl_c_terminates_the_instance(env: Path) -> None:
     assert not (env / "tiny-moe").exists()
 
 
-def test_deploy_bad_input_and_no_offer(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_deploy_bad_input_and_no_offer(env: Path, journal: Journal,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
     assert deploy.main(["--model", "99", "--provider", "local"]) == 2
     err = capsys.readouterr().err
     assert "unknown model '99'" in err and "01 (OLMoE-1B-7B)" in err and "tiny-moe" in err
@@ -113,7 +97,7 @@ def test_deploy_bad_input_and_no_offer(env: Path, capsys: pytest.CaptureFixture[
     assert deploy.main(["--model", "01", "--provider", "local"]) == 3
     err = capsys.readouterr().err
     assert "no offer for 01 (OLMoE-1B-7B): searched `gpu~A100" in err and "on local" in err
-    assert _journal() == []
+    assert journal() == []
 
 
 class _PricedProvider(Provider):
@@ -157,7 +141,7 @@ def test_no_offer_under_cap_names_the_cheapest(env: Path) -> None:
         assert ok.offer is not None and ok.est_cost == pytest.approx(3.1 * ok.est_hours)
 
 
-def test_sweep_dry_run_and_status_without_sweep(env: Path,
+def test_sweep_dry_run_and_status_without_sweep(env: Path, journal: Journal,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     rc = deploy_sweep.main(["--dry-run", "--provider", "local", "--models", "tiny-moe", "01",
                             "--results-dir", str(env)])
@@ -169,14 +153,14 @@ def test_sweep_dry_run_and_status_without_sweep(env: Path,
     assert "NO OFFER" in lines["01"] and "1x A100 >=80GB" in lines["01"]
     assert "01: no offer for 01 (OLMoE-1B-7B): searched `gpu~A100" in out
     assert "dry run: nothing rented" in out
-    assert _journal() == [] and not env.exists()
+    assert journal() == [] and not env.exists()
     assert deploy_sweep.main(["--status", "--results-dir", str(env)]) == 2
     assert "no sweep found" in capsys.readouterr().out
     assert deploy_sweep.main(["--models", "nope", "--dry-run", "--provider", "local"]) == 2
     assert "unknown model 'nope'" in capsys.readouterr().out
 
 
-def test_sweep_of_two_tiny_models_then_status(env: Path,
+def test_sweep_of_two_tiny_models_then_status(env: Path, journal: Journal,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     sweep_id = "outlier-test-sweep"
     rc = deploy_sweep.main(["--provider", "local", "--models", "tiny-moe", "tiny-moe-planted",
@@ -188,7 +172,7 @@ def test_sweep_of_two_tiny_models_then_status(env: Path,
     assert planted["results"]["with_pos0"]["dims"] == [7, 42, 99]
     assert (env / "tiny-moe" / "summary.json").is_file()
     # Every instance carries the sweep id and its model; all are closed; costs are summed.
-    entries = _journal()
+    entries = journal()
     assert {e.tag for e in entries} == {"tiny-moe", "tiny-moe-planted"}
     assert all(e.sweep == sweep_id and not e.is_open for e in entries)
     assert "[tiny-moe-planted]   | " in out  # worker output, prefixed with its model

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,28 +21,8 @@ from experiments.outlier_features import compare, deploy, deploy_sweep, run
 from experiments.outlier_features.analysis import cross_batch
 from experiments.outlier_features.extract import ActivationStats
 
-_KEYS = ("RUNPOD_API_KEY", "RUNPOD_API_URL", "PRIME_API_KEY", "PRIME_INTELLECT_API_KEY",
-         "LAMBDA_API_KEY", "VAST_API_KEY", "BROKER_PROVIDERS", "SSH_KEY_PATH", "HF_TOKEN")
-
-
-@pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Isolated broker + bifrost state and $HOME; returns the results dir."""
-    for k in _KEYS:
-        monkeypatch.delenv(k, raising=False)
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("BROKER_CONFIG", str(tmp_path / "broker" / "config.toml"))
-    monkeypatch.setenv("BROKER_STATE_DIR", str(tmp_path / "broker" / "state"))
-    monkeypatch.setenv("BROKER_ENV_FILE", str(tmp_path / "broker" / "no.env"))
-    monkeypatch.setenv("BIFROST_HOME", str(tmp_path / "bifrost"))
-    return tmp_path / "results"
-
-
-def _journal() -> list:  # type: ignore[type-arg]
-    with GPUClient(providers=["local"]) as c:
-        return c.journal.all_entries()
+#: The `journal` fixture (tests/experiments/conftest.py): all broker journal entries.
+Journal = Callable[[], list[Any]]
 
 
 @pytest.mark.parametrize(
@@ -123,14 +105,15 @@ def test_cross_batch_with_one_batch_has_no_jaccard() -> None:
         (["--seq-len", "1"], "--seq-len must be >= 2"),
     ],
 )
-def test_deploy_refuses_bad_job_flags_before_renting(env: Path, extra: list[str], message: str,
+def test_deploy_refuses_bad_job_flags_before_renting(env: Path, journal: Journal, extra: list[str],
+                                                     message: str,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     rc = deploy.main(["--provider", "local", "--model", "tiny-moe", "--results-dir", str(env),
                       *extra])
     err = capsys.readouterr().err
     assert rc == 2, err
     assert message in err and "Traceback" not in err
-    assert _journal() == []  # nothing rented
+    assert journal() == []  # nothing rented
 
 
 def test_deploy_model_names(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -157,7 +140,7 @@ def test_deploy_model_names(env: Path, capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_a_job_that_rejects_its_input_is_bad_input_and_not_retried(
-        env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        env: Path, journal: Journal, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # The file exists (so the pre-flight passes) but is far too short: run.py on the box
     # exits 2 ("corpus has N tokens"), which no other box would change.
     short = tmp_path / "short.txt"
@@ -174,10 +157,10 @@ def test_a_job_that_rejects_its_input_is_bad_input_and_not_retried(
     first = attempt["error"].splitlines()[0]
     assert "exit code 2" in first and "corpus has" in first
     assert "retrying" not in out
-    assert all(not e.is_open for e in _journal())
+    assert all(not e.is_open for e in journal())
 
 
-def test_sweep_refuses_bad_flags_before_launching(env: Path,
+def test_sweep_refuses_bad_flags_before_launching(env: Path, journal: Journal,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     rc = deploy_sweep.main(["--provider", "local", "--models", "tiny-moe", "-y",
                             "--results-dir", str(env), "--corpus", "/nonexistent/c.txt"])
@@ -187,7 +170,7 @@ def test_sweep_refuses_bad_flags_before_launching(env: Path,
                             "--results-dir", str(env), "--sweep-id", "../../x"])
     assert rc == 2
     assert "--sweep-id '../../x'" in capsys.readouterr().out
-    assert _journal() == [] and not env.exists()
+    assert journal() == [] and not env.exists()
 
 
 def _summary(model: str, corpus: str, threshold: float) -> dict[str, object]:
