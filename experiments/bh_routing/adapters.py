@@ -14,17 +14,26 @@ The ``grouped_mm`` and ``batched_mm`` kernels only mask sentinels when
 slots empty. GPT-OSS eager cannot take the sentinel (one_hot over E classes), so there the slot is
 padded with the token's best expert and weight 0.
 
-What the p-values are computed on (per family, always at temperature 1):
+What the p-values are computed on (per family):
 - softmax routers (OLMoE, Qwen3-MoE, Qwen3-Next, Mixtral): the softmax probabilities for the
-  empirical null (a rank statistic, so this equals using log-probabilities, i.e. logits minus a
-  per-token constant that softmax ignores); log-probabilities for the Gaussian z.
-  GPT-OSS: centred logits ``l - mean(l)`` (same idea).
+  empirical-type nulls (``empirical``, ``unselected``: a rank statistic, so this equals using
+  log-probabilities, i.e. logits minus a per-token constant that softmax ignores);
+  log-probabilities for the Gaussian z. GPT-OSS: centred logits ``l - mean(l)`` (same idea).
 - GLM-4.5 (sigmoid router): ``sigmoid(l) + e_score_correction_bias``, the score GLM itself ranks by;
   experts outside the token's selected groups get p = 1 (group-limited routing is kept).
+- ``probability``: ``log softmax(l / T)`` over all E (every family), tested against the same
+  quantity of the experts the native router skipped on calibration text, calibrated at that T.
+- ``seed_probability``: ``1 - softmax(l / T)`` (the seed's formula).
 
-Temperature only rescales the logits that build the mixing weights. Because both p-value methods
-are computed on untempered scores (the z-score is invariant to it anyway), temperature never changes
-which experts are selected for a given hidden state.
+Temperature always rescales the logits that build the mixing weights. It changes which experts are
+selected only under ``probability`` and ``seed_probability``; under ``empirical``, ``unselected``
+and ``gaussian`` the p-values use untempered scores (and the z-score is invariant to rescaling), so
+there temperature never changes the selection for a given hidden state.
+
+Calibration (:meth:`RoutingController.begin_calibration`) runs the native router and keeps, per
+layer, the p-value scores of every expert (the ``empirical`` null), of the experts the native
+router did not select (``unselected``), and the logits with the not-selected mask, from which the
+``probability`` null is built for each temperature a config asks for.
 """
 
 from __future__ import annotations
@@ -38,10 +47,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiments.bh_routing.selector import (
+    NULL_METHODS,
     BHSelector,
     EmpiricalNull,
     RoutingConfig,
     Selection,
+    seed_probability_pvalues,
+    select_pvalues_in_key_order,
     select_topk,
     select_with_sort_key,
 )
@@ -97,6 +109,17 @@ class Family:
         """The quantity the empirical null is built from: exactly what :meth:`select_bh` tests."""
         ps = self.pvalue_scores(scored)
         return ps[~scored.excluded] if scored.excluded is not None else ps
+
+    def tempered_scores(self, scored: Scored, temperature: float) -> torch.Tensor:
+        """``log softmax(logits / T)`` over all E, -inf for excluded experts (``probability``).
+
+        The same quantity for every family: the temperature-scaled router probabilities the seed
+        meant, on a log scale (a monotone map, so the empirical p-values are unchanged by it).
+        """
+        lp = torch.log_softmax(scored.logits.float() / temperature, dim=-1)
+        if scored.excluded is not None:
+            lp = lp.masked_fill(scored.excluded, float("-inf"))
+        return lp
 
     def select_bh(self, selector: BHSelector, scored: Scored) -> Selection:
         """BH selection for this family (general path: rank by the sort key, test the p-scores)."""
@@ -348,20 +371,80 @@ class RoutingController:
         self.record = RoutingRecord()
         self.calibrating = False
         self.calibration: dict[int, list[torch.Tensor]] = {}
+        self.calibration_unselected: dict[int, list[torch.Tensor]] = {}
+        self.calibration_logits: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        #: ``unselected`` null, and the per-layer (logits, not-selected mask) the ``probability``
+        #: nulls are built from, with those nulls cached by temperature.
+        self._unselected: EmpiricalNull | None = None
+        self._prob_source: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._prob_nulls: dict[float, EmpiricalNull] = {}
         self.layers: list[PatchedLayer] = []
+
+    def _forget_selectors(self) -> None:
+        for pl in self.layers:
+            # Their thresholds came from the old null; rebuilt on next use.
+            pl.selector = None
+            pl.selectors.clear()
 
     @property
     def null(self) -> EmpiricalNull | None:
-        """The calibrated empirical null (None until calibrated)."""
+        """The calibrated ``empirical`` null (None until calibrated)."""
         return self._null
 
     @null.setter
     def null(self, value: EmpiricalNull | None) -> None:
         self._null = value
-        for pl in self.layers:
-            # Their thresholds came from the old null; rebuilt on next use.
-            pl.selector = None
-            pl.selectors.clear()
+        self._forget_selectors()
+
+    @property
+    def unselected_null(self) -> EmpiricalNull | None:
+        """The calibrated ``unselected`` null (None until calibrated)."""
+        return self._unselected
+
+    @unselected_null.setter
+    def unselected_null(self, value: EmpiricalNull | None) -> None:
+        self._unselected = value
+        self._forget_selectors()
+
+    def probability_null(self, temperature: float) -> EmpiricalNull | None:
+        """The ``probability`` null at ``temperature`` (built on first use; None if uncalibrated).
+
+        Built from the calibration logits of the experts the native router did not select, scaled
+        by the same T the config uses: comparing tempered test scores with an untempered null
+        would make T shift every p-value rather than change what is compared.
+        """
+        if not self._prob_source:
+            return None
+        null = self._prob_nulls.get(temperature)
+        if null is None:
+            samples = {}
+            for layer, (logits, unselected) in self._prob_source.items():
+                samples[layer] = torch.log_softmax(logits / temperature, dim=-1)[unselected]
+            null = EmpiricalNull(samples)
+            self._prob_nulls[temperature] = null
+        return null
+
+    def null_for(self, cfg: RoutingConfig) -> EmpiricalNull | None:
+        """The null a BH config's p-value model uses (None for models without one)."""
+        if cfg.p_value == "empirical":
+            return self._null
+        if cfg.p_value == "unselected":
+            return self._unselected
+        if cfg.p_value == "probability":
+            return self.probability_null(cfg.temperature)
+        return None
+
+    def null_sizes(self) -> dict[str, dict[str, int]]:
+        """Samples per layer of each calibrated null (``probability`` at T = 1)."""
+        out: dict[str, dict[str, int]] = {}
+        for name, null in (
+            ("empirical", self._null),
+            ("unselected", self._unselected),
+            ("probability", self.probability_null(1.0)),
+        ):
+            if null is not None:
+                out[name] = {str(layer): null.size(layer) for layer in null.layers}
+        return out
 
     # -- state switches -------------------------------------------------------------------------
     def set_config(self, config: RoutingConfig | None) -> None:
@@ -369,11 +452,11 @@ class RoutingController:
         if (
             config is not None
             and config.method == "bh"
-            and config.p_value == "empirical"
-            and self._null is None
+            and config.p_value in NULL_METHODS
+            and self.null_for(config) is None
         ):
             raise ValueError(
-                f"config {config.name!r} uses the empirical null but none is calibrated"
+                f"config {config.name!r} uses the {config.p_value} null but none is calibrated"
             )
         self.config = config
         for pl in self.layers:
@@ -408,7 +491,9 @@ class RoutingController:
     def _selector(self, pl: PatchedLayer, cfg: RoutingConfig, device: torch.device) -> BHSelector:
         sel = pl.selector
         if sel is None or sel.device != device:
-            key = (cfg.alpha, cfg.min_k, cfg.max_k, cfg.p_value, cfg.correction, str(device))
+            # The probability null depends on T; the other models' thresholds do not.
+            t_key = cfg.temperature if cfg.p_value == "probability" else None
+            key = (cfg.alpha, cfg.min_k, cfg.max_k, cfg.p_value, cfg.correction, t_key, str(device))
             sel = pl.selectors.get(key)
             if sel is None:
                 sel = BHSelector(
@@ -417,7 +502,7 @@ class RoutingController:
                     min_k=cfg.min_k,
                     max_k=cfg.max_k,
                     method=cfg.p_value,
-                    null=self._null if cfg.p_value == "empirical" else None,
+                    null=self.null_for(cfg),
                     layer=pl.layer,
                     correction=cfg.correction,
                     sentinel=pl.num_experts,
@@ -461,9 +546,9 @@ class RoutingController:
         cfg = self.config
         if self.calibrating:
             scored = pl.family.score(pl.router, hidden_states)
-            ps = pl.family.calibration_scores(scored)
-            self.calibration.setdefault(pl.layer, []).append(ps.detach().reshape(-1).float().cpu())
-            return pl.original_forward(hidden_states)
+            out = pl.original_forward(hidden_states)
+            self._collect_calibration(pl, scored, out[2])
+            return out
         if cfg is None:
             out = pl.original_forward(hidden_states)
             if self.recording:
@@ -479,6 +564,19 @@ class RoutingController:
         scored = fam.score(pl.router, hidden_states)
         if cfg.method == "topk":
             sel = select_topk(scored.sort_key, cfg.k)
+        elif cfg.p_value == "probability":
+            sel = select_with_sort_key(
+                self._selector(pl, cfg, hidden_states.device),
+                fam.tempered_scores(scored, cfg.temperature),
+                scored.sort_key,
+            )
+        elif cfg.p_value == "seed_probability":
+            p = seed_probability_pvalues(scored.logits, cfg.temperature)
+            if scored.excluded is not None:
+                p = p.masked_fill(scored.excluded, 1.0)
+            sel = select_pvalues_in_key_order(
+                self._selector(pl, cfg, hidden_states.device), p, scored.sort_key
+            )
         else:
             sel = fam.select_bh(self._selector(pl, cfg, hidden_states.device), scored)
         weights = fam.weights(pl.router, scored, sel, cfg.temperature, pl.renormalize)
@@ -511,9 +609,31 @@ class RoutingController:
             rec.first_call_k[pl.layer] = k.reshape(-1).detach().clone()
 
     # -- calibration ----------------------------------------------------------------------------
+    def _collect_calibration(
+        self, pl: PatchedLayer, scored: Scored, native_indices: torch.Tensor
+    ) -> None:
+        fam = pl.family
+        ps = fam.calibration_scores(scored)
+        self.calibration.setdefault(pl.layer, []).append(ps.detach().reshape(-1).float().cpu())
+        logits = scored.logits.detach().float().reshape(-1, pl.num_experts)
+        idx = native_indices.reshape(logits.shape[0], -1).long()
+        selected = torch.zeros_like(logits, dtype=torch.bool)
+        # Clamp: a sentinel-padded index (never from a native router, but cheap to guard) must not
+        # index out of range; its weight-0 slot counts as selected, which only shrinks the null.
+        selected.scatter_(1, idx.clamp(0, pl.num_experts - 1), True)
+        unselected = ~selected
+        if scored.excluded is not None:
+            # Experts outside GLM's chosen groups are never tested (p = 1): not part of the null.
+            unselected &= ~scored.excluded.reshape_as(unselected)
+        pscores = fam.pvalue_scores(scored).detach().float().reshape_as(logits)
+        self.calibration_unselected.setdefault(pl.layer, []).append(pscores[unselected].cpu())
+        self.calibration_logits.setdefault(pl.layer, []).append((logits.cpu(), unselected.cpu()))
+
     def begin_calibration(self) -> None:
         """Collect p-value scores under native routing until :meth:`end_calibration`."""
         self.calibration = {}
+        self.calibration_unselected = {}
+        self.calibration_logits = {}
         self.calibrating = True
 
     def end_calibration(self, max_samples_per_layer: int = 400_000, seed: int = 0) -> EmpiricalNull:
@@ -522,16 +642,29 @@ class RoutingController:
         if not self.calibration:
             raise ValueError("calibration collected no router scores (empty calibration text?)")
         gen = torch.Generator().manual_seed(seed)
-        samples = {}
-        for layer, chunks in self.calibration.items():
-            flat = torch.cat(chunks)
+
+        def _cap(flat: torch.Tensor) -> torch.Tensor:
             if flat.numel() > max_samples_per_layer:
                 # Subsample to bound memory and searchsorted cost; fixed seed keeps runs repeatable.
                 keep = torch.randperm(flat.numel(), generator=gen)[:max_samples_per_layer]
                 flat = flat[keep]
-            samples[layer] = flat
-        self.calibration = {}
-        self.null = EmpiricalNull(samples)
+            return flat
+
+        samples = {layer: _cap(torch.cat(c)) for layer, c in self.calibration.items()}
+        unselected = {layer: _cap(torch.cat(c)) for layer, c in self.calibration_unselected.items()}
+        source: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer, pairs in self.calibration_logits.items():
+            logits = torch.cat([p[0] for p in pairs])
+            mask = torch.cat([p[1] for p in pairs])
+            rows = max(1, max_samples_per_layer // max(1, logits.shape[1]))
+            if logits.shape[0] > rows:
+                keep = torch.randperm(logits.shape[0], generator=gen)[:rows]
+                logits, mask = logits[keep], mask[keep]
+            source[layer] = (logits, mask)
+        self.calibration, self.calibration_unselected, self.calibration_logits = {}, {}, {}
+        self._prob_source, self._prob_nulls = source, {}
+        self._unselected = EmpiricalNull(unselected)
+        self.null = EmpiricalNull(samples)  # the setter also drops selectors built on old nulls
         return self.null
 
 

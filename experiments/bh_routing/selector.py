@@ -26,8 +26,31 @@ from typing import Literal
 
 import torch
 
-PValueMethod = Literal["empirical", "gaussian"]
+PValueMethod = Literal["empirical", "gaussian", "unselected", "probability", "seed_probability"]
 Correction = Literal["bh", "by"]
+
+#: Every p-value model a config may name (docs/experiments/bh_routing.md explains each):
+#: - ``empirical``: per-layer null of the router scores of *every* (token, expert) on calibration
+#:   text. A test score is drawn from that same pool, so BH almost never rejects (kept as the
+#:   audit's reference; it collapses to min_k).
+#: - ``gaussian``: per-token z-score of the scores, Gaussian upper tail.
+#: - ``unselected``: per-layer null of the scores of the experts the native router did *not*
+#:   select on calibration text: "this expert is as weak as an expert the model itself skips".
+#: - ``probability``: as ``unselected``, but on temperature-scaled log-probabilities
+#:   ``log softmax(logits / T)``, with the null calibrated at the same T, so T changes selection.
+#: - ``seed_probability``: the seed's ``p = 1 - softmax(logits / T)``; not a p-value (see docs).
+PVALUE_METHODS: tuple[str, ...] = (
+    "empirical",
+    "gaussian",
+    "unselected",
+    "probability",
+    "seed_probability",
+)
+#: Methods whose p-values come from an :class:`EmpiricalNull` (one per layer, and per T for
+#: ``probability``): the selector compares scores with precomputed per-rank thresholds.
+NULL_METHODS: tuple[str, ...] = ("empirical", "unselected", "probability")
+#: Methods whose scores depend on the config's temperature.
+TEMPERED_METHODS: tuple[str, ...] = ("probability", "seed_probability")
 
 
 class Selection:
@@ -201,6 +224,17 @@ def gaussian_pvalues(scores: torch.Tensor) -> torch.Tensor:
     return torch.special.ndtr(-z)
 
 
+def seed_probability_pvalues(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The seed's p-values ``1 - softmax(logits / T)`` along the last dimension (float32).
+
+    Not a p-value in any testing sense: the E values of a token sum to E - 1, so at most one expert
+    can have p < 0.5 and BH can keep at most one expert (rank 1 passes only when that expert's
+    tempered probability is >= 1 - alpha/E). Kept because the seed used it; temperature does
+    enter it (T < 1 sharpens the top probability, T > 1 flattens it).
+    """
+    return 1.0 - torch.softmax(logits.float() / temperature, dim=-1)
+
+
 def bh_thresholds(
     m: int,
     alpha: float,
@@ -259,8 +293,10 @@ class BHSelector:
     ) -> None:
         """``method=None`` builds a selector for given p-values (:meth:`select_sorted_pvalues`)."""
         validate_params(alpha, min_k, max_k, m)
-        if method not in ("empirical", "gaussian", None):
-            raise ValueError(f"unknown p-value method {method!r}; use 'empirical' or 'gaussian'")
+        if method is not None and method not in PVALUE_METHODS:
+            raise ValueError(
+                f"unknown p-value method {method!r}; use one of {', '.join(PVALUE_METHODS)}"
+            )
         dev = torch.device("cpu") if device is None else torch.device(device)
         self.m = m
         self.width = min(max_k, m)
@@ -278,9 +314,9 @@ class BHSelector:
         self._thr64 = bh_thresholds(m, alpha, correction, dtype=torch.float64)
         self._thr_by_dtype: dict[torch.dtype, torch.Tensor] = {}
         self._tau: torch.Tensor | None = None
-        if method == "empirical":
+        if method in NULL_METHODS:
             if null is None:
-                raise ValueError("p_value='empirical' needs a calibrated EmpiricalNull")
+                raise ValueError(f"p_value={method!r} needs a calibrated EmpiricalNull")
             if layer not in null.layers:
                 raise KeyError(f"no empirical null calibrated for layer {layer}")
             self._tau = null.score_thresholds(layer, self._thr64).to(dev)
@@ -300,8 +336,10 @@ class BHSelector:
             # Rank r fails exactly when p(s_r) > t_r (see EmpiricalNull.score_thresholds).
             failing = s <= self._tau
             return torch.where(failing, self._kmin, self._rank_if_pass).amax(dim=-1, keepdim=True)
-        if self.method is None:
-            raise ValueError("this selector was built for given p-values (method=None)")
+        if self.method != "gaussian":
+            raise ValueError(
+                f"this selector ({self.method}) needs p-values: use count_sorted_pvalues"
+            )
         return self.count_sorted_pvalues(gaussian_pvalues(sorted_scores))
 
     def count_sorted_pvalues(self, sorted_pvalues: torch.Tensor) -> torch.Tensor:
@@ -472,6 +510,20 @@ def select_with_sort_key(
     return selector.select_sorted_scores(sorted_scores, order)
 
 
+def select_pvalues_in_key_order(
+    selector: BHSelector, pvalues: torch.Tensor, sort_key: torch.Tensor
+) -> Selection:
+    """BH on p-values ``(T, E)`` with experts ranked by ``sort_key`` (the native ranking).
+
+    The p-values are put in the key's order and made non-decreasing along it (running maximum), so
+    the selection stays a prefix of the native top-k order even where the p-values rank two experts
+    differently from the key (float ties, or a p-value model on another score than the key).
+    """
+    _, order = torch.sort(sort_key, dim=-1, descending=True, stable=True)
+    p = torch.cummax(pvalues.gather(-1, order), dim=-1).values
+    return selector.select_sorted_pvalues(p, order)
+
+
 def select_from_scores(
     scores: torch.Tensor,
     *,
@@ -611,8 +663,11 @@ class RoutingConfig:
             raise ValueError(
                 f"config {self.name!r}: method must be 'topk' or 'bh', got {self.method!r}"
             )
-        if self.p_value not in ("empirical", "gaussian"):
-            raise ValueError(f"config {self.name!r}: p_value must be 'empirical' or 'gaussian'")
+        if self.p_value not in PVALUE_METHODS:
+            raise ValueError(
+                f"config {self.name!r}: p_value must be one of {', '.join(PVALUE_METHODS)}, "
+                f"got {self.p_value!r}"
+            )
         if self.correction not in ("bh", "by"):
             raise ValueError(f"config {self.name!r}: correction must be 'bh' or 'by'")
         if self.renormalize is not None and not isinstance(self.renormalize, bool):

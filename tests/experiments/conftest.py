@@ -8,8 +8,6 @@ from typing import Any
 
 import pytest
 
-from broker import GPUClient
-
 _KEYS = ("RUNPOD_API_KEY", "RUNPOD_API_URL", "PRIME_API_KEY", "PRIME_INTELLECT_API_KEY",
          "LAMBDA_API_KEY", "VAST_API_KEY", "BROKER_PROVIDERS", "SSH_KEY_PATH", "HF_TOKEN")
 
@@ -32,6 +30,9 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def journal(env: Path) -> Callable[[], list[Any]]:
     """Reads every entry of the (isolated) broker journal."""
+
+    # Imported here so the experiment tests that never touch the broker do not depend on it.
+    from broker import GPUClient
 
     def entries() -> list[Any]:
         with GPUClient(providers=["local"]) as c:

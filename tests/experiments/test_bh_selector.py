@@ -298,3 +298,147 @@ def test_new_null_rebuilds_thresholds() -> None:
         ks.append(ctl.stop_recording()["first_call_k"])
     first = str(layers[0])
     assert set(ks[0][first]) == {8} and set(ks[1][first]) == {0}
+
+
+# -- the p-value models of issue 18: unselected, probability, seed_probability ---------------------
+
+
+def _unselected_null(logits: torch.Tensor, k: int, temperature: float | None) -> EmpiricalNull:
+    """The null the controller builds: scores of the experts outside each token's native top-k
+    (softmax probabilities, or log softmax(l / T) for the probability model)."""
+    probs = torch.softmax(logits, -1)
+    top = torch.topk(probs, k, dim=-1).indices
+    unselected = torch.ones_like(probs, dtype=torch.bool).scatter_(1, top, False)
+    scores = probs if temperature is None else torch.log_softmax(logits / temperature, -1)
+    return EmpiricalNull({0: scores[unselected]})
+
+
+@pytest.mark.parametrize("temperature", [None, 1.0, 2.0])
+@pytest.mark.parametrize("alpha", [0.01, 0.05, 0.2])
+def test_unselected_and_probability_nulls_match_statsmodels(
+    alpha: float, temperature: float | None
+) -> None:
+    """Selection under the new nulls equals statsmodels' fdr_bh on the same empirical p-values."""
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(4000, 16, generator=g) * 1.5
+    null = _unselected_null(logits, 8, temperature)
+    test = torch.randn(300, 16, generator=g) * 1.5
+    scores = (
+        torch.softmax(test, -1)
+        if temperature is None
+        else torch.log_softmax(test / temperature, -1)
+    )
+    method = "unselected" if temperature is None else "probability"
+    sel = select_from_scores(scores, alpha=alpha, min_k=0, max_k=16, method=method, null=null)
+    p = null.pvalues(0, scores).numpy()
+    n_total = 0
+    for row, s_row, got in zip(p, scores, _selected_sets(sel), strict=True):
+        n_rej = int(multipletests(row, alpha=alpha, method="fdr_bh")[0].sum())
+        n_total += n_rej
+        assert got == set(torch.argsort(s_row, descending=True, stable=True)[:n_rej].tolist())
+    assert n_total > 0  # the comparison is not vacuous: these nulls do reject
+
+
+@pytest.mark.parametrize("temperature", [0.05, 0.5, 1.0, 2.0])
+def test_seed_probability_matches_statsmodels(temperature: float) -> None:
+    from experiments.bh_routing.selector import (
+        seed_probability_pvalues,
+        select_pvalues_in_key_order,
+    )
+
+    g = torch.Generator().manual_seed(12)
+    logits = torch.randn(400, 16, generator=g) * 3
+    p = seed_probability_pvalues(logits, temperature)
+    sel = select_pvalues_in_key_order(
+        BHSelector(16, alpha=0.05, min_k=0, max_k=16, method="seed_probability"), p, logits
+    )
+    for row, l_row, got in zip(p.double().numpy(), logits, _selected_sets(sel), strict=True):
+        n_rej = int(multipletests(row, alpha=0.05, method="fdr_bh")[0].sum())
+        assert n_rej <= 1  # the documented weakness: at most one expert can ever pass
+        assert got == set(torch.argsort(l_row, descending=True, stable=True)[:n_rej].tolist())
+    # Temperature enters: a cold router passes its top expert on some tokens, T = 2 on none.
+    ks = sel.k
+    assert temperature > 0.1 or int(ks.sum()) > 0
+
+
+@pytest.fixture(scope="module")
+def calibrated_olmoe():
+    """tiny-olmoe with all nulls calibrated on the shipped calibration text, plus held-out ids."""
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parents[2] / "experiments" / "bh_routing" / "data"
+    lm = load_model("tiny-olmoe", device="cpu")
+    ctl = patch_model(lm.model)
+    ids = lm.tokenizer((data / "calibration.txt").read_text(), return_tensors="pt").input_ids[0]
+    ctl.begin_calibration()
+    with torch.no_grad():
+        for s in range(0, ids.numel(), 256):
+            lm.model(ids[s : s + 256].unsqueeze(0))
+    ctl.end_calibration()
+    held = lm.tokenizer((data / "heldout.txt").read_text(), return_tensors="pt").input_ids[0]
+    return lm, ctl, held[:256]
+
+
+def _mean_k_and_first_layer(
+    ctl, lm, held: torch.Tensor, cfg: RoutingConfig
+) -> tuple[float, list[int]]:
+    ctl.set_config(cfg)
+    ctl.start_recording()
+    with torch.no_grad():
+        lm.model(held.unsqueeze(0))
+    rec = ctl.stop_recording()
+    tot: dict[int, int] = {}
+    for h in rec["k_hist"].values():
+        for k, c in enumerate(h):
+            tot[k] = tot.get(k, 0) + c
+    mean = sum(k * c for k, c in tot.items()) / sum(tot.values())
+    first = next(iter(rec["first_call_k"].values()))
+    return mean, first
+
+
+@pytest.mark.parametrize("p_value", ["unselected", "probability"])
+def test_new_nulls_make_alpha_matter(p_value: str, calibrated_olmoe) -> None:
+    """Done-when: mean experts/token is non-decreasing in alpha and not pinned at min_k."""
+    lm, ctl, held = calibrated_olmoe
+    means = []
+    for alpha in (0.01, 0.05, 0.1, 0.3):
+        cfg = RoutingConfig("a", alpha=alpha, p_value=p_value, min_k=1, max_k=8)
+        means.append(_mean_k_and_first_layer(ctl, lm, held, cfg)[0])
+    assert all(b >= a for a, b in zip(means, means[1:], strict=False)), means
+    assert means[0] > 1.5 and means[-1] > means[0], means
+    # The audit's finding, kept as a regression check: the all-scores null collapses to min_k.
+    emp = _mean_k_and_first_layer(
+        ctl, lm, held, RoutingConfig("e", alpha=0.1, p_value="empirical", min_k=1, max_k=8)
+    )[0]
+    assert emp < 1.05
+
+
+def test_temperature_changes_selection_under_probability_null(calibrated_olmoe) -> None:
+    """Done-when: under the probability null T = 2.0 changes which experts are selected, on the
+    same inputs (first MoE layer, where every config sees identical hidden states)."""
+    lm, ctl, held = calibrated_olmoe
+    firsts = {}
+    for p_value in ("probability", "unselected"):
+        for t in (1.0, 2.0):
+            cfg = RoutingConfig("t", alpha=0.05, temperature=t, p_value=p_value, max_k=8)
+            firsts[(p_value, t)] = _mean_k_and_first_layer(ctl, lm, held, cfg)[1]
+    changed = sum(
+        a != b
+        for a, b in zip(firsts[("probability", 1.0)], firsts[("probability", 2.0)], strict=True)
+    )
+    assert changed > 0.05 * len(held)
+    # Under the unselected null T only touches the mixing weights: same first-layer selection.
+    assert firsts[("unselected", 1.0)] == firsts[("unselected", 2.0)]
+    # At T = 1 the probability null is the unselected null on a monotone transform of the scores.
+    assert firsts[("probability", 1.0)] == firsts[("unselected", 1.0)]
+
+
+def test_set_config_refuses_uncalibrated_new_nulls() -> None:
+    lm = load_model("tiny-olmoe", device="cpu")
+    ctl = patch_model(lm.model)
+    for p_value in ("unselected", "probability"):
+        with pytest.raises(ValueError, match=f"uses the {p_value} null but none is calibrated"):
+            ctl.set_config(RoutingConfig("x", p_value=p_value))
+    ctl.set_config(RoutingConfig("s", p_value="seed_probability"))  # needs no calibration
+    with pytest.raises(ValueError, match="p_value must be one of"):
+        RoutingConfig.from_dict("x", {"p_value": "bogus"})
