@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from fractions import Fraction
 
 import numpy as np
@@ -404,7 +405,7 @@ def test_new_nulls_make_alpha_matter(p_value: str, calibrated_olmoe) -> None:
     for alpha in (0.01, 0.05, 0.1, 0.3):
         cfg = RoutingConfig("a", alpha=alpha, p_value=p_value, min_k=1, max_k=8)
         means.append(_mean_k_and_first_layer(ctl, lm, held, cfg)[0])
-    assert all(b >= a for a, b in zip(means, means[1:], strict=False)), means
+    assert all(b >= a for a, b in itertools.pairwise(means)), means
     assert means[0] > 1.5 and means[-1] > means[0], means
     # The audit's finding, kept as a regression check: the all-scores null collapses to min_k.
     emp = _mean_k_and_first_layer(
