@@ -9,12 +9,12 @@ import secrets as _secrets
 import shlex
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from bifrost.transport.base import OutputSink, StdinSource, Transport
 
-__all__ = ["Result", "build_command", "env_lines", "quote_path"]
+__all__ = ["Result", "build_command", "capture", "env_lines", "nul_join", "nul_split", "quote_path"]
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 BASE_PATH = 'export PATH="$HOME/.local/bin:$PATH" PYTHONUNBUFFERED=1'
@@ -51,6 +51,48 @@ class Result:
             "stderr": self.stderr,
             "duration": round(self.duration, 4),
         }
+
+
+def nul_join(items: Iterable[str]) -> bytes:
+    """NUL-terminated listing (``xargs -0``/``--from0`` input); names keep undecodable bytes."""
+    return b"".join(i.encode("utf-8", "surrogateescape") + b"\0" for i in items)
+
+
+def nul_split(data: bytes) -> list[str]:
+    """The inverse of :func:`nul_join` (empty names dropped)."""
+    return [n for n in data.decode("utf-8", "surrogateescape").split("\0") if n]
+
+
+async def capture(
+    transport: Transport,
+    command: str,
+    *,
+    stdin: StdinSource = None,
+    on_stdout: OutputSink | None = None,
+    check: bool = False,
+) -> Result:
+    """Run a raw command (no wrapping) and collect its output: the one helper behind every
+    internal "run, collect stdout/stderr, check the exit code" call. ``check`` raises
+    :class:`CommandError` on a non-zero exit; ``on_stdout`` streams instead of collecting."""
+    from bifrost.errors import CommandError
+
+    out: list[bytes] = []
+    err: list[bytes] = []
+    started = time.monotonic()
+    rc = await transport.run(
+        command, stdin=stdin, on_stdout=on_stdout or out.append, on_stderr=err.append
+    )
+    result = Result(
+        command,
+        transport.target.display,
+        rc,
+        b"".join(out).decode("utf-8", "surrogateescape"),
+        b"".join(err).decode("utf-8", "replace"),
+        time.monotonic() - started,
+    )
+    if check and rc != 0:
+        raise CommandError(result)
+    return result
 
 
 def quote_path(path: str) -> str:

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import codecs
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from bifrost.errors import (
     JobNotFoundError,
     JobTimeout,
 )
-from bifrost.exec import env_lines
+from bifrost.exec import capture, env_lines
 from bifrost.paths import bifrost_home
 from bifrost.transport.base import Transport
 
@@ -136,15 +137,37 @@ def _parse_status(line: str, target: str) -> JobStatus:
     )
 
 
+def _script_body(func: str, stdin_tail: str = "") -> bytes:
+    return (_script() + f'\n{func} "$@"' + stdin_tail + "\n").encode()
+
+
 async def _call(
-    transport: Transport, func: str, args: Sequence[str] = (), stdin_tail: str = ""
+    transport: Transport,
+    func: str,
+    args: Sequence[str] = (),
+    stdin_tail: str = "",
+    on_stdout: Callable[[bytes], None] | None = None,
 ) -> tuple[int, str, str]:
-    out: list[bytes] = []
-    err: list[bytes] = []
-    body = _script() + f'\n{func} "$@"' + stdin_tail + "\n"
+    """Run one function of the packaged jobs script (sent on stdin) with ``args``."""
     cmd = "bash --norc --noprofile -s -- " + " ".join(shlex.quote(a) for a in args)
-    rc = await transport.run(cmd, stdin=body.encode(), on_stdout=out.append, on_stderr=err.append)
-    return rc, b"".join(out).decode(errors="replace"), b"".join(err).decode(errors="replace")
+    r = await capture(transport, cmd, stdin=_script_body(func, stdin_tail), on_stdout=on_stdout)
+    return r.exit_code, r.stdout, r.stderr
+
+
+def launch_payload(fields: Mapping[str, str]) -> str:
+    """The heredoc payload of a launch: ``key base64`` lines, then ``sum SHA256 LENGTH`` of
+    those lines, which the box checks before anything runs (a cut connection delivers a
+    truncated heredoc, and bash would otherwise run whatever part of the command arrived)."""
+    body = "".join(f"{k} {base64.b64encode(v.encode()).decode()}\n" for k, v in fields.items())
+    digest = hashlib.sha256(body.encode()).hexdigest()
+    return f"{body}sum {digest} {len(body)}\n"
+
+
+def launch_script(fields: Mapping[str, str]) -> bytes:
+    """Everything ``run`` sends on stdin to ``bash -s``: the jobs script, the ``__bf_launch``
+    call and its payload in a quoted heredoc (inert data to bash, whatever it contains)."""
+    tail = f" <<'__BIFROST_PAYLOAD__'\n{launch_payload(fields)}__BIFROST_PAYLOAD__"
+    return _script_body("__bf_launch", tail)
 
 
 def _remember(job_id: str, target: str) -> None:
@@ -220,13 +243,11 @@ async def astart(
         "venv": venv,
         "env": env_lines({**(env or {}), **(secrets or {})}),
     }
-    payload = "".join(f"{k} {base64.b64encode(v.encode()).decode()}\n" for k, v in fields.items())
-    # A quoted heredoc: the payload is inert data to bash, whatever the command or env contain.
-    tail = f" <<'__BIFROST_PAYLOAD__'\n{payload}__BIFROST_PAYLOAD__"
     transport = await host.atransport()
-    rc, out, err = await _call(transport, "__bf_launch", (), tail)
-    if rc != 0 or "BIFROST_STARTED" not in out:
-        raise JobError(f"could not start job on {host.name}: {err.strip() or out.strip()}")
+    r = await capture(transport, "bash --norc --noprofile -s --", stdin=launch_script(fields))
+    if r.exit_code != 0 or "BIFROST_STARTED" not in r.stdout:
+        detail = r.stderr.strip() or r.stdout.strip() or f"exit {r.exit_code}"
+        raise JobError(f"could not start job on {host.name}: {detail}")
     _remember(job_id, host.spec)
     return Job(host, job_id)
 
@@ -295,8 +316,8 @@ class LogDecoder:
         self._pending = ""
 
 
-def _first_line(chunks: list[bytes]) -> str:
-    text = b"".join(chunks).decode(errors="replace").strip()
+def _first_line(text: str) -> str:
+    text = text.strip()
     return text.splitlines()[0] if text else "no error message"
 
 
@@ -391,12 +412,12 @@ class Job:
 
         async def op(t: Transport) -> bytes:
             out: list[bytes] = []
-            err: list[bytes] = []
-            cmd = f"tail -c +{int(offset) + 1} {_job_dir(self.id)}/log"
-            rc = await t.run(cmd, on_stdout=out.append, on_stderr=err.append)
-            if rc != 0:
+            r = await capture(
+                t, f"tail -c +{int(offset) + 1} {_job_dir(self.id)}/log", on_stdout=out.append
+            )
+            if r.exit_code != 0:
                 await self.astatus()  # raises JobNotFoundError when it does not exist
-                raise JobError(f"cannot read the log of {self.id}: {_first_line(err)}")
+                raise JobError(f"cannot read the log of {self.id}: {_first_line(r.stderr)}")
             return b"".join(out)
 
         return await self.host.aretrying(op)
@@ -412,20 +433,19 @@ class Job:
 
         async def op(t: Transport) -> tuple[bytes, int]:
             out: list[bytes] = []
-            err: list[bytes] = []
             d = _job_dir(self.id)
             # One more line than asked: tail counts an unterminated last line as one.
             cmd = (
                 f'sz=$(stat -c %s {d}/log 2>/dev/null) || exit 3; echo "$sz" >&2; '
                 f'head -c "$sz" {d}/log | tail -n {lines + 1}'
             )
-            rc = await t.run(cmd, on_stdout=out.append, on_stderr=err.append)
-            if rc == 3:
+            r = await capture(t, cmd, on_stdout=out.append)
+            if r.exit_code == 3:
                 await self.astatus()  # raises JobNotFoundError when it does not exist
                 raise JobError(f"job {self.id} on {self.host.name} has no log file")
-            words = b"".join(err).split()
-            if rc != 0 or not words or not words[0].isdigit():
-                raise JobError(f"cannot read the log of {self.id}: {_first_line(err)}")
+            words = r.stderr.split()
+            if r.exit_code != 0 or not words or not words[0].isdigit():
+                raise JobError(f"cannot read the log of {self.id}: {_first_line(r.stderr)}")
             return b"".join(out), int(words[0])
 
         data, size = await self.host.aretrying(op)
@@ -481,25 +501,14 @@ class Job:
     async def _stream_once(
         self, t: Transport, dec: LogDecoder, on_line: Callable[[str], None], follow: bool
     ) -> bool:
-        d = _job_dir(self.id)
-        n = dec.offset
-        follow_cmd = (
-            f"pid=$(cat {d}/pid 2>/dev/null); "
-            f'if [ -f {d}/exit_code ] || [ -z "$pid" ] || ! kill -0 "$pid" 2>/dev/null; '
-            f"then exec tail -c +{n + 1} {d}/log; fi; "
-            f'exec tail -c +{n + 1} -F -s 0.2 --pid="$pid" {d}/log 2>/dev/null'
-        )
-        cmd = (
-            f"[ -d {d} ] || exit 3; sz=$(stat -c %s {d}/log 2>/dev/null || echo 0); "
-            f'if [ "$sz" -lt {n} ]; then echo BIFROST_RESET >&2; exit 4; fi; '
-            + (follow_cmd if follow else f"exec tail -c +{n + 1} {d}/log")
-        )
-
         def sink(chunk: bytes) -> None:
             for line in dec.feed(chunk):
                 on_line(line)
 
-        rc = await t.run(cmd, on_stdout=sink)
+        # The box decides when a follow ends, by the same test as `status` (boot id, pid start
+        # time), so a lost or died job ends it instead of a reused pid keeping it open.
+        args = [self.id, str(dec.offset), "1" if follow else "0"]
+        rc, _, _ = await _call(t, "__bf_follow", args, on_stdout=sink)
         if rc == 3:
             raise JobNotFoundError(f"no job {self.id!r} on {self.host.name}")
         if rc == 4:

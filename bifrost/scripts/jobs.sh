@@ -60,25 +60,44 @@ __bf_wrapper() {
   printf '%s\n' "$rc" > "$d/exit_code.tmp" && mv -f "$d/exit_code.tmp" "$d/exit_code"
 }
 
-__bf_launch() {  # payload (lines "key base64") on stdin
-  local k v id="" d pid
+__bf_launch() {  # payload (lines "key base64", then "sum SHA256 LENGTH") on stdin
+  local k v id="" d pid all="" sum="" have um
   local -A P=()
   while IFS=' ' read -r k v; do
-    [ -n "$k" ] && P[$k]="$v"
+    if [ "$k" = sum ]; then sum=$v; break; fi
+    [ -n "$k" ] || continue
+    P[$k]="$v"
+    all+="$k $v"$'\n'
   done
+  # A cut connection truncates the heredoc and bash runs what arrived: check that the whole
+  # request is here before anything is written or started.
+  if command -v sha256sum > /dev/null 2>&1; then
+    have="$(printf '%s' "$all" | sha256sum | cut -d' ' -f1) ${#all}"
+  else
+    have="${sum%% *} ${#all}"
+  fi
+  if [ -z "$sum" ] || [ "$have" != "$sum" ]; then
+    echo "bifrost: the launch request arrived incomplete (connection cut?): nothing was started" >&2
+    return 6
+  fi
+  # Job dirs hold commands, env and logs: private to the user (the job itself gets the
+  # user's own umask back below, so the files it writes are as usual).
+  um=$(umask)
+  umask 077
   id=$(printf '%s' "${P[id]:-}" | base64 -d)
   case "$id" in ''|.*|*[!A-Za-z0-9._-]*) echo "bifrost: invalid job id" >&2; return 2 ;; esac
   d="$__bf_root/$id"
-  mkdir -p "$__bf_root" && mkdir -- "$d" || { echo "bifrost: job $id already exists" >&2; return 3; }
+  mkdir -p "$__bf_root" && chmod 700 "$__bf_root" && mkdir -- "$d" || { echo "bifrost: job $id already exists" >&2; return 3; }
   printf '%s' "${P[cmd]:-}" | base64 -d > "$d/cmd"
   printf '%s' "${P[meta]:-}" | base64 -d > "$d/meta.json"
   printf '%s' "${P[cwd]:-}" | base64 -d > "$d/cwd"
   printf '%s' "${P[venv]:-}" | base64 -d > "$d/venv"
-  (umask 077 && printf '%s' "${P[env]:-}" | base64 -d > "$d/env")
+  printf '%s' "${P[env]:-}" | base64 -d > "$d/env"
   __bf_boot > "$d/boot_id"
   { declare -f __bf_wrapper; echo '__bf_wrapper "$@"'; } > "$d/run.sh"
   : > "$d/log"
   date -u +%Y-%m-%dT%H:%M:%SZ > "$d/started_at"
+  umask "$um"
   # All three fds redirected, or sshd keeps the channel open until the job ends.
   setsid bash --norc --noprofile "$d/run.sh" "$d" < /dev/null >> "$d/log" 2>&1 &
   pid=$!
@@ -131,22 +150,47 @@ __bf_attach_prep() {  # id
   printf 'tmux %s\n' "$(__bf_session "$1")"
 }
 
+# A job's state from its dir alone: cancelled, finished, lost (another boot), running (the
+# wrapper alive with its recorded start time: a reused pid does not count), or died.
+__bf_state() {  # jobdir
+  local d=$1
+  if [ -f "$d/cancelled" ]; then echo cancelled
+  elif [ -f "$d/exit_code" ]; then echo finished
+  elif [ "$(cat "$d/boot_id" 2>/dev/null)" != "$(__bf_boot)" ]; then echo lost
+  elif __bf_alive "$(cat "$d/pid" 2>/dev/null)" "$d"; then echo running
+  elif [ -f "$d/exit_code" ]; then echo finished  # it just ended
+  else echo died
+  fi
+}
+
 __bf_status_one() {
-  local id=$1 d="$__bf_root/$1" state rc="" pid="" boot
+  local id=$1 d="$__bf_root/$1" state rc="" pid=""
   if [ ! -d "$d" ]; then printf '%s\tmissing\n' "$id"; return; fi
   pid=$(cat "$d/pid" 2>/dev/null)
-  boot=$(__bf_boot)
+  state=$(__bf_state "$d")
   [ -f "$d/exit_code" ] && rc=$(cat "$d/exit_code")
-  if [ -f "$d/cancelled" ]; then state=cancelled
-  elif [ -n "$rc" ]; then state=finished
-  elif [ "$(cat "$d/boot_id" 2>/dev/null)" != "$boot" ]; then state=lost
-  elif __bf_alive "$pid" "$d"; then state=running
-  elif [ -f "$d/exit_code" ]; then rc=$(cat "$d/exit_code"); state=finished  # it just ended
-  else state=died
-  fi
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$id" "$state" "$rc" "$pid" \
     "$(cat "$d/started_at" 2>/dev/null)" "$(cat "$d/ended_at" 2>/dev/null)" \
     "$(base64 -w0 < "$d/meta.json" 2>/dev/null)"
+}
+
+# Stream the log from byte OFFSET (0-based). With FOLLOW=1, keep streaming while the job runs
+# by the same test as status (boot id, pid start time): `tail --pid` alone trusts `kill -0`,
+# which a reused pid, a reboot, or root (any pid counts) keeps true forever.
+__bf_follow() {  # id offset follow
+  local d="$__bf_root/$1" n=$2 sz tp
+  [ -d "$d" ] || return 3
+  sz=$(stat -c %s "$d/log" 2>/dev/null || echo 0)
+  if [ "$sz" -lt "$n" ]; then echo BIFROST_RESET >&2; return 4; fi
+  if [ "$3" = 1 ] && [ "$(__bf_state "$d")" = running ]; then
+    tail -c +$((n + 1)) -F -s 0.2 "$d/log" 2>/dev/null &
+    tp=$!
+    while [ "$(__bf_state "$d")" = running ]; do sleep 0.3; done
+    kill "$tp" 2>/dev/null
+    wait "$tp" 2>/dev/null
+    return 0
+  fi
+  exec tail -c +$((n + 1)) "$d/log"
 }
 
 __bf_status() {  # job ids, or none for all

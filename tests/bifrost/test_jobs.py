@@ -278,3 +278,70 @@ def test_job_env_file_with_secrets_is_deleted_after_launch(host: Host) -> None:
     d = f"~/.bifrost/jobs/{job.id}"
     assert "env" not in host.exec(f"ls -A {d}").stdout.split()
     assert host.exec(f"grep -rl launch-secret {d}", warn=True).stdout == ""
+
+
+def _follow_bounded(job, seconds: float = 30.0):  # type: ignore[no-untyped-def]
+    """Job.afollow with a deadline: a follow that never ends fails the test instead of hanging."""
+    import asyncio
+
+    from bifrost._loop import run_sync
+
+    lines: list[str] = []
+    return run_sync(asyncio.wait_for(job.afollow(lines.append), seconds)), lines
+
+
+def test_follow_ends_on_a_lost_job(host: Host) -> None:
+    job = host.run("echo up; sleep 300")
+    _poll(lambda: job.logs() == "up\n")
+    host.exec(f"echo another-boot > ~/.bifrost/jobs/{job.id}/boot_id")  # as after a reboot
+    try:
+        st, lines = _follow_bounded(job)
+        assert (st.state, lines) == ("lost", ["up"])
+    finally:
+        host.exec(f"kill -KILL -- -{job.status().pid}", warn=True)
+
+
+def test_follow_ends_when_the_pid_was_reused(host: Host) -> None:
+    """The wrapper died and its pid now belongs to another live process (pid 1 here: as root
+    `kill -0 1` succeeds, so `tail --pid` would follow forever)."""
+    job = host.run("sleep 300")
+    pid = job.status().pid
+    host.exec(f"kill -KILL -- -{pid}; echo 1 > ~/.bifrost/jobs/{job.id}/pid")
+    st, _ = _follow_bounded(job)
+    assert st.state == "died"
+
+
+def test_cut_launch_starts_nothing(host: Host) -> None:
+    """A launch request cut anywhere (here: inside the command) is refused whole by the box:
+    bash would otherwise run the part of the heredoc that arrived."""
+    from bifrost._loop import run_sync
+    from bifrost.exec import capture
+    from bifrost.jobs import launch_script, new_job_id
+
+    marker = f"/tmp/bf-cut-{time.monotonic_ns()}"
+    job_id = new_job_id("cut")
+    fields = {"id": job_id, "cmd": f"echo partial > {marker}; echo whole >> {marker}",
+              "meta": "{}", "cwd": "~", "venv": "", "env": ""}  # fmt: skip
+    script = launch_script(fields)
+    cmd_at = script.index(b"\ncmd ") + 5
+    for cut in (cmd_at + 20, cmd_at + 40, script.index(b"\nsum ") + 30):
+        r = run_sync(
+            capture(host._transport or host.connect()._transport,  # type: ignore[union-attr]
+                    "bash --norc --noprofile -s --", stdin=script[:cut])
+        )  # fmt: skip
+        assert "BIFROST_STARTED" not in r.stdout, cut
+        assert not host.exec(f"test -e ~/.bifrost/jobs/{job_id} || test -e {marker}", warn=True).ok
+    r = run_sync(capture(host._transport, "bash --norc --noprofile -s --", stdin=script))  # type: ignore[arg-type]
+    assert "BIFROST_STARTED" in r.stdout
+    host.job(job_id).wait(timeout=30)
+    assert host.exec(f"cat {marker}; rm -f {marker}").stdout == "partial\nwhole\n"
+
+
+def test_job_dir_and_log_are_private(host: Host) -> None:
+    job = host.run("echo hi > out.txt", cwd="/tmp")
+    job.wait(timeout=30)
+    modes = host.exec(
+        f"stat -c '%a %n' ~/.bifrost/jobs ~/.bifrost/jobs/{job.id} ~/.bifrost/jobs/{job.id}/log "
+        f"~/.bifrost/jobs/{job.id}/cmd /tmp/out.txt; rm -f /tmp/out.txt"
+    ).stdout.split("\n")
+    assert [m.split()[0] for m in modes if m] == ["700", "700", "600", "600", "644"]
