@@ -211,6 +211,27 @@ def prime_gpu_type(canonical: str) -> str | None:
     return None
 
 
+def exact_prime_type(names: tuple[str, ...] | None) -> str | None:
+    """The one Prime ``gpuType`` every GPU the names can denote has, else None.
+
+    Only ``gpu=X`` / ``gpu in [...]`` names come here, never ``gpu~X`` (a substring: ``gpu~L4``
+    also means L40 and L40S, ``gpu~A40`` the RTX A4000). A name is pushed only when each catalog
+    model it matches maps to one and the same Prime type, and the name cannot also match an
+    unknown GPU through Prime's own spelling: the server filter is then exactly the local one.
+    """
+    if not names:
+        return None
+    types: set[str | None] = set()
+    for n in names:
+        cands = catalog.candidates(n)
+        if not cands:
+            return None  # a name the catalog does not know: only the local filter can judge it
+        types.update(prime_gpu_type(m.name) for m in cands)
+    if len(types) != 1 or None in types:
+        return None
+    return types.pop()
+
+
 @register
 class PrimeIntellectProvider(HttpProvider):
     """Prime Intellect pods across its underlying clouds (create, get, list, delete; no stop)."""
@@ -232,12 +253,9 @@ class PrimeIntellectProvider(HttpProvider):
         params: dict[str, Any] = {}
         if h.gpu_count_min is not None and h.gpu_count_min == h.gpu_count_max:
             params["gpu_count"] = h.gpu_count_min  # gpu_count is exact on Prime's side
-        canon = h.canonical_gpus()
-        if canon:
-            types = {prime_gpu_type(c) for c in canon}
-            # Push a type only when every GPU the name can mean maps to that one Prime type.
-            if len(types) == 1 and None not in types:
-                params["gpu_type"] = types.pop()
+        gpu_type = exact_prime_type(h.gpu_names)
+        if gpu_type is not None:
+            params["gpu_type"] = gpu_type
         if h.cloud_types is not None and len(h.cloud_types) == 1:
             ct = h.cloud_types[0].lower()
             if ct in ("secure", "community"):

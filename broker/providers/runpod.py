@@ -3,11 +3,12 @@
 Every operation sends a fixed query text with GraphQL *variables*; no value is ever formatted into
 the query string. The wire format (queries, wire models, status words) lives in this module only.
 
-Offers: one ``gpuTypes`` query with two aliased ``lowestPrice`` selections (secure and community
-cloud), priced for the query's minimum GPU count (default 1). Each (GPU type, cloud) yields an
-on-demand offer (``uninterruptablePrice``) and a spot offer (``minimumBidPrice``), each priced per
-GPU × count. A ``stockStatus`` of null means RunPod has none right now: such offers are *skipped*
-(creating them would only fail with a capacity error).
+Offers: one ``gpuTypes`` query with an aliased pair of ``lowestPrice`` selections (secure and
+community cloud) for every GPU count the query can match (1..8 when it says nothing about the
+count). Each (GPU type, cloud, count) yields an on-demand offer (``uninterruptablePrice``) and a
+spot offer (``minimumBidPrice``), each priced per GPU × count. A ``stockStatus`` of null means
+RunPod has none right now: such offers are *skipped* (creating them would only fail with a
+capacity error).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from broker.errors import (
 from broker.http import create_once, parse_as, truncate
 from broker.providers.base import Capabilities, HttpProvider, register
 from broker.query import Query, hints
+from broker.query.pushdown import mentioned_values, possible_values
 from broker.types import (
     CloudType,
     CreateRequest,
@@ -55,15 +57,52 @@ _LOWEST_PRICE_FIELDS = (
     "maxUnreservedGpuCount availableGpuCounts"
 )
 
-GPU_TYPES_QUERY = f"""
-query GpuTypes($secure: GpuLowestPriceInput!, $community: GpuLowestPriceInput!) {{
-  gpuTypes {{
-    id displayName manufacturer memoryInGb maxGpuCount secureCloud communityCloud
-    secure: lowestPrice(input: $secure) {{ {_LOWEST_PRICE_FIELDS} }}
-    community: lowestPrice(input: $community) {{ {_LOWEST_PRICE_FIELDS} }}
-  }}
-}}
-"""
+#: GPU counts a search considers: RunPod's pods hold 1–8 GPUs of the types it lists; a larger
+#: count the query names explicitly (``gpus=10``) is asked for too.
+MAX_GPU_COUNT = 8
+_MAX_NAMED_COUNT = 64
+
+
+def gpu_types_query(counts: list[int]) -> str:
+    """One ``gpuTypes`` query with a secure and a community ``lowestPrice`` per GPU count.
+
+    RunPod prices a type for one ``gpuCount`` per selection, so each count gets its own aliased
+    pair (``secure_2``/``community_2``), all answered by one request. Values travel as variables.
+    """
+    params = ", ".join(
+        f"$secure_{n}: GpuLowestPriceInput!, $community_{n}: GpuLowestPriceInput!" for n in counts
+    )
+    selections = "\n    ".join(
+        f"secure_{n}: lowestPrice(input: $secure_{n}) {{ {_LOWEST_PRICE_FIELDS} }}\n"
+        f"    community_{n}: lowestPrice(input: $community_{n}) {{ {_LOWEST_PRICE_FIELDS} }}"
+        for n in counts
+    )
+    return (
+        f"query GpuTypes({params}) {{\n  gpuTypes {{\n"
+        "    id displayName manufacturer memoryInGb maxGpuCount secureCloud communityCloud\n"
+        f"    {selections}\n  }}\n}}\n"
+    )
+
+
+def gpu_types_variables(counts: list[int]) -> dict[str, Any]:
+    """The variables of :func:`gpu_types_query`."""
+    out: dict[str, Any] = {}
+    for n in counts:
+        out[f"secure_{n}"] = {"gpuCount": n, "secureCloud": True}
+        out[f"community_{n}"] = {"gpuCount": n, "secureCloud": False}
+    return out
+
+
+def search_counts(query: Query) -> list[int]:
+    """The GPU counts whose offers can match ``query`` (every one of them, and only those)."""
+    named = [
+        v
+        for v in mentioned_values(query, "gpu_count")
+        if isinstance(v, int) and MAX_GPU_COUNT < v <= _MAX_NAMED_COUNT
+    ]
+    top = max([MAX_GPU_COUNT, *named])
+    return possible_values(query, "gpu_count", range(1, top + 1))
+
 
 _POD_FIELDS = """
 id name desiredStatus costPerHr gpuCount vcpuCount memoryInGb imageName lastStatusChange
@@ -119,7 +158,7 @@ class LowestPrice(_Wire):
 
 
 class GpuType(_Wire):
-    """One ``gpuTypes`` entry with the two aliased price selections."""
+    """One ``gpuTypes`` entry; the aliased price selections are read from the raw entry."""
 
     id: str
     displayName: str | None = None
@@ -128,8 +167,6 @@ class GpuType(_Wire):
     maxGpuCount: int | None = None
     secureCloud: bool | None = None
     communityCloud: bool | None = None
-    secure: LowestPrice | None = None
-    community: LowestPrice | None = None
 
 
 class Port(_Wire):
@@ -272,32 +309,44 @@ class RunPodProvider(HttpProvider):
     # -- search -----------------------------------------------------------------------------
 
     def search(self, query: Query) -> list[GPUOffer]:
-        """Offers for the query's minimum GPU count (1 by default), on-demand and spot."""
+        """On-demand and spot offers for every GPU count the query can match (one request).
+
+        The counts come from :func:`search_counts`: ``gpus=1 or gpus=8`` asks for 1 and 8,
+        ``gpus>=2 gpus!=2`` for 3..8, an unconstrained query for 1..8; a query no count can
+        satisfy sends nothing.
+        """
         h = hints(query.where)
-        count = max(1, h.gpu_count_min or 1)
-        variables = {
-            "secure": {"gpuCount": count, "secureCloud": True},
-            "community": {"gpuCount": count, "secureCloud": False},
-        }
-        data = self._gql(GPU_TYPES_QUERY, variables)
-        types = parse_as(self.name, list[GpuType], data.get("gpuTypes"), "gpuTypes")
+        counts = search_counts(query)
+        if not counts:
+            return []
+        data = self._gql(gpu_types_query(counts), gpu_types_variables(counts))
+        raw_types = data.get("gpuTypes")
+        types = parse_as(self.name, list[GpuType], raw_types, "gpuTypes")
         observed = utcnow()
         offers: list[GPUOffer] = []
-        for gt in types:
-            if gt.maxGpuCount is not None and count > gt.maxGpuCount:
-                continue
-            for cloud, available, lp in (
-                (CloudType.SECURE, gt.secureCloud, gt.secure),
-                (CloudType.COMMUNITY, gt.communityCloud, gt.community),
-            ):
-                if not available or lp is None or lp.stockStatus is None:
-                    continue  # null stockStatus: none in stock now (skipped, see module doc)
-                for spot, per_gpu in ((False, lp.uninterruptablePrice), (True, lp.minimumBidPrice)):
-                    if per_gpu is None or per_gpu <= 0:
+        for count in counts:
+            for gt, raw in zip(types, raw_types, strict=True):
+                if gt.maxGpuCount is not None and count > gt.maxGpuCount:
+                    continue
+                for cloud, available, key in (
+                    (CloudType.SECURE, gt.secureCloud, f"secure_{count}"),
+                    (CloudType.COMMUNITY, gt.communityCloud, f"community_{count}"),
+                ):
+                    lp_raw = raw.get(key) if isinstance(raw, dict) else None
+                    if not available or lp_raw is None:
                         continue
-                    if h.spot is not None and spot != h.spot:
-                        continue
-                    offers.append(self._offer(gt, cloud, lp, count, spot, per_gpu, observed))
+                    lp = parse_as(self.name, LowestPrice, lp_raw, f"gpuTypes.{key}")
+                    if lp.stockStatus is None:
+                        continue  # null stockStatus: none in stock now (skipped, see module doc)
+                    for spot, per_gpu in (
+                        (False, lp.uninterruptablePrice),
+                        (True, lp.minimumBidPrice),
+                    ):
+                        if per_gpu is None or per_gpu <= 0:
+                            continue
+                        if h.spot is not None and spot != h.spot:
+                            continue
+                        offers.append(self._offer(gt, cloud, lp, count, spot, per_gpu, observed))
         return offers
 
     def _offer(

@@ -2,7 +2,7 @@
 
 Offers come from ``POST /bundles/`` — once with ``type: "on-demand"`` (price = ``dph_total``) and
 once with ``type: "bid"`` (spot, price = ``min_bid``) unless the query fixes ``spot``. Wire units
-differ from ours and are converted here only: ``gpu_ram``/``cpu_ram`` are MB (MiB in practice),
+differ from ours and are converted here only: ``gpu_ram`` is MiB, ``cpu_ram`` MB (÷ 1000 for GB),
 ``compute_cap`` is the compute capability × 100, ``dph_total`` is $/h for the whole machine
 including ``allocated_storage`` GB of disk.
 """
@@ -43,7 +43,10 @@ SOURCE = "vast POST /bundles/"
 DEFAULT_STORAGE_GB = 50
 #: How many offers to ask for per type; generous because the client sorts and limits locally.
 SEARCH_LIMIT = 1000
-MB_PER_GB = 1024
+#: ``gpu_ram``/``gpu_total_ram`` are MiB as nvidia-smi reports them (24564 for a 24 GB card).
+MIB_PER_GB = 1024
+#: ``cpu_ram`` is MB with 1000 per GB, as Vast's own CLI converts it.
+MB_PER_GB = 1000
 #: Pushed-down minimums are loosened by the catalog's VRAM tolerance so snapping can't lose a match.
 _SLACK = 1 - catalog.VRAM_TOLERANCE
 
@@ -69,10 +72,10 @@ class VastOffer(_Wire):
     id: int
     gpu_name: str
     num_gpus: int
-    gpu_ram: float | None = None  # MB per GPU
+    gpu_ram: float | None = None  # MiB per GPU
     gpu_arch: str | None = None
     cpu_cores_effective: float | None = None
-    cpu_ram: float | None = None  # MB
+    cpu_ram: float | None = None  # MB (1000 per GB)
     disk_space: float | None = None  # GB
     dph_total: float
     min_bid: float | None = None
@@ -161,9 +164,9 @@ def bundles_query(query: Query, offer_type: str) -> dict[str, Any]:
     if num:
         body["num_gpus"] = num
     if h.vram_gb_min is not None:
-        body["gpu_ram"] = {"gte": int(h.vram_gb_min * MB_PER_GB * _SLACK)}
+        body["gpu_ram"] = {"gte": int(h.vram_gb_min * MIB_PER_GB * _SLACK)}
     if h.total_vram_gb_min is not None:
-        body["gpu_total_ram"] = {"gte": int(h.total_vram_gb_min * MB_PER_GB * _SLACK)}
+        body["gpu_total_ram"] = {"gte": int(h.total_vram_gb_min * MIB_PER_GB * _SLACK)}
     if h.ram_gb_min is not None:
         body["cpu_ram"] = {"gte": int(h.ram_gb_min * MB_PER_GB * _SLACK)}
     if h.vcpus_min is not None:
@@ -254,17 +257,22 @@ class VastProvider(HttpProvider):
         for wire_type, is_spot in types:
             if spot is not None and spot != is_spot:
                 continue
-            body = self._http.post("/bundles/", bundles_query(query, wire_type))
+            request = bundles_query(query, wire_type)
+            body = self._http.post("/bundles/", request)
             resp = parse_as(self.name, BundlesResponse, body, "bundles")
             for o in resp.offers:
                 price = o.min_bid if is_spot else o.dph_total
                 if price is None or price < 0:
                     continue  # a bid offer without a floor price cannot be priced honestly
-                offers.append(self._offer(o, is_spot, price, observed))
+                offers.append(
+                    self._offer(o, is_spot, price, observed, request["allocated_storage"])
+                )
         return offers
 
-    def _offer(self, o: VastOffer, spot: bool, price: float, observed: datetime) -> GPUOffer:
-        vram = o.gpu_ram / MB_PER_GB if o.gpu_ram else None
+    def _offer(
+        self, o: VastOffer, spot: bool, price: float, observed: datetime, storage_gb: int
+    ) -> GPUOffer:
+        vram = o.gpu_ram / MIB_PER_GB if o.gpu_ram else None
         res = catalog.resolve(o.gpu_name, vram_gb=vram, manufacturer=o.gpu_arch)
         manufacturer = res.manufacturer
         if manufacturer is Manufacturer.UNKNOWN and o.gpu_arch:
@@ -280,7 +288,7 @@ class VastProvider(HttpProvider):
             gpu_count=o.num_gpus,
             vram_gb=res.vram_gb if res.vram_gb is not None else vram,
             vcpus=o.cpu_cores_effective,
-            ram_gb=round(o.cpu_ram / MB_PER_GB, 1) if o.cpu_ram else None,
+            ram_gb=o.cpu_ram / MB_PER_GB if o.cpu_ram else None,
             disk_gb=o.disk_space,
             price_per_hour=price,
             spot=spot,
@@ -300,7 +308,8 @@ class VastProvider(HttpProvider):
                 "inet_up_mbps": o.inet_up,
                 "direct_port_count": o.direct_port_count,
                 "dph_total": o.dph_total,
-                "allocated_storage_gb": DEFAULT_STORAGE_GB,
+                # dph_total was quoted for this much disk (the query's disk>=, at least 50 GB).
+                "allocated_storage_gb": storage_gb,
             },
         )
 

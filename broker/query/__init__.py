@@ -21,8 +21,9 @@ from broker.query.ir import (
     Or,
     Query,
     SortKey,
+    to_text,
 )
-from broker.query.parser import parse, parse_expr, to_text
+from broker.query.parser import parse, parse_expr
 from broker.query.pushdown import Hints, hints
 
 

@@ -15,7 +15,7 @@ from typing import Literal, TypeAlias, Union
 
 from broker.catalog import normalize_manufacturer
 from broker.errors import QueryError
-from broker.query.fields import NUMERIC, ORDERED, FieldSpec, Kind
+from broker.query.fields import BY_NAME, FIELDS, LOOKUP, NUMERIC, ORDERED, FieldSpec, Kind, Unit
 from broker.types import Manufacturer
 
 Op = Literal["==", "!=", "<", "<=", ">", ">="]
@@ -53,12 +53,15 @@ class _ExprOps:
 
     @staticmethod
     def _coerce(x: object) -> Expr:
-        from broker.query.builder import FieldRef
-
-        if isinstance(x, FieldRef):
-            return x.as_expr()
         if isinstance(x, Cmp | Contains | In | Between | Flag | Not | And | Or):
             return x
+        # A field reference of the builder (``c.spot``) turns itself into a condition; checked by
+        # duck type so this module never imports the builder (which imports this one).
+        as_expr = getattr(x, "as_expr", None)
+        if callable(as_expr):
+            e = as_expr()
+            if isinstance(e, Cmp | Contains | In | Between | Flag | Not | And | Or):
+                return e
         raise QueryError(f"cannot combine a query with {type(x).__name__} {x!r}")
 
 
@@ -163,8 +166,6 @@ class Query:
         return Query(self.where, self.sort, n)
 
     def __str__(self) -> str:
-        from broker.query.parser import to_text
-
         return to_text(self)
 
 
@@ -191,8 +192,6 @@ def not_(expr: Expr) -> Expr:
 
 def sort_key(key: str | SortKey) -> SortKey:
     """``"price"`` / ``"-vram"`` / a field alias → :class:`SortKey` on the canonical field."""
-    from broker.query.fields import LOOKUP
-
     if isinstance(key, SortKey):
         return key
     desc = key.startswith("-")
@@ -205,8 +204,6 @@ def sort_key(key: str | SortKey) -> SortKey:
 
 def closest_field(name: str) -> str | None:
     """The nearest string-form field name, for "did you mean" hints."""
-    from broker.query.fields import FIELDS, LOOKUP
-
     hit = difflib.get_close_matches(name.lower(), list(LOOKUP), n=1, cutoff=0.6)
     if not hit:
         return None
@@ -307,3 +304,83 @@ def between(spec: FieldSpec, lo: object, hi: object) -> Expr:
     if spec.kind in NUMERIC and isinstance(a, int | float) and isinstance(b, int | float) and a > b:
         raise QueryError(f"{spec.short} range is empty: {a:g}..{b:g} (low end above high end)")
     return Between(spec.name, a, b)
+
+
+#: Words of the string form that a bare text value must not be (they are quoted when printed).
+KEYWORDS = frozenset({"and", "or", "not", "in"})
+
+# -- printing: here, not in the parser, so Query.__str__ needs no import cycle ------------------
+
+_BARE = re.compile(r"^[^\s()\[\],!|&<>=~\"'.$]+(?:\.[^\s()\[\],!|&<>=~\"'.]+)*$")
+
+
+def _fmt_text(v: str) -> str:
+    if _BARE.match(v) and v.lower() not in KEYWORDS and ".." not in v:
+        return v
+    return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _fmt_value(field: str, v: Value) -> str:
+    spec = BY_NAME[field]
+    if spec.kind is Kind.BOOL:
+        return "true" if v else "false"
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        num = repr(int(v)) if float(v).is_integer() else repr(float(v))
+        if spec.unit is Unit.SIZE_GB:
+            return f"{num}GB"
+        if spec.unit is Unit.PRICE_PER_HOUR:
+            return f"{num}/h"
+        return num
+    s = str(v)
+    if spec.kind in (Kind.VERSION,):
+        return s
+    return _fmt_text(s)
+
+
+def _expr_text(e: Expr, parent: str = "") -> str:
+    if isinstance(e, Cmp):
+        spec = BY_NAME[e.field]
+        op = "=" if e.op == "==" else e.op
+        return f"{spec.short}{op}{_fmt_value(e.field, e.value)}"
+    if isinstance(e, Contains):
+        return f"{BY_NAME[e.field].short}~{_fmt_text(e.value)}"
+    if isinstance(e, In):
+        vals = ", ".join(_fmt_value(e.field, v) for v in e.values)
+        return f"{BY_NAME[e.field].short} in [{vals}]"
+    if isinstance(e, Between):
+        lo, hi = _fmt_value(e.field, e.lo), _fmt_value(e.field, e.hi)
+        return f"{BY_NAME[e.field].short}={lo}..{hi}"
+    if isinstance(e, Flag):
+        return BY_NAME[e.field].short
+    if isinstance(e, Not):
+        inner = e.expr
+        if isinstance(inner, Contains):
+            return f"{BY_NAME[inner.field].short}!~{_fmt_text(inner.value)}"
+        if isinstance(inner, In):
+            return _expr_text(inner).replace(" in [", " not in [", 1)
+        if isinstance(inner, And | Or):
+            return f"!({_expr_text(inner)})"
+        return f"!{_expr_text(inner, 'not')}"
+    if isinstance(e, And):
+        body = " ".join(_expr_text(i, "and") for i in e.items)
+        return f"({body})" if parent in ("or", "not") else body
+    if isinstance(e, Or):
+        body = " or ".join(_expr_text(i, "or") for i in e.items)
+        return f"({body})" if parent in ("and", "not") else body
+    raise TypeError(f"not a query expression: {e!r}")
+
+
+def to_text(query: Query | Expr | None) -> str:
+    """The canonical string form; ``parse(to_text(q)) == q``."""
+    if query is None:
+        return ""
+    q = query if isinstance(query, Query) else Query(query)
+    parts = []
+    if q.where is not None:
+        parts.append(_expr_text(q.where))
+    if q.sort:
+        keys = ",".join(("-" if k.descending else "") + BY_NAME[k.field].short for k in q.sort)
+        parts.append(f"sort={keys}")
+    if q.limit is not None:
+        parts.append(f"limit={q.limit}")
+    return " ".join(parts)

@@ -24,20 +24,8 @@ from dataclasses import dataclass
 
 from broker.errors import QueryError
 from broker.query import ir
-from broker.query.fields import BY_NAME, LOOKUP, FieldSpec, Kind, Unit
-from broker.query.ir import (
-    And,
-    Between,
-    Cmp,
-    Contains,
-    Expr,
-    Flag,
-    In,
-    Not,
-    Or,
-    Query,
-    SortKey,
-)
+from broker.query.fields import LOOKUP, FieldSpec, Kind, Unit
+from broker.query.ir import Expr, Flag, Query, SortKey, to_text
 
 _TOKEN = re.compile(
     r"""
@@ -49,8 +37,13 @@ _TOKEN = re.compile(
     """,
     re.VERBOSE,
 )
-_KEYWORDS = {"and", "or", "not", "in"}
-_NUMBER = re.compile(r"^(?P<dollar>\$)?(?P<num>\d+(?:\.\d*)?|\.\d+)(?P<unit>[A-Za-z$/]*)$")
+_KEYWORDS = ir.KEYWORDS
+# A sign and an exponent are accepted so that every number to_text prints (repr of a float, e.g.
+# 1e-05 or -2.5) parses back to the very same value.
+_NUMBER = re.compile(
+    r"^(?P<sign>-)?(?P<dollar>\$)?(?P<num>(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)"
+    r"(?P<unit>[A-Za-z$/]*)$"
+)
 _SIZE_UNITS = {
     "gb": 1.0,
     "g": 1.0,
@@ -360,12 +353,19 @@ class _Parser:
                     text=self.text,
                     column=tok.col + offset,
                 )
-            num = float(m.group("num"))
+            digits = m.group("num")
+            sign = -1 if m.group("sign") else 1
             unit = m.group("unit")
             if m.group("dollar"):
                 unit = "$" + unit if unit else "$"
-            factor = _unit_factor(spec, unit, self.text, tok.col + offset + len(m.group("num")))
-            value = num * factor
+            unit_col = tok.col + offset + len(m.group(0)) - len(m.group("unit"))
+            factor = _unit_factor(spec, unit, self.text, unit_col)
+            if spec.kind is Kind.INT and digits.isdigit() and factor == 1.0:
+                return sign * int(digits)  # exact, however large (float() would round 10**30)
+            num = sign * float(digits)
+            # Without a conversion the float is kept exactly as written (parse(to_text(q)) == q);
+            # a converted size is rounded so that 1TiB reads 1099.511627776, not ...7760001.
+            value = num if factor == 1.0 else round(num * factor, 9)
             if spec.kind is Kind.INT:
                 if not value.is_integer():
                     raise QueryError(
@@ -374,7 +374,7 @@ class _Parser:
                         column=tok.col + offset,
                     )
                 return int(value)
-            return round(value, 9)
+            return value
         return text
 
 
@@ -427,78 +427,4 @@ def parse_expr(text: str) -> Expr | None:
     return q.where
 
 
-# -- printing -------------------------------------------------------------------------------------
-
-_BARE = re.compile(r"^[^\s()\[\],!|&<>=~\"'.$]+(?:\.[^\s()\[\],!|&<>=~\"'.]+)*$")
-
-
-def _fmt_text(v: str) -> str:
-    if _BARE.match(v) and v.lower() not in _KEYWORDS and ".." not in v:
-        return v
-    return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _fmt_value(field: str, v: ir.Value) -> str:
-    spec = BY_NAME[field]
-    if spec.kind is Kind.BOOL:
-        return "true" if v else "false"
-    if isinstance(v, int | float) and not isinstance(v, bool):
-        num = repr(int(v)) if float(v).is_integer() else repr(float(v))
-        if spec.unit is Unit.SIZE_GB:
-            return f"{num}GB"
-        if spec.unit is Unit.PRICE_PER_HOUR:
-            return f"{num}/h"
-        return num
-    s = str(v)
-    if spec.kind in (Kind.VERSION,):
-        return s
-    return _fmt_text(s)
-
-
-def _expr_text(e: Expr, parent: str = "") -> str:
-    if isinstance(e, Cmp):
-        spec = BY_NAME[e.field]
-        op = "=" if e.op == "==" else e.op
-        return f"{spec.short}{op}{_fmt_value(e.field, e.value)}"
-    if isinstance(e, Contains):
-        return f"{BY_NAME[e.field].short}~{_fmt_text(e.value)}"
-    if isinstance(e, In):
-        vals = ", ".join(_fmt_value(e.field, v) for v in e.values)
-        return f"{BY_NAME[e.field].short} in [{vals}]"
-    if isinstance(e, Between):
-        lo, hi = _fmt_value(e.field, e.lo), _fmt_value(e.field, e.hi)
-        return f"{BY_NAME[e.field].short}={lo}..{hi}"
-    if isinstance(e, Flag):
-        return BY_NAME[e.field].short
-    if isinstance(e, Not):
-        inner = e.expr
-        if isinstance(inner, Contains):
-            return f"{BY_NAME[inner.field].short}!~{_fmt_text(inner.value)}"
-        if isinstance(inner, In):
-            return _expr_text(inner).replace(" in [", " not in [", 1)
-        if isinstance(inner, And | Or):
-            return f"!({_expr_text(inner)})"
-        return f"!{_expr_text(inner, 'not')}"
-    if isinstance(e, And):
-        body = " ".join(_expr_text(i, "and") for i in e.items)
-        return f"({body})" if parent in ("or", "not") else body
-    if isinstance(e, Or):
-        body = " or ".join(_expr_text(i, "or") for i in e.items)
-        return f"({body})" if parent in ("and", "not") else body
-    raise TypeError(f"not a query expression: {e!r}")
-
-
-def to_text(query: Query | Expr | None) -> str:
-    """The canonical string form; ``parse(to_text(q)) == q``."""
-    if query is None:
-        return ""
-    q = query if isinstance(query, Query) else Query(query)
-    parts = []
-    if q.where is not None:
-        parts.append(_expr_text(q.where))
-    if q.sort:
-        keys = ",".join(("-" if k.descending else "") + BY_NAME[k.field].short for k in q.sort)
-        parts.append(f"sort={keys}")
-    if q.limit is not None:
-        parts.append(f"limit={q.limit}")
-    return " ".join(parts)
+__all__ = ["Token", "parse", "parse_expr", "to_text", "tokenize"]

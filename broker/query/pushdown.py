@@ -7,10 +7,13 @@ the rest; the client re-checks the whole query on every offer afterwards.
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from broker import catalog
-from broker.query.ir import And, Between, Cmp, Contains, Expr, Flag, In, Not, Query
+from broker.query.ir import And, Between, Cmp, Contains, Expr, Flag, In, Not, Or, Query
 
 
 @dataclass
@@ -28,7 +31,10 @@ class Hints:
     disk_gb_min: float | None = None
     cuda_version_min: str | None = None
     spot: bool | None = None
-    gpu_names: tuple[str, ...] | None = None  # user's names; see canonical_gpus()
+    #: Names from ``gpu=X`` / ``gpu in [...]`` (token matches; see canonical_gpus()).
+    gpu_names: tuple[str, ...] | None = None
+    #: Texts from ``gpu~X``: also substrings (``gpu~L4`` is L4, L40 and L40S), never exact types.
+    gpu_substrings: tuple[str, ...] | None = None
     manufacturers: tuple[str, ...] | None = None
     regions: tuple[str, ...] | None = None
     cloud_types: tuple[str, ...] | None = None
@@ -113,7 +119,7 @@ def _apply(h: Hints, e: Expr) -> None:
         setattr(h, target, vals)
         h.used.append(f"{e.field} in {list(vals)}")
     elif isinstance(e, Contains) and e.field == "gpu_type":
-        h.gpu_names = (e.value,)
+        h.gpu_substrings = (e.value,)
         h.used.append(f"gpu_type ~ {e.value}")
     elif isinstance(e, Cmp) and e.field == "cuda_version" and e.op in (">=", "=="):
         h.cuda_version_min = str(e.value)
@@ -124,3 +130,89 @@ def _apply(h: Hints, e: Expr) -> None:
     elif isinstance(e, Not) and isinstance(e.expr, Flag) and e.expr.field == "spot":
         h.spot = False
         h.used.append("not spot")
+
+
+# -- which values of one field can still match ------------------------------------------------
+
+Tri = bool | None
+_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    "==": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+}
+
+
+def _partial(e: Expr, fld: str, value: Any) -> Tri:
+    """Kleene evaluation with only ``fld`` known (= ``value``); every other condition unknown.
+
+    Kleene's logic is monotone: if the result is False with the other conditions unknown, it is
+    False whatever they turn out to be, so no offer with ``fld == value`` can match.
+    """
+    if isinstance(e, Cmp):
+        return _OPS[e.op](value, e.value) if e.field == fld else None
+    if isinstance(e, Between):
+        return bool(e.lo <= value <= e.hi) if e.field == fld else None
+    if isinstance(e, In):
+        return value in e.values if e.field == fld else None
+    if isinstance(e, Contains | Flag):
+        return None
+    if isinstance(e, Not):
+        r = _partial(e.expr, fld, value)
+        return None if r is None else not r
+    if isinstance(e, And):
+        out: Tri = True
+        for item in e.items:
+            r = _partial(item, fld, value)
+            if r is False:
+                return False
+            if r is None:
+                out = None
+        return out
+    if isinstance(e, Or):
+        out = False
+        for item in e.items:
+            r = _partial(item, fld, value)
+            if r is True:
+                return True
+            if r is None:
+                out = None
+        return out
+    raise TypeError(f"not a query expression: {e!r}")
+
+
+def possible_values(query: Query | Expr | None, fld: str, candidates: Iterable[Any]) -> list[Any]:
+    """The candidate values of a numeric field for which the query is not certainly false.
+
+    Exact for any nesting of and/or/not (``gpus=1 or gpus=8`` → [1, 8]; ``gpus>=2 gpus!=2`` →
+    3 and up), so an adapter that fetches only these values never loses a match.
+    """
+    where = query.where if isinstance(query, Query) else query
+    if where is None:
+        return list(candidates)
+    return [v for v in candidates if _partial(where, fld, v) is not False]
+
+
+def mentioned_values(query: Query | Expr | None, fld: str) -> set[Any]:
+    """Every constant the query compares ``fld`` with (to widen a candidate range)."""
+    where = query.where if isinstance(query, Query) else query
+    out: set[Any] = set()
+
+    def walk(e: Expr) -> None:
+        if isinstance(e, Cmp) and e.field == fld:
+            out.add(e.value)
+        elif isinstance(e, Between) and e.field == fld:
+            out.update((e.lo, e.hi))
+        elif isinstance(e, In) and e.field == fld:
+            out.update(e.values)
+        elif isinstance(e, Not):
+            walk(e.expr)
+        elif isinstance(e, And | Or):
+            for item in e.items:
+                walk(item)
+
+    if where is not None:
+        walk(where)
+    return out

@@ -26,6 +26,7 @@ from broker.providers.base import get_provider_class
 from broker.providers.runpod import RunPodProvider, map_status
 from broker.query import parse
 from broker.types import CloudType, CreateRequest, InstanceStatus, Manufacturer, StockLevel
+from tests.broker.provider_fakes import runpod_gpu_types
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "runpod"
 KEY = "rp-SECRET-abcdef0123456789"
@@ -39,6 +40,20 @@ def fx(name: str) -> Any:
 
 def raw(name: str) -> bytes:
     return (FIXTURES / name).read_bytes()
+
+
+#: RunPod's answer to a gpuTypes query, whatever lowestPrice selections it holds.
+GPU_TYPES = runpod_gpu_types(fx("gpu_types.json"))
+
+
+def then(first: httpx.Response) -> Any:
+    """A side effect answering ``first`` once, then like RunPod's gpuTypes."""
+    calls = iter([first])
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        return next(calls, None) or GPU_TYPES(request)
+
+    return handle
 
 
 def sent(call: Any) -> dict[str, Any]:
@@ -58,7 +73,7 @@ def rp(sleeps: list[float]) -> RunPodProvider:
 
 def offer(rp: RunPodProvider, spot: bool = False) -> Any:
     with respx.mock:
-        respx.post(URL).mock(return_value=httpx.Response(200, json=fx("gpu_types.json")))
+        respx.post(URL).mock(side_effect=GPU_TYPES)
         offers = rp.search(parse("gpu=H100"))
     return next(
         o for o in offers if o.gpu_provider_name.startswith("NVIDIA H100") and o.spot is spot
@@ -79,24 +94,28 @@ def test_registered_and_configured() -> None:
 
 @respx.mock
 def test_search_sends_variables_and_normalises(rp: RunPodProvider) -> None:
-    route = respx.post(URL).mock(return_value=httpx.Response(200, json=fx("gpu_types.json")))
+    route = respx.post(URL).mock(side_effect=GPU_TYPES)
     offers = rp.search(parse("gpus>=2"))
     req = route.calls.last.request
     assert req.headers["Authorization"] == f"Bearer {KEY}"
     body = sent(route.calls.last)
+    # Every count the query can match (2..8), each priced by its own aliased selection.
     assert body["variables"] == {
-        "secure": {"gpuCount": 2, "secureCloud": True},
-        "community": {"gpuCount": 2, "secureCloud": False},
+        f"{cloud}_{n}": {"gpuCount": n, "secureCloud": cloud == "secure"}
+        for n in range(2, 9)
+        for cloud in ("secure", "community")
     }
-    assert "$secure: GpuLowestPriceInput!" in body["query"]
-    by = {(o.gpu_provider_name, o.cloud_type, o.spot): o for o in offers}
+    assert "$secure_2: GpuLowestPriceInput!" in body["query"]
+    assert "community_8: lowestPrice(input: $community_8)" in body["query"]
+    assert {o.gpu_count for o in offers} == set(range(2, 9))
+    by = {(o.gpu_provider_name, o.cloud_type, o.spot): o for o in offers if o.gpu_count == 2}
     h100 = by[("NVIDIA H100 80GB HBM3", CloudType.SECURE, False)]
     assert h100.gpu_type == "H100 SXM 80GB"
     assert h100.manufacturer is Manufacturer.NVIDIA
     assert h100.gpu_count == 2
     assert h100.price_per_hour == pytest.approx(5.98)  # per GPU x count
     assert h100.price_per_gpu_hour == pytest.approx(2.99)
-    assert h100.ram_gb == 125
+    assert h100.ram_gb == 250  # minMemory for 2 GPUs
     assert h100.vram_gb == 80
     assert h100.stock is StockLevel.HIGH
     assert h100.source.startswith("runpod")
@@ -107,6 +126,10 @@ def test_search_sends_variables_and_normalises(rp: RunPodProvider) -> None:
     # RTX 4090: secure lowestPrice null -> only community
     assert ("NVIDIA GeForce RTX 4090", CloudType.SECURE, False) not in by
     assert by[("NVIDIA GeForce RTX 4090", CloudType.COMMUNITY, False)].stock is StockLevel.MEDIUM
+    # MI300X has one free GPU: it is offered for 1 GPU only (stockStatus null above that).
+    assert not any(o.gpu_provider_name.startswith("AMD") for o in offers)
+    offers = rp.search(parse("gpus=1"))
+    by = {(o.gpu_provider_name, o.cloud_type, o.spot): o for o in offers}
     mi = by[("AMD Instinct MI300X OAM", CloudType.SECURE, False)]
     assert mi.manufacturer is Manufacturer.AMD
     assert mi.gpu_type == "MI300X 192GB"
@@ -120,11 +143,43 @@ def test_search_sends_variables_and_normalises(rp: RunPodProvider) -> None:
 
 @respx.mock
 def test_search_spot_pushdown_and_default_count(rp: RunPodProvider) -> None:
-    route = respx.post(URL).mock(return_value=httpx.Response(200, json=fx("gpu_types.json")))
+    route = respx.post(URL).mock(side_effect=GPU_TYPES)
     offers = rp.search(parse("spot"))
     assert offers
     assert all(o.spot for o in offers)
-    assert sent(route.calls.last)["variables"]["secure"]["gpuCount"] == 1
+    assert sorted(v["gpuCount"] for v in sent(route.calls.last)["variables"].values()) == sorted(
+        2 * list(range(1, 9))
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "counts"),
+    [
+        ("gpus in [8]", [8]),
+        ("gpus=1 or gpus=8", [1, 8]),
+        ("gpus>=2 gpus!=2", [3, 4, 5, 6, 7, 8]),
+        ("!(gpus<4) gpus<=5 or gpu=H100 gpus=2", [2, 4, 5]),
+        ("gpus=10", [10]),
+        ("gpus=2..3", [2, 3]),
+    ],
+)
+def test_search_fetches_each_needed_count(rp: RunPodProvider, text: str, counts: list[int]) -> None:
+    with respx.mock:
+        route = respx.post(URL).mock(side_effect=GPU_TYPES)
+        offers = rp.search(parse(text))
+    asked = sorted({v["gpuCount"] for v in sent(route.calls.last)["variables"].values()})
+    assert asked == counts
+    assert {o.gpu_count for o in offers} <= set(counts)
+    if counts != [10]:  # the fixture's types hold at most 8 GPUs
+        assert {o.gpu_count for o in offers} & set(counts)
+
+
+def test_search_that_no_count_satisfies_sends_nothing(rp: RunPodProvider) -> None:
+    with respx.mock:
+        route = respx.post(URL).mock(side_effect=GPU_TYPES)
+        assert rp.search(parse("gpus>=2 gpus<2")) == []
+        assert rp.search(parse("gpus=0")) == []
+    assert route.call_count == 0
 
 
 @respx.mock
@@ -146,10 +201,9 @@ def test_search_errors_are_raised_not_empty(rp: RunPodProvider, sleeps: list[flo
 @respx.mock
 def test_search_429_then_ok(rp: RunPodProvider, sleeps: list[float]) -> None:
     route = respx.post(URL).mock(
-        side_effect=[
-            httpx.Response(429, headers={"Retry-After": "3"}, json=fx("rate_limited.json")),
-            httpx.Response(200, json=fx("gpu_types.json")),
-        ]
+        side_effect=then(
+            httpx.Response(429, headers={"Retry-After": "3"}, json=fx("rate_limited.json"))
+        )
     )
     assert rp.search(parse("gpus>=1"))
     assert route.call_count == 2
@@ -160,10 +214,7 @@ def test_search_429_then_ok(rp: RunPodProvider, sleeps: list[float]) -> None:
 @respx.mock
 def test_search_500_then_ok(rp: RunPodProvider, sleeps: list[float]) -> None:
     route = respx.post(URL).mock(
-        side_effect=[
-            httpx.Response(500, json=fx("server_error.json")),
-            httpx.Response(200, json=fx("gpu_types.json")),
-        ]
+        side_effect=then(httpx.Response(500, json=fx("server_error.json")))
     )
     assert rp.search(parse("gpus>=1"))
     assert route.call_count == 2
