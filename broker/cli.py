@@ -1,7 +1,11 @@
 """The ``broker`` command line (typer + rich). Every command has ``--json`` where output is data.
 
 Exit codes: 0 success; 1 an operation failed (e.g. every provider errored); 2 bad input (a query,
-a flag, the config).
+a flag, the config, a provider asked for by name without its API key).
+
+Output meant for pipes is never cut or wrapped: when stdout is not a terminal, tables are as wide
+as their widest row (``broker providers | grep primeintellect`` works), and errors are one line
+on stderr whatever its width.
 """
 
 from __future__ import annotations
@@ -14,12 +18,17 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from rich.table import Table
 
 from broker.client import GPUClient, SearchResult
-from broker.config import default_config_path, load_settings, write_config_template
+from broker.config import (
+    api_key_hint,
+    default_config_path,
+    load_settings,
+    write_config_template,
+)
 from broker.errors import BrokerError, ConfigError, QueryError
 from broker.lifecycle import format_duration
 from broker.providers.base import provider_classes
@@ -29,31 +38,72 @@ app = typer.Typer(
     name="broker",
     help="Find and rent the cheapest GPU box that fits, across clouds.",
     no_args_is_help=True,
-    add_completion=False,
+    # typer's completion: `broker --install-completion` (bash, zsh, fish, powershell) or
+    # `broker --show-completion SHELL` to print the script.
+    add_completion=True,
     pretty_exceptions_enable=False,
+    # Plain click help, like bifrost's: flags show no `<bool>` type that invites `--json true`.
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-out = Console()
-err = Console(stderr=True)
+# Wider than any row a table or message of ours can have; a pipe then gets whole lines.
+PIPE_WIDTH = 100_000
+
+
+class PipeConsole(Console):
+    """A rich console that neither cuts nor wraps when its stream is not a terminal.
+
+    Rich takes the width from whichever std stream is a terminal (so ``broker providers | grep``
+    run from a terminal got an 80-column table with ``primeintell…``) or 80 columns. A pipe or
+    file has no width: lines are as long as their content.
+    """
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        """The terminal's size, or an unbounded width when the stream is not a terminal."""
+        dims = super().size
+        if self.is_terminal:
+            return dims
+        return ConsoleDimensions(PIPE_WIDTH, dims.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        self._width, self._height = new_size
+
+
+out = PipeConsole()
+# Errors are soft-wrapped: a terminal folds a long line itself, and a log or a test keeps the
+# message (and a path in it) whole, whatever the width.
+err = PipeConsole(stderr=True, soft_wrap=True)
 
 T = TypeVar("T")
 
 
+def print_error(message: str) -> None:
+    """Print ``error: <message>`` to stderr as one line (never wrapped; markup in it is literal)."""
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 @contextmanager
 def _errors() -> Iterator[None]:
-    """Turn broker errors into one clear line and an exit code, never a traceback."""
+    """Turn broker errors into one clear line and an exit code, never a traceback.
+
+    :class:`QueryError` and :class:`ConfigError` exit 2 (bad input); any other
+    :class:`BrokerError` exits 1. Other CLI modules wrap their commands in it too.
+    """
     try:
         yield
     except QueryError as e:
-        err.print(f"[red]error:[/red] {escape(str(e))}", markup=True, highlight=False)
+        print_error(str(e))
         if caret := e.caret():
-            err.print(caret, markup=False, highlight=False)
+            err.print(caret, markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except ConfigError as e:
-        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
+        print_error(str(e))
         raise typer.Exit(2) from None
     except BrokerError as e:
-        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
+        print_error(str(e))
         raise typer.Exit(1) from None
 
 
@@ -207,13 +257,23 @@ def search(
             )
         else:
             if result.offers:
-                # Piped output gets a wide table rather than one truncated to 80 columns.
-                wide = out if out.is_terminal else Console(width=180)
-                wide.print(offers_table(result.offers))
+                out.print(offers_table(result.offers))
             else:
                 out.print("no offers match" + (f": {result.query}" if result.query else ""))
             for line in _report_lines(result):
-                err.print(line, highlight=False)
+                err.print(line, highlight=False, soft_wrap=True)
+        unconfigured = [
+            r.provider
+            for r in result.reports
+            if r.status == "error" and (r.error or {}).get("type") == "ConfigError"
+        ]
+        for name in unconfigured:
+            if hint := api_key_hint(name):
+                err.print(f"  {name}: {hint}", markup=False, highlight=False, soft_wrap=True)
+        # A provider asked for by name without its key is a config error (exit 2, as documented),
+        # not a provider failure (1).
+        if unconfigured:
+            raise typer.Exit(2)
         if result.all_failed:
             raise typer.Exit(1)
 
@@ -268,8 +328,39 @@ def init(
         out.print(f"wrote {written} (mode 0600); put your API keys there or in the environment")
 
 
+def version() -> str:
+    """The installed package's version (the source tree's when it is not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("gpu-broker")
+    except PackageNotFoundError:
+        from broker import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"broker {version()}", markup=False, highlight=False)
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root(ctx: typer.Context) -> None:
+def _root(
+    ctx: typer.Context,
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            "-V",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
+    ] = False,
+) -> None:
     """Find and rent the cheapest GPU box that fits, across clouds."""
     # Every command that may touch instances first terminates those past their TTL, so a
     # forgotten box dies the next time anyone uses broker, even without `reap` in cron.
@@ -285,8 +376,9 @@ def main() -> None:
     app()
 
 
-# Registers `create`, `instances ...`, `list` and `terminate` on `app`.
-from broker import cli_instances  # noqa: E402, F401
+# Register `create`, `instances ...`, `list` and `terminate` (cli_instances), and `launch` and
+# `sweep` (cli_launch) on `app`.
+from broker import cli_instances, cli_launch  # noqa: E402, F401
 
 if __name__ == "__main__":
     main()

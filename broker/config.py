@@ -9,6 +9,7 @@ elsewhere). Keys are :class:`SecretStr`: they print as
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import stat
@@ -154,9 +155,27 @@ class Settings(BaseSettings):
                     return json.loads(text)
                 except json.JSONDecodeError:
                     raise ValueError(
-                        f"not a JSON list: {text!r}; write a,b,c or [\"a\", \"b\"]"
+                        f'not a JSON list: {text!r}; write a,b,c or ["a", "b"]'
                     ) from None
             return [p.strip() for p in text.split(",") if p.strip()]
+        return v
+
+    @field_validator("default_ttl", mode="before")
+    @classmethod
+    def _check_ttl(cls, v: Any) -> Any:
+        # Checked here, so a bad BROKER_DEFAULT_TTL is reported naming the setting when settings
+        # load, not as a bare "cannot read ttl" from the first create that falls back on it.
+        if v is None or isinstance(v, bool):
+            return v
+        if isinstance(v, int | float):
+            v = f"{v:g}"
+        if isinstance(v, str):
+            from broker.lifecycle import parse_ttl
+
+            try:
+                parse_ttl(v)
+            except ConfigError as e:
+                raise ValueError(e.message) from None
         return v
 
     @classmethod
@@ -177,12 +196,7 @@ class Settings(BaseSettings):
 
     def api_key(self, provider: str) -> SecretStr | None:
         """The key for a provider by registry name, or None."""
-        field = {
-            "runpod": "runpod_api_key",
-            "primeintellect": "prime_api_key",
-            "lambdalabs": "lambda_api_key",
-            "vast": "vast_api_key",
-        }.get(provider)
+        field = API_KEY_FIELDS.get(provider)
         value = getattr(self, field) if field else None
         return value if isinstance(value, SecretStr) else None
 
@@ -196,16 +210,81 @@ class Settings(BaseSettings):
         return pub.read_text().strip()
 
 
-def _check_config_file(path: Path) -> None:
+# Registry name of each cloud -> the settings field holding its API key.
+API_KEY_FIELDS = {
+    "runpod": "runpod_api_key",
+    "primeintellect": "prime_api_key",
+    "lambdalabs": "lambda_api_key",
+    "vast": "vast_api_key",
+}
+
+
+def setting_names(field: str) -> list[str]:
+    """Every name a setting is read under: its aliases (environment names first), then the field.
+
+    >>> setting_names("budget_total")
+    ['BROKER_BUDGET', 'budget_total']
+    """
+    alias = Settings.model_fields[field].validation_alias
+    names = [str(a) for a in alias.choices] if isinstance(alias, AliasChoices) else []
+    return names if field in names else [*names, field]
+
+
+def api_key_hint(provider: str) -> str | None:
+    """How to configure a cloud's API key, e.g. for "runpod is not configured" messages."""
+    field = API_KEY_FIELDS.get(provider)
+    if field is None:
+        return None
+    env = setting_names(field)[0]
+    return (
+        f"set {env} in the environment, or {field} in {default_config_path()} "
+        "(`broker init` writes one)"
+    )
+
+
+def _known_keys() -> dict[str, str]:
+    """Lower-cased config-file key -> the field it sets (the TOML source, like the environment,
+    matches names case-insensitively)."""
+    return {n.lower(): f for f in Settings.model_fields for n in setting_names(f)}
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
-            tomllib.load(f)
+            return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
 
 
+def _check_config_file(path: Path) -> None:
+    """Refuse a config file that is not TOML or sets a key no setting has.
+
+    The settings themselves ignore unknown names (a .env file holds other programs' variables),
+    so without this check a misspelt key (``max_price = 4``) would silently guard nothing.
+    """
+    known = _known_keys()
+    for key in _read_config_file(path):
+        if key.lower() in known:
+            continue
+        fields = list(Settings.model_fields)
+        close = difflib.get_close_matches(key.lower(), list(known), n=1, cutoff=0.6)
+        # Suggest the file's own spelling of the setting (the field), also for an env-style name.
+        guess = (
+            known[close[0]]
+            if close
+            else next((f for f in fields if f.startswith(key.lower())), None)
+        )
+        hint = f"did you mean {guess!r}?" if guess else f"settings are: {', '.join(fields)}"
+        raise ConfigError(f"config file {path}: unknown setting {key!r}; {hint}")
+
+
 def load_settings(**overrides: Any) -> Settings:
-    """Build :class:`Settings`, turning validation failures into a readable :class:`ConfigError`."""
+    """Build :class:`Settings`, turning validation failures into a readable :class:`ConfigError`.
+
+    Each problem names where the bad value came from (the argument, the environment variable,
+    the .env file or the config file, by the priority that made it win) and the setting.
+    Values are never echoed: they may be keys.
+    """
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
 
@@ -215,11 +294,41 @@ def load_settings(**overrides: Any) -> Settings:
     except SettingsError as e:
         raise ConfigError(f"invalid settings: {e}") from None
     except ValidationError as e:
-        problems = "; ".join(
-            f"{_field_name(str(err['loc'][0])) if err['loc'] else 'settings'}: {err['msg']}"
-            for err in e.errors()
-        )
-        raise ConfigError(f"invalid settings ({default_config_path()}): {problems}") from None
+        problems = []
+        for error in e.errors():
+            field = _field_name(str(error["loc"][0])) if error["loc"] else None
+            message = str(error["msg"]).removeprefix("Value error, ")
+            where = _source_of(field, overrides) if field else "settings"
+            problems.append(f"{where}: {message}")
+        raise ConfigError(f"invalid setting: {'; '.join(problems)}") from None
+
+
+def _source_of(field: str, overrides: dict[str, Any]) -> str:
+    """Where the value of ``field`` that failed came from, in the order the sources win."""
+    names = {n.lower() for n in setting_names(field)}
+
+    def named(key: str) -> str:
+        return "" if key.lower() == field else f" (setting {field})"
+
+    for key in overrides:
+        if not key.startswith("_") and key.lower() in names:
+            return f"argument {key}"
+    for key in os.environ:
+        if key.lower() in names:
+            return f"environment variable {key}{named(key)}"
+    env_file = overrides.get("_env_file")
+    if env_file and Path(env_file).is_file():
+        from dotenv import dotenv_values
+
+        for key in dotenv_values(env_file):
+            if key.lower() in names:
+                return f"{key} in {env_file}{named(key)}"
+    path = default_config_path()
+    if path.is_file():
+        for key in _read_config_file(path):
+            if key.lower() in names:
+                return f"{key} in config file {path}{named(key)}"
+    return field
 
 
 def _field_name(loc: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -172,3 +173,180 @@ def test_env_overrides_config_and_bad_config_is_clear(monkeypatch: object, tmp_p
         assert r.exit_code == 2 and "not valid TOML" in r.output
     finally:
         mp.undo()
+
+
+# --- script-friendly output (issue 19.4, 20.6) ------------------------------------------------
+
+
+def _broker_exe() -> Path:
+    """The installed `broker` console script of this environment."""
+    import sys
+
+    return Path(sys.executable).parent / "broker"
+
+
+def _run_broker(
+    args: list[str], env: dict[str, str] | None = None, **kw: object
+) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    # The code under test, also when this tree is not the one installed in the environment.
+    root = str(Path(__file__).resolve().parents[2])
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    full_env.update(env or {})
+    return subprocess.run(
+        [str(_broker_exe()), *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=60,
+        check=False,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_providers_table_piped_is_neither_cut_nor_wrapped() -> None:
+    """`broker providers | grep primeintellect` finds the whole row, pushdown list included."""
+    rows = json.loads(runner.invoke(app, ["providers", "--json"]).stdout)
+    r = runner.invoke(app, ["providers"], env={"COLUMNS": "60"})
+    assert r.exit_code == 0, r.output
+    assert "…" not in r.stdout
+    for row in rows:
+        pushdown = ", ".join(row["capabilities"]["pushdown"]) or "-"
+        assert any(row["provider"] in ln and pushdown in ln for ln in r.stdout.splitlines()), (
+            row["provider"],
+            r.stdout,
+        )
+
+
+def test_providers_through_a_real_pipe_greps() -> None:
+    r = _run_broker(["providers"], env={"COLUMNS": "40"})
+    assert r.returncode == 0, r.stderr
+    (line,) = [ln for ln in r.stdout.splitlines() if "primeintellect" in ln]
+    assert "gpu_count" in line and "…" not in line
+
+
+def test_search_table_piped_keeps_long_cells() -> None:
+    """Search tables are not cut at any width when piped (was: a fixed 180 columns)."""
+    import io
+
+    from broker.cli import PipeConsole, offers_table
+    from broker.types import GPUOffer
+
+    data = json.loads(runner.invoke(app, ["search", "--provider", "local", "--json"]).stdout)
+    region = "a-very-long-region-name-" * 10
+    offer = GPUOffer.model_validate({**data["offers"][0], "region": region})
+    buf = io.StringIO()
+    PipeConsole(file=buf).print(offers_table([offer]))
+    (row,) = [ln for ln in buf.getvalue().splitlines() if "local" in ln]
+    assert region in row
+
+
+def test_errors_are_one_line_whatever_the_path_length(tmp_path: Path) -> None:
+    """A long config path in an error is never hard-wrapped (was: wrapped at 80 columns)."""
+    long_dir = tmp_path / ("d" * 120) / ("e" * 60)
+    long_dir.mkdir(parents=True)
+    cfg = long_dir / "config.toml"
+    cfg.write_text("this is = = not toml\n")
+    r = runner.invoke(app, ["providers"], env={"BROKER_CONFIG": str(cfg), "COLUMNS": "50"})
+    assert r.exit_code == 2
+    (line,) = [ln for ln in r.stderr.splitlines() if "error:" in ln]
+    assert f"config file {cfg} is not valid TOML" in line
+    p = _run_broker(["providers"], env={"BROKER_CONFIG": str(cfg), "COLUMNS": "50"})
+    assert p.returncode == 2
+    assert f"error: config file {cfg} is not valid TOML" in p.stderr.splitlines()[0]
+    assert "Traceback" not in p.stderr
+
+
+def test_print_error_does_not_wrap_on_a_narrow_terminal() -> None:
+    import io
+
+    import broker.cli as cli
+
+    buf = io.StringIO()
+    narrow = cli.PipeConsole(file=buf, force_terminal=True, width=30, color_system=None)
+    old, cli.err = cli.err, narrow
+    try:
+        cli.print_error("x" * 50 + " [not markup] " + "y" * 50)
+    finally:
+        cli.err = old
+    assert buf.getvalue() == "error: " + "x" * 50 + " [not markup] " + "y" * 50 + "\n"
+
+
+def test_version_and_short_help() -> None:
+    from broker import __version__
+
+    for flag in ("--version", "-V"):
+        r = runner.invoke(app, [flag])
+        assert r.exit_code == 0 and r.stdout.strip() == f"broker {__version__}"
+    r = runner.invoke(app, ["-h"])
+    assert r.exit_code == 0 and "Usage: broker" in r.stdout and "search" in r.stdout
+    r = runner.invoke(app, ["search", "-h"])
+    assert r.exit_code == 0 and "--gpu-type" in r.stdout
+    r = runner.invoke(app, ["instances", "list", "-h"])
+    assert r.exit_code == 0 and "--json" in r.stdout
+
+
+def _all_command_paths() -> list[list[str]]:
+    import typer.main
+
+    paths: list[list[str]] = []
+
+    def walk(cmd: object, path: list[str]) -> None:
+        paths.append(path)
+        for name, sub in (getattr(cmd, "commands", None) or {}).items():
+            walk(sub, [*path, name])
+
+    walk(typer.main.get_command(app), [])
+    return paths
+
+
+def test_help_has_no_bool_markers() -> None:
+    """Flags read as flags: no `<bool>` that invites `--json true`."""
+    paths = _all_command_paths()
+    assert ["instances", "list"] in paths and ["search"] in paths
+    for path in paths:
+        r = runner.invoke(app, [*path, "--help"])
+        assert r.exit_code == 0, (path, r.output)
+        assert "<bool>" not in r.stdout, (path, r.stdout)
+    assert "--json" in runner.invoke(app, ["search", "--help"]).stdout
+
+
+def test_shell_completion_bash_zsh_fish() -> None:
+    """typer's completion scripts, and the completions they ask the program for."""
+    for shell in ("bash", "zsh", "fish"):
+        script = _run_broker([], env={"_BROKER_COMPLETE": f"source_{shell}"})
+        assert script.returncode == 0, (shell, script.stderr)
+        assert f"_BROKER_COMPLETE=complete_{shell}" in script.stdout, (shell, script.stdout)
+    bash = _run_broker(
+        [],
+        env={"_BROKER_COMPLETE": "complete_bash", "COMP_WORDS": "broker prov", "COMP_CWORD": "1"},
+    )
+    assert bash.stdout.split() == ["providers"], bash
+    zsh = _run_broker(
+        [], env={"_BROKER_COMPLETE": "complete_zsh", "_TYPER_COMPLETE_ARGS": "broker instances re"}
+    )
+    assert "reap" in zsh.stdout and "reconcile" in zsh.stdout, zsh
+    fish = _run_broker(
+        [],
+        env={
+            "_BROKER_COMPLETE": "complete_fish",
+            "_TYPER_COMPLETE_ARGS": "broker search --prov",
+            "_TYPER_COMPLETE_FISH_ACTION": "get-args",
+        },
+    )
+    assert "--provider" in fish.stdout, fish
+    r = runner.invoke(app, ["--help"])
+    assert "--install-completion" in r.stdout and "--show-completion" in r.stdout
+
+
+# --- exit codes (issue 19.6) -------------------------------------------------------------------
+
+
+def test_missing_api_key_exits_2_and_says_how_to_set_it() -> None:
+    r = runner.invoke(app, ["search", "--provider", "runpod"])
+    assert r.exit_code == 2, r.output
+    assert "RUNPOD_API_KEY" in r.stderr and "runpod_api_key" in r.stderr
+    r = runner.invoke(app, ["search", "--provider", "runpod", "--json"])
+    assert r.exit_code == 2
+    (rep,) = json.loads(r.stdout)["providers"]
+    assert rep["error"]["type"] == "ConfigError"
