@@ -313,10 +313,17 @@ class RoutingRecord:
     k_hist: dict[int, torch.Tensor] = field(default_factory=dict)
     expert_counts: dict[int, torch.Tensor] = field(default_factory=dict)
     first_call_k: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: k of every token at the first patched MoE layer, over all calls, when ``keep_first_layer``
+    #: is on: identical inputs across configs there, so it compares selection rules directly.
+    first_layer_k: list[torch.Tensor] = field(default_factory=list)
+    keep_first_layer: bool = False
 
     def to_plain(self) -> dict[str, Any]:
         """Move everything to CPU lists (one sync at the end instead of one per step)."""
         return {
+            "first_layer_k": torch.cat(self.first_layer_k).cpu().tolist()
+            if self.first_layer_k
+            else [],
             "k_hist": {str(k): v.cpu().tolist() for k, v in sorted(self.k_hist.items())},
             "expert_counts": {
                 str(k): v.cpu().tolist() for k, v in sorted(self.expert_counts.items())
@@ -526,9 +533,10 @@ class RoutingController:
             setattr(pl.router, pl.attr, pl.patched_forward)
         self.set_config(self.config)  # re-applies the experts flags
 
-    def start_recording(self) -> None:
-        """Reset and start accumulating per-layer k histograms and expert counts."""
-        self.record = RoutingRecord()
+    def start_recording(self, keep_first_layer: bool = False) -> None:
+        """Reset and start accumulating per-layer k histograms and expert counts (and, with
+        ``keep_first_layer``, the k of every token at the first MoE layer)."""
+        self.record = RoutingRecord(keep_first_layer=keep_first_layer)
         self.recording = True
 
     def stop_recording(self) -> dict[str, Any]:
@@ -595,6 +603,8 @@ class RoutingController:
         kh = torch.bincount(k.reshape(-1), minlength=width + 1)
         ec = torch.bincount(indices.reshape(-1), minlength=e + 1)[:e]
         rec = self.record
+        if rec.keep_first_layer and pl is self.layers[0]:
+            rec.first_layer_k.append(k.reshape(-1).detach().clone())
         if pl.layer in rec.k_hist:
             prev = rec.k_hist[pl.layer]
             if prev.numel() < kh.numel():

@@ -51,6 +51,21 @@ TESTED_METRICS: dict[str, tuple[str, str | None]] = {
     "expert_utilization_cv": ("expert-utilisation CV", "lower"),
 }
 N_BOOT = 10_000
+#: Fewest pairs for which a test is run and a significance claim can be made. With n <= 5 the
+#: two-sided exact Wilcoxon signed-rank p cannot go below 0.0625 (2 / 2^5), so no rank test could
+#: ever agree with a t-test's "significant", and a t-test's normality assumption cannot be checked.
+MIN_N = 6
+ALPHA_CLAIM = 0.05
+
+
+def verdict(r: dict[str, Any], key: str = "p_t_holm") -> str:
+    """What may be said about one paired comparison: a test result or why there is none."""
+    if r.get("no_test"):
+        return f"no test ({r['no_test']})"
+    p = r.get(key)
+    if p is None:
+        return "no test"
+    return "significant" if p < ALPHA_CLAIM else "not significant"
 
 
 def load_saved(output: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
@@ -99,17 +114,24 @@ def bootstrap_ci(
 
 
 def paired_test(base: np.ndarray, other: np.ndarray) -> dict[str, Any]:
-    """All paired statistics of ``other - base``; p-values None where a test is undefined."""
+    """Paired statistics of ``other - base``; tests only where they mean something.
+
+    Always reported: n, means, mean Δ, d_z (None if sd(Δ) = 0), a 95 % bootstrap CI of mean Δ
+    (n >= 2). The paired t-test and Wilcoxon run only when n >= MIN_N and the differences vary;
+    otherwise ``no_test`` says why and every p stays None, so no significance can be claimed from
+    a deterministic shift (zero-variance Δ) or from too few pairs.
+    """
     from scipy import stats
 
     diff = other - base
     n = int(diff.size)
     out: dict[str, Any] = {
         "n": n,
-        "mean_baseline": float(base.mean()),
-        "mean_config": float(other.mean()),
-        "mean_diff": float(diff.mean()),
-        "pct_change": float(diff.mean() / base.mean() * 100) if base.mean() else None,
+        "test": "paired t-test (scipy.stats.ttest_rel); Wilcoxon signed-rank as a check",
+        "mean_baseline": float(base.mean()) if n else None,
+        "mean_config": float(other.mean()) if n else None,
+        "mean_diff": float(diff.mean()) if n else None,
+        "pct_change": float(diff.mean() / base.mean() * 100) if n and base.mean() else None,
         "t": None,
         "p_t": None,
         "d_z": cohens_dz(diff),
@@ -117,24 +139,23 @@ def paired_test(base: np.ndarray, other: np.ndarray) -> dict[str, Any]:
         "p_wilcoxon": None,
         "ci_low": None,
         "ci_high": None,
+        "no_test": None,
     }
-    if n >= 2 and np.std(diff) > 0:
-        t = stats.ttest_rel(other, base)
-        out["t"], out["p_t"] = float(t.statistic), float(t.pvalue)
-    elif n >= 2:
-        # Identical differences (e.g. every pair differs by exactly 0): no variance, no t-test;
-        # p = 1 if the shift is 0, else the difference is deterministic and p is reported as 0.
-        out["p_t"] = 1.0 if float(diff.mean()) == 0.0 else 0.0
-    if n >= 1 and np.any(diff != 0):
-        try:
-            w = stats.wilcoxon(other, base)
-            out["wilcoxon_W"], out["p_wilcoxon"] = float(w.statistic), float(w.pvalue)
-        except ValueError:
-            pass
-    elif n >= 1:
-        out["p_wilcoxon"] = 1.0
     if n >= 2:
         out["ci_low"], out["ci_high"] = bootstrap_ci(diff)
+    if n < MIN_N:
+        out["no_test"] = f"n = {n} < {MIN_N} pairs"
+        return out
+    if not np.std(diff) > 0:
+        out["no_test"] = "the differences have zero variance"
+        return out
+    t = stats.ttest_rel(other, base)
+    out["t"], out["p_t"] = float(t.statistic), float(t.pvalue)
+    try:
+        w = stats.wilcoxon(other, base)
+        out["wilcoxon_W"], out["p_wilcoxon"] = float(w.statistic), float(w.pvalue)
+    except ValueError:
+        pass
     return out
 
 
@@ -174,28 +195,127 @@ def compare_to_baseline(df: pd.DataFrame, baseline: str) -> dict[str, list[dict[
     return out
 
 
-def perplexity_comparison(ppls: list[dict[str, Any]], baseline: str) -> list[dict[str, Any]]:
-    """Per-config perplexity plus a paired test on per-chunk mean NLL against the baseline."""
-    by = {p["config_name"]: p for p in ppls}
+def quality_rows(ppls: list[dict[str, Any]], *, grid: bool = False) -> list[dict[str, Any]]:
+    """Per-config quality against native top-k on the held-out text (main configs, or the grid).
+
+    The paired test is on per-chunk mean NLL, config vs native on the same chunk, Holm-adjusted
+    across the configs of the table.
+    """
     rows = []
-    base = by.get(baseline)
-    for name, p in by.items():
+    for p in ppls:
+        if bool(p.get("grid")) != grid:
+            continue
+        cfg = p["routing_config"]
+        dist = p.get("k_distribution", {})
         row: dict[str, Any] = {
-            "config": name,
+            "config": p["config_name"],
+            "method": cfg["method"],
+            "p_value": cfg["p_value"] if cfg["method"] == "bh" else "top-k",
+            "alpha": cfg["alpha"] if cfg["method"] == "bh" else None,
+            "temperature": cfg["temperature"],
             "perplexity": p["perplexity"],
+            "native_perplexity": p.get("native_perplexity"),
             "mean_nll": p["mean_nll"],
+            "delta_nll": p.get("delta_nll"),
+            "mean_kl": p.get("mean_kl"),
             "tokens": p["tokens"],
             "avg_experts_per_token": p["avg_experts_per_token"],
+            **{
+                f"k_{q}": dist.get(q)
+                for q in ("q10", "q25", "q50", "q75", "q90", "share_at_min_k", "share_at_max_k")
+            },
         }
-        if base is not None and name != baseline and len(base["chunks"]) == len(p["chunks"]):
-            b = np.array([c["mean_nll"] for c in base["chunks"]])
-            o = np.array([c["mean_nll"] for c in p["chunks"]])
+        chunks = p["chunks"]
+        if chunks and "native_mean_nll" in chunks[0]:
+            b = np.array([c["native_mean_nll"] for c in chunks])
+            o = np.array([c["mean_nll"] for c in chunks])
             row["nll_test"] = paired_test(b, o)
         rows.append(row)
     tested = [r for r in rows if "nll_test" in r]
     for r, a in zip(tested, holm([r["nll_test"]["p_t"] for r in tested]), strict=True):
         r["nll_test"]["p_t_holm"] = a
     return rows
+
+
+def _grid_key(cfg: dict[str, Any]) -> tuple[Any, ...]:
+    return (cfg["p_value"], cfg["alpha"], cfg["min_k"], cfg["max_k"], cfg["correction"])
+
+
+def sensitivity(ppls: list[dict[str, Any]]) -> dict[str, Any]:
+    """The null x alpha x temperature table and what it says, from the saved held-out results.
+
+    Rows: every BH held-out result (grid and named configs). ``first_layer_changed`` is the share
+    of held-out tokens whose k at the first MoE layer differs from the same (null, alpha) at the
+    lowest temperature present: identical inputs there, and the selection is a prefix of the
+    native order, so a different k is a different expert set.
+    """
+    bh = [p for p in ppls if p["routing_config"]["method"] == "bh"]
+    by_key: dict[tuple[Any, ...], dict[float, dict[str, Any]]] = {}
+    for p in bh:
+        by_key.setdefault(_grid_key(p["routing_config"]), {})[
+            p["routing_config"]["temperature"]
+        ] = p
+    rows = []
+    for key, temps in sorted(by_key.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        t0 = min(temps)
+        ref = temps[t0].get("first_layer_k") or []
+        for t, p in sorted(temps.items()):
+            fk = p.get("first_layer_k") or []
+            changed = None
+            if t != t0 and ref and len(fk) == len(ref):
+                changed = sum(a != b for a, b in zip(fk, ref, strict=True)) / len(ref)
+            d = p.get("k_distribution", {})
+            rows.append(
+                {
+                    "p_value": key[0],
+                    "alpha": key[1],
+                    "temperature": t,
+                    "config": p["config_name"],
+                    "mean_k": d.get("mean", p["avg_experts_per_token"]),
+                    "q10": d.get("q10"),
+                    "q50": d.get("q50"),
+                    "q90": d.get("q90"),
+                    "share_at_min_k": d.get("share_at_min_k"),
+                    "share_at_max_k": d.get("share_at_max_k"),
+                    "min_k": key[2],
+                    "max_k": key[3],
+                    "perplexity": p["perplexity"],
+                    "delta_nll": p.get("delta_nll"),
+                    "mean_kl": p.get("mean_kl"),
+                    "first_layer_changed": changed,
+                }
+            )
+    verdicts = []
+    for null in dict.fromkeys(r["p_value"] for r in rows):
+        sub = [r for r in rows if r["p_value"] == null]
+        t_lo = min(r["temperature"] for r in sub)
+        at_t = sorted((r for r in sub if r["temperature"] == t_lo), key=lambda r: r["alpha"])
+        k_lo, k_hi = at_t[0]["mean_k"], at_t[-1]["mean_k"]
+        changes = [r["first_layer_changed"] for r in sub if r["first_layer_changed"] is not None]
+        pinned = all((r["share_at_min_k"] or 0) >= 0.99 for r in sub)
+        verdicts.append(
+            {
+                "p_value": null,
+                "alphas": [at_t[0]["alpha"], at_t[-1]["alpha"]],
+                "temperature": t_lo,
+                "mean_k_low_alpha": k_lo,
+                "mean_k_high_alpha": k_hi,
+                # 0.01 experts/token: below that a change is invisible in every table here.
+                "alpha_matters": len(at_t) > 1 and (k_hi - k_lo) >= 0.01,
+                "temperature_matters": bool(changes) and max(changes) > 0,
+                "max_first_layer_changed": max(changes) if changes else None,
+                "pinned_at_min_k": pinned,
+                "mean_k_range": [min(r["mean_k"] for r in sub), max(r["mean_k"] for r in sub)],
+                "delta_nll_range": _range([r["delta_nll"] for r in sub]),
+                "kl_range": _range([r["mean_kl"] for r in sub]),
+            }
+        )
+    return {"rows": rows, "verdicts": verdicts}
+
+
+def _range(xs: list[float | None]) -> list[float] | None:
+    v = [x for x in xs if x is not None]
+    return [min(v), max(v)] if v else None
 
 
 def temperature_pairs(configs: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
@@ -450,13 +570,19 @@ def build_report(
     if baseline not in configs:
         baseline = next(iter(configs))
     tests = compare_to_baseline(df, baseline)
-    ppl_rows = perplexity_comparison(ppls, baseline) if ppls else []
-    if ppl_rows:
+    ppl_rows = quality_rows(ppls) if ppls else []
+    grid_rows = quality_rows(ppls, grid=True) if ppls else []
+    sens = sensitivity(ppls) if ppls else {"rows": [], "verdicts": []}
+    if ppl_rows or grid_rows:
         atomic_write_text(
             output / "perplexity.csv",
             pd.DataFrame(
-                [{k: v for k, v in r.items() if k != "nll_test"} for r in ppl_rows]
+                [{k: v for k, v in r.items() if k != "nll_test"} for r in ppl_rows + grid_rows]
             ).to_csv(index=False),
+        )
+    if sens["rows"]:
+        atomic_write_text(
+            output / "sensitivity.csv", pd.DataFrame(sens["rows"]).to_csv(index=False)
         )
     temp = temperature_effect(exps, ppls, configs)
     summ = summary_table(df)
@@ -487,6 +613,9 @@ def build_report(
         "by_category": cat.reset_index().to_dict(orient="records"),
         "tests": tests,
         "perplexity": ppl_rows,
+        "grid_quality": grid_rows,
+        "sensitivity": sens,
+        "min_n": MIN_N,
         "temperature": temp,
         "per_layer_avg_k": layer_avg.reset_index().to_dict(orient="records")
         if layer_avg is not None
@@ -513,44 +642,112 @@ def _conclusions(a: dict[str, Any]) -> list[str]:
     tps_rows = {r["config"]: r for r in a["tests"].get("tokens_per_sec", [])}
     ppl = {r["config"]: r for r in a["perplexity"]}
     for cfg, r in exp_rows.items():
-        sig = r["p_t_holm"] is not None and r["p_t_holm"] < 0.05
+        v = verdict(r)
         direction = "fewer" if r["mean_diff"] < 0 else "more"
         s = (
             f"**{cfg}** used {_f(r['mean_config'])} experts per token against "
-            f"{_f(r['mean_baseline'])} for "
-            f"{base} ({_f(r['pct_change'], 1)} %, 95 % bootstrap CI of the difference "
+            f"{_f(r['mean_baseline'])} for {base} ({_f(r['pct_change'], 1)} %, n = {r['n']} "
+            f"prompts, d_z {_f(r['d_z'], 2)}, 95 % bootstrap CI of the difference "
             f"[{_f(r['ci_low'])}, {_f(r['ci_high'])}]); "
         )
         if r["mean_diff"] == 0:
             s += "no change at all. "
-        elif sig:
+        elif v == "significant":
             s += (
                 f"{direction} experts, significant after Holm "
-                f"(p_holm {_p(r['p_t_holm'])}, d_z {_f(r['d_z'], 2)}). "
+                f"(paired t, p_holm {_p(r['p_t_holm'])}). "
             )
+        elif v == "not significant":
+            s += f"not significant after Holm (paired t, p_holm {_p(r['p_t_holm'])}). "
         else:
-            s += f"not significant after Holm (p_holm {_p(r['p_t_holm'])}). "
+            s += f"{v}: no significance is claimed. "
         t = tps_rows.get(cfg)
         if t is not None:
-            tsig = t["p_t_holm"] is not None and t["p_t_holm"] < 0.05
             s += (
                 f"Throughput {_f(t['mean_config'], 1)} vs {_f(t['mean_baseline'], 1)} tokens/s "
-                f"({_f(t['pct_change'], 1)} %, {'significant' if tsig else 'not significant'} "
-                "after Holm). "
+                f"({_f(t['pct_change'], 1)} %, {verdict(t)}). "
             )
-        if cfg in ppl and base in ppl:
-            d = (ppl[cfg]["perplexity"] / ppl[base]["perplexity"] - 1) * 100
-            nt = ppl[cfg].get("nll_test", {})
-            psig = nt.get("p_t_holm") is not None and nt["p_t_holm"] < 0.05
+        if cfg in ppl:
+            q = ppl[cfg]
+            nt = q.get("nll_test", {})
             s += (
-                f"Held-out perplexity {_f(ppl[cfg]['perplexity'])} vs "
-                f"{_f(ppl[base]['perplexity'])} "
-                f"({d:+.2f} %; per-chunk NLL difference "
-                f"{'significant' if psig else 'not significant'} "
-                f"after Holm)."
+                f"Held-out perplexity {_f(q['perplexity'])} vs native top-k "
+                f"{_f(q['native_perplexity'])} (ΔNLL {_f(q['delta_nll'])} nats/token, "
+                f"KL(native‖config) {_f(q['mean_kl'])} nats/token; per-chunk NLL test over "
+                f"n = {nt.get('n', 'n/a')} chunks: {verdict(nt) if nt else 'no test'})."
             )
         out.append(s)
     return out
+
+
+def _sensitivity_lines(sens: dict[str, Any]) -> list[str]:
+    """The sensitivity table and plain sentences on which null makes alpha and T matter."""
+    rows = sens["rows"]
+    if not rows:
+        return ["No held-out BH results in this run (perplexity or grid skipped)."]
+    L = [
+        "Held-out text, teacher-forced; every row also ran native top-k on the same chunks. "
+        "k quantiles are over all (token, MoE layer) decisions; ΔNLL = config − native "
+        "(nats/token); KL = mean KL(native ‖ config) of the next-token distribution; "
+        "'T changes k' = share of held-out tokens whose k at the first MoE layer (identical "
+        "inputs) differs from the lowest temperature of the same null and alpha.",
+        "",
+        "| null | alpha | T | mean k | q10 | q50 | q90 | share at min_k | share at max_k | "
+        "perplexity | ΔNLL | KL | T changes k |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ch = r["first_layer_changed"]
+        L.append(
+            f"| {r['p_value']} | {r['alpha']:g} | {r['temperature']:g} | {_f(r['mean_k'])} | "
+            f"{_f(r['q10'])} | {_f(r['q50'])} | {_f(r['q90'])} | "
+            f"{_f(r['share_at_min_k'])} | {_f(r['share_at_max_k'])} | {_f(r['perplexity'])} | "
+            f"{_f(r['delta_nll'])} | {_f(r['mean_kl'])} | "
+            f"{'–' if ch is None else _f(ch * 100, 1) + ' %'} |"
+        )
+    L += ["", "What the table says:", ""]
+    for v in sens["verdicts"]:
+        name = f"`{v['p_value']}`"
+        if v["pinned_at_min_k"]:
+            s = (
+                f"- {name}: pinned at min_k (≥ 99 % of decisions) in every row, so neither alpha "
+                "nor temperature can matter under it"
+            )
+        else:
+            a_lo, a_hi = v["alphas"]
+            s = (
+                f"- {name}: alpha {'matters' if v['alpha_matters'] else 'does not matter'} "
+                f"(mean k {_f(v['mean_k_low_alpha'])} at alpha {a_lo:g} → "
+                f"{_f(v['mean_k_high_alpha'])} at {a_hi:g}, T = {v['temperature']:g})"
+            )
+        if v["max_first_layer_changed"] is None:
+            s += "; temperature not varied"
+        elif v["temperature_matters"]:
+            s += (
+                f"; temperature changes the selection (up to "
+                f"{_f(v['max_first_layer_changed'] * 100, 1)} % of first-layer decisions)"
+            )
+        else:
+            s += (
+                "; temperature did not change the selection on any first-layer decision here "
+                "(only the mixing weights)"
+            )
+        if v["delta_nll_range"] is not None:
+            s += (
+                f"; quality cost vs native top-k: ΔNLL {_f(v['delta_nll_range'][0])} to "
+                f"{_f(v['delta_nll_range'][1])} nats/token, KL {_f(v['kl_range'][0])} to "
+                f"{_f(v['kl_range'][1])}"
+            )
+        L.append(s + ".")
+    movers = [v["p_value"] for v in sens["verdicts"] if v["alpha_matters"]]
+    t_movers = [v["p_value"] for v in sens["verdicts"] if v["temperature_matters"]]
+    L += [
+        "",
+        f"In short: alpha changes how many experts are kept under "
+        f"{', '.join(f'`{m}`' for m in movers) or 'no null in this run'}; temperature changes "
+        f"which experts are kept under {', '.join(f'`{m}`' for m in t_movers) or 'no null'}.",
+    ]
+    return L
 
 
 def render_report(
@@ -622,27 +819,39 @@ def render_report(
     ]
     if a["perplexity"]:
         L += [
-            "## Held-out perplexity",
+            "## Quality against native top-k (held-out text)",
             "",
-            "| config | perplexity | mean NLL | tokens | experts/token | "
-            "Δ NLL vs baseline | p (t, Holm) |",
-            "|---|---|---|---|---|---|---|",
+            "Each chunk is run with the native router and with the config on the same tokens. "
+            "ΔNLL = config − native (nats/token); KL = mean KL(native ‖ config); the test is "
+            "paired over chunks (test, n, d_z, CI and verdict as in the tests section).",
+            "",
+            "| config | null | mean k | share at min_k | share at max_k | perplexity | "
+            "native perplexity | ΔNLL | KL | n chunks | d_z | 95 % CI of ΔNLL | verdict |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in a["perplexity"]:
             t = r.get("nll_test", {})
             L.append(
-                f"| {r['config']} | {_f(r['perplexity'])} | {_f(r['mean_nll'])} | {r['tokens']} | "
-                f"{_f(r['avg_experts_per_token'])} | {_f(t.get('mean_diff'))} | "
-                f"{_p(t.get('p_t_holm'))} |"
+                f"| {r['config']} | {r['p_value']} | {_f(r['avg_experts_per_token'])} | "
+                f"{_f(r['k_share_at_min_k'])} | {_f(r['k_share_at_max_k'])} | "
+                f"{_f(r['perplexity'])} | {_f(r['native_perplexity'])} | {_f(r['delta_nll'])} | "
+                f"{_f(r['mean_kl'])} | {t.get('n', 'n/a')} | {_f(t.get('d_z'), 2)} | "
+                f"[{_f(t.get('ci_low'))}, {_f(t.get('ci_high'))}] | "
+                f"{verdict(t) if t else 'no test'} |"
             )
         L.append("")
+    L += ["## Sensitivity: null × alpha × temperature", ""]
+    L += _sensitivity_lines(a.get("sensitivity", {"rows": [], "verdicts": []}))
+    L.append("")
     L += [
         "## Statistical tests against the baseline",
         "",
-        f"Paired by prompt (n = {n_prompts}). Δ = config − {base}; CI = 95 % paired bootstrap "
-        f"({N_BOOT} resamples) of the mean Δ; Holm adjusts across the {len(a['configs']) - 1} "
-        "compared "
-        "configs within each metric.",
+        f"Paired by prompt (n = {n_prompts}). Test: paired t-test (`scipy.stats.ttest_rel`), "
+        "Wilcoxon signed-rank as a check; effect size d_z = mean Δ / sd Δ; Δ = config − "
+        f"{base}; CI = 95 % paired bootstrap ({N_BOOT} resamples) of the mean Δ; Holm adjusts "
+        f"across the {len(a['configs']) - 1} compared configs within each metric. No test is "
+        f"run (and no significance claimed) with fewer than {a.get('min_n', MIN_N)} pairs or "
+        "when the differences have zero variance.",
         "",
     ]
     for metric, rows in a["tests"].items():
@@ -650,18 +859,18 @@ def render_report(
         L += [
             f"### {label}",
             "",
-            "| config | mean | Δ | Δ % | 95 % CI | t | p | p Holm | d_z | "
-            "Wilcoxon p | Wilcoxon p Holm |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| config | n | mean | Δ | Δ % | 95 % CI | t | p | p Holm | d_z | "
+            "Wilcoxon p | Wilcoxon p Holm | verdict |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             L.append(
-                f"| {r['config']} | {_f(r['mean_config'])} | {_f(r['mean_diff'])} | "
+                f"| {r['config']} | {r['n']} | {_f(r['mean_config'])} | {_f(r['mean_diff'])} | "
                 f"{_f(r['pct_change'], 1)} | [{_f(r['ci_low'])}, {_f(r['ci_high'])}] | "
                 f"{_f(r['t'], 2)} | "
                 f"{_p(r['p_t'])} | {_p(r['p_t_holm'])} | {_f(r['d_z'], 2)} | "
                 f"{_p(r['p_wilcoxon'])} | "
-                f"{_p(r['p_wilcoxon_holm'])} |"
+                f"{_p(r['p_wilcoxon_holm'])} | {verdict(r)} |"
             )
         L.append("")
     L += ["## Experts per token by prompt category", "", _md_table(cat, "config"), ""]
@@ -669,13 +878,15 @@ def render_report(
         L += ["## Mean k per MoE layer", "", _md_table(layer_avg, "config"), ""]
     L += ["## What temperature does and does not change", ""]
     L.append(
-        "Both p-value methods are computed on untempered router scores (the Gaussian z-score is "
-        "also invariant to any rescaling of a token's logits), so **temperature cannot change "
-        "which "
-        "experts are selected for a given hidden state**. It changes only the mixing weights "
-        "softmax(logits / T) of the selected experts. Any difference in expert counts between "
-        "configs that differ only in temperature therefore comes from changed hidden states in "
-        "later layers and tokens, not from the selection rule."
+        "Under the `empirical`, `unselected` and `gaussian` p-value models the p-values use "
+        "untempered router scores (the Gaussian z-score is also invariant to any rescaling of a "
+        "token's logits), so there **temperature cannot change which experts are selected for a "
+        "given hidden state**; it changes only the mixing weights softmax(logits / T), and any "
+        "difference in expert counts between such configs comes from changed hidden states in "
+        "later layers and tokens. Under `probability` (log softmax(logits / T) against a null "
+        "calibrated at the same T) and `seed_probability` (1 − softmax(logits / T)) temperature "
+        "enters the p-values; the sensitivity table above measures how much. Pairs of named "
+        "configs that differ only in temperature:"
     )
     for t in a["temperature"]:
         frac = (
@@ -700,8 +911,14 @@ def render_report(
     L += ["", "## Conclusions", ""]
     L += [f"- {c}" for c in _conclusions(a)]
     L += [
-        f"- Results rest on {n_prompts} prompts; with so few pairs, treat p-values near 0.05 as "
-        "inconclusive and read the bootstrap intervals first.",
+        f"- Results rest on {n_prompts} prompts"
+        + (
+            f", fewer than the {a.get('min_n', MIN_N)} pairs needed for any test: no "
+            "significance is claimed; read the bootstrap intervals."
+            if n_prompts < a.get("min_n", MIN_N)
+            else "; with so few pairs, treat p-values near 0.05 as inconclusive and read the "
+            "bootstrap intervals first."
+        ),
         "",
     ]
     L += ["## Plots", ""] + [f"![{p}](plots/{p})" for p in a["plots"]] + [""]

@@ -18,7 +18,24 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from experiments.bh_routing.cli_common import run_cli, setup_logging
 from experiments.bh_routing.models import TINY_MODELS
-from experiments.bh_routing.runner import DEFAULT_MODEL, RunSettings
+from experiments.bh_routing.runner import (
+    DEFAULT_MODEL,
+    GRID_ALPHAS,
+    GRID_NULLS,
+    GRID_TEMPERATURES,
+    RunSettings,
+)
+from experiments.bh_routing.selector import PVALUE_METHODS
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+    if not vals:
+        raise ValueError(f"{flag} needs at least one value")
+    return vals
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="held-out text for perplexity (default: data/heldout.txt)",
     )
-    p.add_argument("--no-perplexity", action="store_true", help="skip held-out perplexity")
+    p.add_argument(
+        "--no-perplexity",
+        action="store_true",
+        help="skip the held-out quality pass (perplexity, KL vs native) and the grid",
+    )
+    p.add_argument(
+        "--heldout-max-tokens",
+        type=int,
+        default=2048,
+        help="use at most this many held-out tokens (128-token chunks)",
+    )
     p.add_argument(
         "--experts-implementation",
         choices=["eager", "grouped_mm", "batched_mm"],
@@ -78,6 +105,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--seed", type=int, default=0, help="seed for tiny-model weights and null subsampling"
+    )
+    p.add_argument(
+        "--p-value",
+        default="unselected",
+        choices=list(PVALUE_METHODS),
+        help="p-value model (null) of BH configs that do not name one, the seed's four included; "
+        "see docs/experiments/bh_routing.md",
+    )
+    p.add_argument(
+        "--no-grid",
+        action="store_true",
+        help="skip the sensitivity grid (null x alpha x temperature, held-out text only)",
+    )
+    p.add_argument(
+        "--grid-nulls",
+        default=",".join(GRID_NULLS),
+        help="comma-separated p-value models of the sensitivity grid",
+    )
+    p.add_argument(
+        "--grid-alphas",
+        default=",".join(f"{a:g}" for a in GRID_ALPHAS),
+        help="comma-separated alphas of the sensitivity grid",
+    )
+    p.add_argument(
+        "--grid-temperatures",
+        default=",".join(f"{t:g}" for t in GRID_TEMPERATURES),
+        help="comma-separated temperatures of the sensitivity grid",
     )
     p.add_argument(
         "--report-only",
@@ -119,7 +173,13 @@ def main(argv: list[str] | None = None) -> int:
                 calibration_file=args.calibration_text or DATA / "calibration.txt",
                 heldout_file=args.heldout_text or DATA / "heldout.txt",
                 perplexity=not args.no_perplexity,
+                ppl_max_tokens=args.heldout_max_tokens,
                 seed=args.seed,
+                p_value=args.p_value,
+                grid=not args.no_grid,
+                grid_nulls=tuple(n.strip() for n in args.grid_nulls.split(",") if n.strip()),
+                grid_alphas=_floats(args.grid_alphas, "--grid-alphas"),
+                grid_temperatures=_floats(args.grid_temperatures, "--grid-temperatures"),
             )
             exps, ppls, meta = ExperimentRunner(s).run_all()
         analysis = build_report(exps, ppls, meta, out)

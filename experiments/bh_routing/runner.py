@@ -22,7 +22,7 @@ import torch
 
 from experiments.bh_routing.adapters import RoutingController, model_summary, patch_model
 from experiments.bh_routing.models import LoadedModel, load_model
-from experiments.bh_routing.selector import RoutingConfig
+from experiments.bh_routing.selector import NULL_METHODS, PVALUE_METHODS, RoutingConfig
 from experiments.common.io import atomic_write_json
 
 log = logging.getLogger("bh_routing")
@@ -34,6 +34,8 @@ BASELINE = "topk_8"
 
 #: The seed's five configurations. min_k = 1 (not stated in the seed) keeps every MoE layer active
 #: for every token; set min_k = 0 in a custom config to allow skipping a layer's experts entirely.
+#: A BH config that names no ``p_value`` gets the run's default (``--p-value``, ``unselected``):
+#: under the audit's ``empirical`` null every one of them collapsed to min_k.
 ROUTING_CONFIGS: dict[str, dict[str, Any]] = {
     "topk_8": {
         "method": "topk",
@@ -80,19 +82,83 @@ def _read_json(path: Path, what: str) -> Any:
         raise ValueError(f"{what} file {path} is not valid JSON: {exc}") from None
 
 
+#: Defaults of the sensitivity grid (null x alpha x temperature), run on the held-out text only.
+GRID_NULLS: tuple[str, ...] = PVALUE_METHODS
+GRID_ALPHAS: tuple[float, ...] = (0.01, 0.05, 0.1)
+GRID_TEMPERATURES: tuple[float, ...] = (1.0, 2.0)
+GRID_PREFIX = "grid_"
+
+
+def grid_name(p_value: str, alpha: float, temperature: float) -> str:
+    """Config name of one sensitivity-grid point."""
+    return f"{GRID_PREFIX}{p_value}_a{alpha:g}_T{temperature:g}"
+
+
+def grid_configs(
+    nulls: tuple[str, ...] | list[str],
+    alphas: tuple[float, ...] | list[float],
+    temperatures: tuple[float, ...] | list[float],
+    *,
+    min_k: int = 1,
+    max_k: int = 8,
+) -> dict[str, RoutingConfig]:
+    """The sensitivity grid as BH configs (min_k/max_k as the seed's BH configs)."""
+    out = {}
+    for null in nulls:
+        if null not in PVALUE_METHODS:
+            raise ValueError(
+                f"unknown p-value model {null!r} in --grid-nulls; use {', '.join(PVALUE_METHODS)}"
+            )
+        for alpha in alphas:
+            for t in temperatures:
+                name = grid_name(null, alpha, t)
+                spec = {
+                    "method": "bh",
+                    "alpha": alpha,
+                    "temperature": t,
+                    "min_k": min_k,
+                    "max_k": max_k,
+                    "p_value": null,
+                    "description": "sensitivity grid point (held-out quality only)",
+                }
+                out[name] = RoutingConfig.from_dict(name, spec)
+    return out
+
+
 def load_configs(
-    extra_file: Path | None = None, only: list[str] | None = None
+    extra_file: Path | None = None,
+    only: list[str] | None = None,
+    default_p_value: str = "unselected",
 ) -> dict[str, RoutingConfig]:
     """The seed's configs plus custom ones from a JSON file ``{name: {...}}``, optionally
-    filtered."""
-    raw: dict[str, Any] = dict(ROUTING_CONFIGS)
+    filtered; BH configs without a ``p_value`` get ``default_p_value``."""
+    if default_p_value not in PVALUE_METHODS:
+        raise ValueError(
+            f"unknown --p-value {default_p_value!r}; use one of {', '.join(PVALUE_METHODS)}"
+        )
+    raw: dict[str, Any] = {
+        n: {**spec, "p_value": default_p_value}
+        if spec.get("method", "bh") == "bh" and "p_value" not in spec
+        else spec
+        for n, spec in ROUTING_CONFIGS.items()
+    }
     if extra_file is not None:
         extra = _read_json(Path(extra_file), "configs")
         if not isinstance(extra, dict) or not extra:
             raise ValueError(
                 f"configs file {extra_file} must hold a non-empty JSON object {{name: config}}"
             )
-        raw.update(extra)
+        for n, spec in extra.items():
+            if (
+                isinstance(spec, dict)
+                and spec.get("method", "bh") == "bh"
+                and "p_value" not in spec
+            ):
+                spec = {**spec, "p_value": default_p_value}
+            raw[n] = spec
+    bad = [n for n in raw if n.startswith(GRID_PREFIX)]
+    if bad:
+        raise ValueError(f"config names starting with {GRID_PREFIX!r} are reserved: {bad}")
     configs = {name: RoutingConfig.from_dict(name, spec) for name, spec in raw.items()}
     if only:
         missing = [n for n in only if n not in configs]
@@ -155,6 +221,11 @@ class RunSettings:
     ppl_chunk_tokens: int = 128
     ppl_max_tokens: int = 2048
     seed: int = 0
+    p_value: str = "unselected"
+    grid: bool = True
+    grid_nulls: tuple[str, ...] = GRID_NULLS
+    grid_alphas: tuple[float, ...] = GRID_ALPHAS
+    grid_temperatures: tuple[float, ...] = GRID_TEMPERATURES
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -166,11 +237,45 @@ class RunSettings:
         if self.max_prompts is not None and self.max_prompts < 1:
             raise ValueError("--max-prompts must be >= 1")
         if self.ppl_chunk_tokens < 2 or self.ppl_max_tokens < 2:
-            raise ValueError("perplexity chunk/max tokens must be >= 2")
+            raise ValueError("--heldout-max-tokens (and the chunk size) must be >= 2")
 
 
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def pooled_hist(k_hist: dict[str, list[int]]) -> list[int]:
+    """Sum of per-layer k histograms: counts of k over all (token, MoE layer) decisions."""
+    width = max(len(h) for h in k_hist.values())
+    total = [0] * width
+    for h in k_hist.values():
+        for i, c in enumerate(h):
+            total[i] += c
+    return total
+
+
+def k_distribution(total: list[int], min_k: int, max_k: int) -> dict[str, float | int]:
+    """Experts-per-token distribution from a pooled histogram: mean, sd, quantiles (lower
+    quantile of the discrete distribution: smallest k with CDF >= q), share at min_k and max_k."""
+    n = sum(total)
+    if n == 0:
+        raise ValueError("no routing decisions were recorded")
+    mean = sum(i * c for i, c in enumerate(total)) / n
+    var = sum(c * (i - mean) ** 2 for i, c in enumerate(total)) / n
+    out: dict[str, float | int] = {"n": n, "mean": mean, "std": math.sqrt(var)}
+    cum = 0
+    qs = {"q10": 0.10, "q25": 0.25, "q50": 0.50, "q75": 0.75, "q90": 0.90}
+    got: dict[str, int] = {}
+    for k, c in enumerate(total):
+        cum += c
+        for name, q in qs.items():
+            if name not in got and cum >= q * n:
+                got[name] = k
+    out.update(got)
+    out["share_at_min_k"] = (total[min_k] if min_k < len(total) else 0) / n
+    out["share_at_max_k"] = (total[max_k] if max_k < len(total) else 0) / n
+    out["min_k"], out["max_k"] = min_k, max_k
+    return out
 
 
 def pooled_k_stats(k_hist: dict[str, list[int]]) -> dict[str, float | int]:
@@ -300,7 +405,16 @@ class ExperimentRunner:
     def __init__(self, settings: RunSettings) -> None:
         settings.validate()
         self.s = settings
-        self.configs = load_configs(settings.configs_file, settings.only_configs)
+        self.configs = load_configs(
+            settings.configs_file, settings.only_configs, default_p_value=settings.p_value
+        )
+        # The sensitivity grid runs on the held-out text only (quality + experts-per-token), so
+        # it needs the perplexity pass.
+        self.grid = (
+            grid_configs(settings.grid_nulls, settings.grid_alphas, settings.grid_temperatures)
+            if settings.grid and settings.perplexity
+            else {}
+        )
         prompts = load_prompts(settings.prompts_file)
         self.prompts = prompts[: settings.max_prompts] if settings.max_prompts else prompts
         self.calibration_text = read_text(settings.calibration_file, "calibration")
@@ -352,6 +466,13 @@ class ExperimentRunner:
             "null": null_info,
             "torch": torch.__version__,
             "configs": {n: c.as_dict() for n, c in self.configs.items()},
+            "grid": {
+                "nulls": list(s.grid_nulls),
+                "alphas": list(s.grid_alphas),
+                "temperatures": list(s.grid_temperatures),
+            }
+            if self.grid
+            else None,
             "prompts": self.prompts,
             "settings": self.fingerprint(),
         }
@@ -378,26 +499,38 @@ class ExperimentRunner:
         sizes = {layer: null.size(layer) for layer in null.layers}
         e = self.ctl.layers[0].family.num_experts(self.ctl.layers[0].router)
         n_min = min(sizes.values())
+        by_null = self.ctl.null_sizes()
         info = {
             "calibration_tokens": int(ids.numel()),
             "samples_per_layer": sizes,
             "min_attainable_p": 1.0 / (n_min + 1),
             "num_experts": e,
+            "nulls": {
+                name: {
+                    "samples_per_layer": per_layer,
+                    "min_attainable_p": 1.0 / (min(per_layer.values()) + 1),
+                }
+                for name, per_layer in by_null.items()
+            },
         }
-        log.info(
-            "empirical null: %d calibration tokens, >= %d samples per layer, min p %.2e",
-            ids.numel(),
-            n_min,
-            info["min_attainable_p"],
-        )
-        for cfg in self.configs.values():
-            if cfg.method == "bh" and cfg.p_value == "empirical":
+        for name, d in info["nulls"].items():
+            log.info(
+                "%s null: %d calibration tokens, >= %d samples per layer, min p %.2e",
+                name,
+                ids.numel(),
+                min(d["samples_per_layer"].values()),
+                d["min_attainable_p"],
+            )
+        for cfg in [*self.configs.values(), *self.grid.values()]:
+            if cfg.method == "bh" and cfg.p_value in NULL_METHODS:
+                n_min = min(by_null[cfg.p_value].values())
+                info_min_p = 1.0 / (n_min + 1)
                 first = (
                     (cfg.alpha / e)
                     if cfg.correction == "bh"
                     else cfg.alpha / e / sum(1.0 / i for i in range(1, e + 1))
                 )
-                if info["min_attainable_p"] > first:
+                if info_min_p > first:
                     log.warning(
                         "config %s: the null (n=%d) cannot give p <= %.2e, so BH can never "
                         "reject at rank 1; use more calibration text",
@@ -484,41 +617,101 @@ class ExperimentRunner:
             "finished_at": datetime.now(UTC).isoformat(),
         }
 
-    @torch.no_grad()
-    def perplexity(self, cfg: RoutingConfig) -> dict[str, Any]:
-        """Teacher-forced perplexity of the held-out text under ``cfg``, chunk by chunk."""
+    #: Cache native held-out log-probs across configs only up to this many bytes (float32 on
+    #: CPU); above it (large vocabularies) each config reruns the native pass instead.
+    NATIVE_CACHE_BYTES = 256 * 2**20
+
+    def _native_logprobs(self, start: int, piece: torch.Tensor) -> torch.Tensor:
+        """Native top-k next-token log-probs of one held-out chunk (cached when small enough)."""
         assert self.lm is not None
         assert self.ctl is not None
+        cache: dict[int, torch.Tensor] = self.__dict__.setdefault("_native_cache", {})
+        hit = cache.get(start)
+        if hit is not None:
+            return hit.to(self.lm.device)
+        recording = self.ctl.recording
+        self.ctl.set_config(None)
+        self.ctl.recording = False  # the native pass must not count towards cfg's histograms
+        nat = torch.log_softmax(self.lm.model(piece).logits.float()[0, :-1], dim=-1)
+        self.ctl.recording = recording
+        used = sum(t.numel() * 4 for t in cache.values())
+        if used + nat.numel() * 4 <= self.NATIVE_CACHE_BYTES:
+            cache[start] = nat.cpu()
+        return nat
+
+    @torch.no_grad()
+    def perplexity(self, cfg: RoutingConfig) -> dict[str, Any]:
+        """Quality of ``cfg`` against native top-k on the held-out text, chunk by chunk.
+
+        Every chunk is run, teacher-forced, with the model's own router (native top-k; cached
+        across configs when small) and with ``cfg``, so both see the same tokens. Per chunk:
+        summed next-token NLL of each, and the summed KL(native || cfg) of the next-token
+        distributions. The experts-per-token distribution comes from the ``cfg`` pass; the k of
+        every token at the first MoE layer is kept because there every config sees identical
+        inputs.
+        """
+        assert self.lm is not None
+        assert self.ctl is not None
+        ctl = self.ctl
         ids = self.lm.tokenizer(self.heldout_text, return_tensors="pt").input_ids[0][
             : self.s.ppl_max_tokens
         ]
-        self.ctl.set_config(cfg)
-        self.ctl.start_recording()
-        nll_sum, n_tok, chunks = 0.0, 0, []
+        ctl.start_recording(keep_first_layer=True)
+        nll_sum = nat_sum = kl_sum = 0.0
+        n_tok, chunks = 0, []
+        ce = torch.nn.functional.cross_entropy
         for start in range(0, ids.numel(), self.s.ppl_chunk_tokens):
             piece = ids[start : start + self.s.ppl_chunk_tokens].unsqueeze(0).to(self.lm.device)
             if piece.numel() < 2:
                 continue
-            logits = self.lm.model(piece).logits.float()
-            nll = torch.nn.functional.cross_entropy(
-                logits[0, :-1], piece[0, 1:], reduction="sum"
-            ).item()
+            nat = self._native_logprobs(start, piece)
+            ctl.set_config(cfg)
+            ctl.recording = True
+            got = torch.log_softmax(self.lm.model(piece).logits.float()[0, :-1], dim=-1)
+            target = piece[0, 1:]
+            nll = ce(got, target, reduction="sum").item()
+            nat_nll = ce(nat, target, reduction="sum").item()
+            # KL(native || cfg) summed over positions; clamp_min(0) absorbs float error of ~1e-7.
+            kl = (nat.exp() * (nat - got)).sum(-1).clamp_min(0.0).sum().item()
             n = piece.numel() - 1
-            chunks.append({"nll_sum": nll, "tokens": n, "mean_nll": nll / n})
+            chunks.append(
+                {
+                    "nll_sum": nll,
+                    "native_nll_sum": nat_nll,
+                    "kl_sum": kl,
+                    "tokens": n,
+                    "mean_nll": nll / n,
+                    "native_mean_nll": nat_nll / n,
+                    "mean_kl": kl / n,
+                }
+            )
             nll_sum += nll
+            nat_sum += nat_nll
+            kl_sum += kl
             n_tok += n
-        rec = self.ctl.stop_recording()
-        ks = pooled_k_stats(rec["k_hist"])
+        rec = ctl.stop_recording()
+        if n_tok == 0:
+            raise ValueError("held-out text is too short: need at least 2 tokens")
+        e = ctl.layers[0].num_experts
+        lo, hi = (cfg.k, cfg.k) if cfg.method == "topk" else (cfg.min_k, cfg.max_k)
+        dist = k_distribution(pooled_hist(rec["k_hist"]), min(lo, e), min(hi, e))
         return {
             "config_name": cfg.name,
+            "grid": cfg.name.startswith(GRID_PREFIX),
             "perplexity": math.exp(nll_sum / n_tok),
             "mean_nll": nll_sum / n_tok,
+            "native_perplexity": math.exp(nat_sum / n_tok),
+            "native_mean_nll": nat_sum / n_tok,
+            "delta_nll": (nll_sum - nat_sum) / n_tok,
+            "mean_kl": kl_sum / n_tok,
             "tokens": n_tok,
             "chunks": chunks,
-            "avg_experts_per_token": ks["mean"],
+            "avg_experts_per_token": dist["mean"],
+            "k_distribution": dist,
+            "first_layer_k": rec["first_layer_k"],
             "per_layer_k_hist": rec["k_hist"],
             "routing_config": cfg.as_dict(),
-            "experts_implementation": self.ctl.experts_implementation,
+            "experts_implementation": ctl.experts_implementation,
             "model": self.s.model,
         }
 
@@ -541,6 +734,8 @@ class ExperimentRunner:
                 jobs.append((exp_key(name, i), cfg, i))
             if self.s.perplexity:
                 jobs.append((ppl_key(name), cfg, None))
+        for name, cfg in self.grid.items():
+            jobs.append((ppl_key(name), cfg, None))
         for key, cfg, _ in jobs:
             if key in done and done[key].get("routing_config") != cfg.as_dict():
                 raise ValueError(
@@ -573,9 +768,11 @@ class ExperimentRunner:
                 )
             else:
                 log.info(
-                    "%s: perplexity %.3f, %.2f experts/token",
+                    "%s: perplexity %.3f (native %.3f), KL %.2e, %.2f experts/token",
                     key,
                     res["perplexity"],
+                    res["native_perplexity"],
+                    res["mean_kl"],
                     res["avg_experts_per_token"],
                 )
             since_save += 1

@@ -27,7 +27,17 @@ ARGS = [
     "topk_8,bh_moderate,bh_adaptive",
     "--checkpoint-interval",
     "2",
+    # A small sensitivity grid: enough to see which null moves with alpha and with temperature.
+    "--grid-nulls",
+    "empirical,unselected,probability",
+    "--grid-alphas",
+    "0.01,0.1",
+    "--grid-temperatures",
+    "1,2",
+    "--heldout-max-tokens",
+    "640",
 ]
+GRID_JOBS = 3 * 2 * 2
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +97,38 @@ def test_cli_end_to_end_writes_seed_outputs(run_dir: Path) -> None:
     assert "bh_moderate__p01" in log
 
 
+def test_sensitivity_and_quality_from_saved_json(run_dir: Path) -> None:
+    """Done-when: the sensitivity table and the quality columns come from the saved JSON; under
+    the new nulls alpha moves k, under the probability null temperature changes selection."""
+    summary = json.loads((run_dir / "analysis_summary.json").read_text())
+    verdicts = {v["p_value"]: v for v in summary["sensitivity"]["verdicts"]}
+    assert verdicts["empirical"]["pinned_at_min_k"] and not verdicts["empirical"]["alpha_matters"]
+    for null in ("unselected", "probability"):
+        v = verdicts[null]
+        assert v["alpha_matters"] and not v["pinned_at_min_k"]
+        assert v["mean_k_high_alpha"] >= v["mean_k_low_alpha"] > 1.5
+    assert verdicts["probability"]["temperature_matters"]
+    assert not verdicts["unselected"]["temperature_matters"]
+    rows = summary["sensitivity"]["rows"]
+    assert len(rows) >= GRID_JOBS
+    for r in rows:
+        assert r["delta_nll"] is not None and r["mean_kl"] is not None and r["mean_kl"] >= 0
+        assert 0.0 <= r["share_at_min_k"] <= 1.0 and r["q10"] <= r["q50"] <= r["q90"]
+    quality = {r["config"]: r for r in summary["perplexity"]}
+    assert quality["topk_8"]["mean_kl"] == 0.0 and quality["topk_8"]["delta_nll"] == 0.0
+    assert quality["bh_moderate"]["p_value"] == "unselected"
+    report = (run_dir / "REPORT.md").read_text()
+    assert "## Sensitivity: null × alpha × temperature" in report
+    assert "temperature changes which experts are kept under `probability`" in report
+    assert "| unselected | 0.01 | 1 |" in report
+    assert (run_dir / "sensitivity.csv").is_file()
+    # Two prompts: below the documented minimum, so nothing may be called significant.
+    for metric_rows in summary["tests"].values():
+        for r in metric_rows:
+            assert r["p_t"] is None and r["no_test"].startswith("n = 2")
+    assert "significant after Holm" not in report
+
+
 def test_resume_skips_finished_experiments(run_dir: Path) -> None:
     before = _finished(run_dir)
     victim = run_dir / "checkpoints" / "experiments" / "bh_moderate__p01.json"
@@ -97,7 +139,8 @@ def test_resume_skips_finished_experiments(run_dir: Path) -> None:
     changed = {k for k in before if before[k] != after[k]}
     assert changed == {"bh_moderate__p01.json"}
     log = (run_dir / "experiment_log.txt").read_text()
-    assert "9 experiments in total, 8 already done, 1 to run" in log
+    total = 9 + GRID_JOBS
+    assert f"{total} experiments in total, {total - 1} already done, 1 to run" in log
 
 
 def test_resume_refuses_different_settings(
@@ -120,7 +163,11 @@ def test_report_rebuilt_from_json_without_model(
     (run_dir / "REPORT.md").unlink()
     (run_dir / "bh_routing_results.csv").unlink()
     assert analyze_bh_results.main(["--output", str(run_dir)]) == 0
-    assert "## Statistical tests against the baseline" in (run_dir / "REPORT.md").read_text()
+    report = (run_dir / "REPORT.md").read_text()
+    assert "## Statistical tests against the baseline" in report
+    assert "## Sensitivity: null × alpha × temperature" in report
+    quality = report.split("## Quality against native top-k")[1].split("##")[0]
+    assert "| bh_moderate | unselected |" in quality
     assert len(list(csv.DictReader((run_dir / "bh_routing_results.csv").open(newline="")))) == 6
 
 
@@ -175,3 +222,23 @@ def test_loading_path_via_save_pretrained(tmp_path: Path, monkeypatch: pytest.Mo
         assert torch.allclose(lm.model(ids).logits, ref, atol=1e-6)
     with pytest.raises(ValueError, match="cannot load model"):
         load_model(str(tmp_path / "nothing-here"), device="cpu")
+
+
+def test_no_significance_from_zero_variance_or_small_n() -> None:
+    """The audit's case: n = 3 identical differences was reported as significant. Now: no test."""
+    import numpy as np
+
+    from experiments.bh_routing.analysis import MIN_N, paired_test, verdict
+
+    base = np.array([8.0, 8.0, 8.0])
+    r = paired_test(base, base - 7.0)
+    assert r["p_t"] is None and r["p_wilcoxon"] is None and verdict(r).startswith("no test")
+    assert r["n"] == 3 and r["mean_diff"] == -7.0 and r["ci_low"] == r["ci_high"] == -7.0
+    n = MIN_N + 4
+    flat = paired_test(np.full(n, 8.0), np.full(n, 1.0))
+    assert flat["no_test"] == "the differences have zero variance" and flat["d_z"] is None
+    rng = np.random.default_rng(0)
+    b = rng.normal(size=n)
+    ok = paired_test(b, b + 1.0 + rng.normal(scale=0.1, size=n))
+    assert ok["no_test"] is None and ok["p_t"] is not None and ok["p_t"] < 0.05
+    assert ok["d_z"] > 1 and ok["ci_low"] < ok["mean_diff"] < ok["ci_high"]
