@@ -12,6 +12,11 @@ Quick tour::
 Errors all derive from :class:`BifrostError`.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from bifrost.errors import (
     AuthError,
     BifrostError,
@@ -26,14 +31,51 @@ from bifrost.errors import (
     TargetError,
     TransferError,
 )
-from bifrost.exec import Result
-from bifrost.gpus import GPU, GPUReport
-from bifrost.group import Group, HostOutcome
-from bifrost.host import Host, connect
-from bifrost.hostkeys import KnownHosts, forget_host
-from bifrost.jobs import Job, JobStatus, LogDecoder
-from bifrost.sync import PushResult, list_files
-from bifrost.target import Target, parse_target
+
+if TYPE_CHECKING:
+    from bifrost.exec import Result
+    from bifrost.gpus import GPU, GPUReport
+    from bifrost.group import Group, HostOutcome
+    from bifrost.host import Host, connect
+    from bifrost.hostkeys import KnownHosts, forget_host
+    from bifrost.jobs import Job, JobStatus, LogDecoder
+    from bifrost.sync import PushResult, list_files
+    from bifrost.target import Target, parse_target
+
+# Imported on first use (PEP 562): `import bifrost.cli` must not pay for asyncio, tqdm and the
+# rest when a call only needs a few stdlib modules (every CLI call imports this package).
+_LAZY = {
+    "Result": "bifrost.exec",
+    "GPU": "bifrost.gpus",
+    "GPUReport": "bifrost.gpus",
+    "Group": "bifrost.group",
+    "HostOutcome": "bifrost.group",
+    "Host": "bifrost.host",
+    "connect": "bifrost.host",
+    "KnownHosts": "bifrost.hostkeys",
+    "forget_host": "bifrost.hostkeys",
+    "Job": "bifrost.jobs",
+    "JobStatus": "bifrost.jobs",
+    "LogDecoder": "bifrost.jobs",
+    "PushResult": "bifrost.sync",
+    "list_files": "bifrost.sync",
+    "Target": "bifrost.target",
+    "parse_target": "bifrost.target",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bifrost' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "GPU",

@@ -1,18 +1,29 @@
 """``bifrost`` command line: exec, push, run, jobs, status, logs, wait, kill, pull, upload, gpus,
-forget, ssh, attach. Exit codes mirror the remote command; bad input is one line, no traceback."""
+forget, ssh, attach, completion. Exit codes mirror the remote command; bad input is one line,
+no traceback.
+
+Built on argparse with every heavy import deferred to the command that needs it: a CLI call is
+a new process each time, and importing typer/rich (~0.2 s) or asyncssh (~0.4 s) on every
+``bifrost status`` would make it slower than the ``ssh`` it replaces.
+
+Argument rules (`exec`, `run`, `ssh`): options may come before or after TARGET, and option
+parsing stops at the first word of the command, so ``bifrost exec HOST ls -la`` and
+``bifrost run HOST python train.py -w x`` pass ``-la`` / ``-w x`` on. One command argument is a
+shell command line (``bifrost exec HOST 'tail -n 5 log | grep x'``); several are an exact argv,
+quoted for the remote shell (``bifrost exec HOST -- printf '[%s]\\n' 'a b'`` prints ``[a b]``).
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
+import shlex
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
-
-import typer
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from bifrost.errors import (
     BifrostError,
@@ -22,32 +33,14 @@ from bifrost.errors import (
     JobTimeout,
     TargetError,
 )
-from bifrost.exec import check_env_name
-from bifrost.group import Group, HostOutcome
-from bifrost.host import Host
-from bifrost.hostkeys import KnownHosts, host_port
-from bifrost.jobs import JobStatus, remembered_target
-from bifrost.target import parse_target
 
-app = typer.Typer(
-    name="bifrost",
-    help="Run commands, sync code and manage detached jobs on any SSH box (or `local`).",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-)
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-IdentityOpt = Annotated[
-    str | None,
-    typer.Option("--identity", "-i", envvar="BIFROST_IDENTITY_FILE", help="Private key file."),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-
+if TYPE_CHECKING:
+    from bifrost.group import Group, HostOutcome
+    from bifrost.host import Host
+    from bifrost.jobs import JobStatus
 
 MAX_TAIL = 1_000_000_000  # far more lines than any log; beyond it `tail -n` itself may refuse
+PROG = "bifrost"
 
 
 class _Exit(Exception):
@@ -56,13 +49,76 @@ class _Exit(Exception):
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"error: {message}", markup=False)
+    sys.stderr.write(f"error: {message}\n")
     raise _Exit(code)
 
 
+def _print(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _color(text: str, color: str) -> str:
+    """ANSI colour on a terminal only (and never with NO_COLOR): pipes get plain text."""
+    codes = {"red": 31, "green": 32, "yellow": 33, "magenta": 35, "cyan": 36}
+    if not sys.stdout.isatty() or os.environ.get("NO_COLOR") or color not in codes:
+        return text
+    return f"\033[{codes[color]}m{text}\033[0m"
+
+
+def _table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], colors: Sequence[str] = ()
+) -> str:
+    """Columns padded to their widest cell; nothing is ever cut or wrapped, so each row stays
+    one line for `grep` and `awk` whatever the terminal width. ``colors`` (one per row, or
+    empty) colours the second column on a terminal."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    lines = []
+    for i, row in enumerate([list(headers), *[list(r) for r in rows]]):
+        cells = [c.ljust(w) for c, w in zip(row, widths, strict=True)]
+        if i > 0 and colors and len(cells) > 1:
+            cells[1] = _color(cells[1], colors[i - 1])
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+# -- option values ------------------------------------------------------------------------------
+def _identity(value: str | None, remembered: str | None = None) -> str | None:
+    """The private key: ``-i``, else the one the job was started with, else
+    ``$BIFROST_IDENTITY_FILE``, else ``$SSH_KEY_PATH`` (broker's setting, so one key serves both
+    tools). A named file that does not exist is an error naming where it came from."""
+    if value is not None:
+        source = "--identity"
+    elif remembered is not None and Path(remembered).expanduser().is_file():
+        return remembered
+    else:
+        for var in ("BIFROST_IDENTITY_FILE", "SSH_KEY_PATH"):
+            if os.environ.get(var):
+                value, source = os.environ[var], var
+                break
+    if value is None:
+        return None
+    if not Path(value).expanduser().is_file():
+        sep = " " if source.startswith("-") else "="
+        _fail(f"{source}{sep}{value}: no such key file (give the path of a private key)")
+    return str(Path(value).expanduser())
+
+
 def _host(spec: str, identity: str | None) -> Host:
-    _check_identity(identity)
+    from bifrost.host import Host
+
     return Host(spec, identity_file=identity)
+
+
+def _group(targets: list[str], identity: str | None, concurrency: int = 16) -> Group:
+    from bifrost.group import Group
+
+    return Group(targets, concurrency=concurrency, identity_file=identity)
 
 
 def _check_seconds(option: str, value: float | None) -> None:
@@ -70,18 +126,10 @@ def _check_seconds(option: str, value: float | None) -> None:
         _fail(f"{option} {value}: give a number of seconds greater than 0")
 
 
-def _group(targets: list[str], identity: str | None, concurrency: int = 16) -> Group:
-    _check_identity(identity)
-    return Group(targets, concurrency=concurrency, identity_file=identity)
-
-
-def _check_identity(identity: str | None) -> None:
-    if identity is not None and not Path(identity).expanduser().is_file():
-        _fail(f"--identity {identity}: no such key file (give the path of a private key)")
-
-
 def _targets(spec: str) -> list[str]:
     """``a,b,c`` or ``@file`` (one target per line) → target strings."""
+    from bifrost.target import parse_target
+
     if spec.startswith("@"):
         try:
             lines = Path(spec[1:]).read_text().splitlines()
@@ -96,6 +144,8 @@ def _targets(spec: str) -> list[str]:
 
 
 def _env(pairs: list[str] | None) -> dict[str, str]:
+    from bifrost.exec import check_env_name
+
     env: dict[str, str] = {}
     for pair in pairs or []:
         if "=" not in pair:
@@ -110,6 +160,8 @@ def _env(pairs: list[str] | None) -> dict[str, str]:
 
 
 def _secrets(names: list[str] | None) -> dict[str, str]:
+    from bifrost.exec import check_env_name
+
     secrets: dict[str, str] = {}
     for name in names or []:
         try:
@@ -122,70 +174,69 @@ def _secrets(names: list[str] | None) -> dict[str, str]:
     return secrets
 
 
-def _job_args(a: str, b: str | None) -> tuple[str, str]:
-    """``TARGET JOB`` or just ``JOB`` (its target remembered from `bifrost run`)."""
-    if b is not None:
-        return a, b
-    target = remembered_target(a)
-    if target is None:
-        _fail(f"unknown job {a!r} on this machine: pass the target too (bifrost ... TARGET {a})")
-    return target, a
+def command_line(words: Sequence[str]) -> str:
+    """The remote command for the words after TARGET: one word is a shell command line as
+    typed; several are an exact argv, each word quoted for the remote shell."""
+    if len(words) == 1:
+        return words[0]
+    return shlex.join(words)
 
 
-def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-
-
-# --------------------------------------------------------------------------------------------
-@app.command("exec")
-def exec_(
-    target: Annotated[
-        str, typer.Argument(help="user@host[:port], alias, 'local', or a,b,c / @file")
-    ],
-    command: Annotated[list[str], typer.Argument(help="The shell command (quote it).")],
-    env: Annotated[list[str] | None, typer.Option("--env", "-e", help="NAME=VALUE")] = None,
-    secret_env: Annotated[
-        list[str] | None,
-        typer.Option("--secret-env", help="Send this local env var via a 0600 file."),
-    ] = None,
-    cwd: Annotated[str | None, typer.Option(help="Remote working directory.")] = None,
-    timeout: Annotated[
-        float | None, typer.Option(help="Seconds; kills the remote process group.")
-    ] = None,
-    merge: Annotated[bool, typer.Option("--merge", help="Merge stderr into stdout.")] = False,
-    concurrency: Annotated[int, typer.Option(help="Hosts at a time.")] = 16,
-    identity: IdentityOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Run a command and stream its output; exit with its exit code. stdin is not forwarded
-    (the command reads /dev/null-like EOF): upload input files, or use Host.exec(stdin=)."""
-    cmd = " ".join(command)
+def _command(words: list[str], what: str) -> str:
+    cmd = command_line(words)
     if not cmd.strip():
-        _fail("the command is empty: give the shell command to run (quote it)")
-    _check_seconds("--timeout", timeout)
-    envs, secrets = _env(env), _secrets(secret_env)
-    targets = _targets(target)
+        _fail(f"the command is empty: give the {what} to run")
+    return cmd
+
+
+def _job_args(a: str, b: str | None, identity: str | None) -> tuple[str, str, str | None]:
+    """``TARGET JOB`` or just ``JOB`` (its target, and the key it was started with,
+    remembered from `bifrost run`) → (target, job id, identity)."""
+    from bifrost.jobs import remembered_job
+
+    target, job_id = (a, b) if b is not None else (None, a)
+    known_target, known_key = remembered_job(job_id)
+    if target is None:
+        if known_target is None:
+            _fail(
+                f"unknown job {job_id!r} on this machine: pass the target too "
+                f"(bifrost ... TARGET {job_id})"
+            )
+        target = known_target
+    elif known_target != target:
+        known_key = None  # the key of the job's own host only
+    return target, job_id, _identity(identity, known_key)
+
+
+# -- commands -----------------------------------------------------------------------------------
+def cmd_exec(a: argparse.Namespace) -> None:
+    """Run a command and stream its output; exit with its exit code."""
+    cmd = _command(a.command, "shell command")
+    _check_seconds("--timeout", a.timeout)
+    envs, secrets = _env(a.env), _secrets(a.secret_env)
+    targets = _targets(a.target)
+    identity = _identity(a.identity)
     if len(targets) > 1:
-        group = _group(targets, identity, concurrency=concurrency)
+        group = _group(targets, identity, concurrency=a.concurrency)
         outcomes = group.exec(
-            cmd, env=envs, secrets=secrets, cwd=cwd, timeout=timeout, merge_stderr=merge,
-            echo=not as_json,
+            cmd, env=envs, secrets=secrets, cwd=a.cwd, timeout=a.timeout, merge_stderr=a.merge,
+            echo=not a.json,
         )  # fmt: skip
-        _report_outcomes(outcomes, as_json)
+        _report_outcomes(outcomes, a.json)
         raise _Exit(0 if all(o.ok for o in outcomes) else 1)
     host = _host(targets[0], identity)
     try:
         result = host.exec(
-            cmd, env=envs, secrets=secrets, cwd=cwd, timeout=timeout, warn=True,
-            merge_stderr=merge, echo=not as_json,
+            cmd, env=envs, secrets=secrets, cwd=a.cwd, timeout=a.timeout, warn=True,
+            merge_stderr=a.merge, echo=not a.json,
         )  # fmt: skip
     except CommandError as exc:  # a timeout
-        if as_json:
+        if a.json:
             _print_json({**exc.result.to_dict(), "error": str(exc)})
         else:
-            err.print(f"error: {exc}", markup=False)
+            sys.stderr.write(f"error: {exc}\n")
         raise _Exit(124) from None
-    if as_json:
+    if a.json:
         _print_json(result.to_dict())
     raise _Exit(result.exit_code)
 
@@ -204,82 +255,47 @@ def _report_outcomes(outcomes: list[HostOutcome[Any]], as_json: bool) -> None:
         return
     failed = [o for o in outcomes if not o.ok]
     for o in failed:
-        err.print(f"[{o.host}] FAILED: {o.reason}", markup=False)
-    err.print(f"{len(outcomes) - len(failed)}/{len(outcomes)} hosts ok", markup=False)
+        sys.stderr.write(f"[{o.host}] FAILED: {o.reason}\n")
+    sys.stderr.write(f"{len(outcomes) - len(failed)}/{len(outcomes)} hosts ok\n")
 
 
-@app.command()
-def push(
-    target: Annotated[str, typer.Argument(help="Where to push.")],
-    path: Annotated[Path, typer.Argument(help="Project directory.")] = Path("."),
-    name: Annotated[
-        str | None, typer.Option(help="Workspace name (default: directory name).")
-    ] = None,
-    bootstrap: Annotated[
-        bool, typer.Option(help="uv sync --locked into a venv on the box.")
-    ] = False,
-    extra: Annotated[list[str] | None, typer.Option(help="uv extras for --bootstrap.")] = None,
-    identity: IdentityOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
+def cmd_push(a: argparse.Namespace) -> None:
     """Sync a project (git-tracked + untracked-not-ignored files) to ~/.bifrost/workspaces/NAME."""
-    if extra and not bootstrap:
+    path = Path(a.path)
+    if a.extra and not a.bootstrap:
         _fail("--extra only applies to --bootstrap: add --bootstrap (or drop --extra)")
-    if bootstrap and not (path / "uv.lock").is_file():
+    if a.bootstrap and not (path / "uv.lock").is_file():
         _fail(f"--bootstrap needs a uv.lock in {path} (run `uv lock` there, or drop --bootstrap)")
-    res = _host(target, identity).push(
-        path, name=name, bootstrap=bootstrap, extras=extra or [], progress=sys.stderr.isatty()
-    )
-    if as_json:
+    res = _host(a.target, _identity(a.identity)).push(
+        path, name=a.name, bootstrap=a.bootstrap, extras=a.extra or [],
+        progress=sys.stderr.isatty(), submodules=a.submodules, force=a.force,
+    )  # fmt: skip
+    if a.json:
         _print_json(res.to_dict())
         return
     git = f" git {res.git_sha[:10]}{'+dirty' if res.dirty else ''}" if res.git_sha else ""
     env = f", env {res.bootstrapped}" if res.bootstrapped else ""
     env += " (uv installed)" if res.uv_installed else ""
-    out.print(
+    _print(
         f"pushed {res.files} files ({res.deleted} deleted) to {res.target}:{res.workspace} "
-        f"via {res.method} in {res.duration:.1f}s{git}{env}",
-        markup=False,
+        f"via {res.method} in {res.duration:.1f}s{git}{env}"
     )
 
 
-@app.command()
-def run(
-    target: Annotated[str, typer.Argument(help="Where to run (a,b,c for several hosts).")],
-    command: Annotated[list[str], typer.Argument(help="Command, after `--`.")],
-    name: Annotated[str | None, typer.Option(help="Job name (free text).")] = None,
-    workspace: Annotated[
-        str | None, typer.Option("--workspace", "-w", help="Run in this pushed workspace.")
-    ] = None,
-    cwd: Annotated[str | None, typer.Option(help="Remote working directory.")] = None,
-    env: Annotated[list[str] | None, typer.Option("--env", "-e", help="NAME=VALUE")] = None,
-    secret_env: Annotated[
-        list[str] | None, typer.Option("--secret-env", help="Local env var to pass secretly.")
-    ] = None,
-    output: Annotated[
-        list[str] | None, typer.Option("--output", "-o", help="Result path for `pull --job`.")
-    ] = None,
-    follow: Annotated[
-        bool, typer.Option("--follow", "-f", help="Follow the log until the job ends.")
-    ] = False,
-    identity: IdentityOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Start a detached job; prints its id (one round trip). Survives disconnects and reboots of
-    your laptop; `bifrost logs -f JOB` later."""
-    cmd = " ".join(command) if len(command) > 1 else command[0]
-    if not cmd.strip():
-        _fail("the command is empty: give the job's command after `--`")
+def cmd_run(a: argparse.Namespace) -> None:
+    """Start a detached job; prints its id (one round trip)."""
+    cmd = _command(a.command, "job's command")
     opts: dict[str, Any] = {
-        "name": name, "cwd": cwd, "workspace": workspace, "env": _env(env),
-        "secrets": _secrets(secret_env), "outputs": output or [],
+        "name": a.name, "cwd": a.cwd, "workspace": a.workspace, "env": _env(a.env),
+        "secrets": _secrets(a.secret_env), "outputs": a.output or [],
     }  # fmt: skip
-    targets = _targets(target)
-    if len(targets) > 1 and follow:
+    targets = _targets(a.target)
+    identity = _identity(a.identity)
+    if len(targets) > 1 and a.follow:
         _fail("--follow needs a single target: follow each job with `bifrost logs -f JOB`")
     if len(targets) > 1:
         outcomes = _group(targets, identity).run(cmd, **opts)
-        if as_json:
+        if a.json:
             _print_json(
                 [
                     {"host": o.host, "job": o.value.id if o.value else None, "error": o.error}
@@ -288,21 +304,22 @@ def run(
             )
         else:
             for o in outcomes:
-                out.print(
-                    f"[{o.host}] {o.value.id if o.value else 'FAILED: ' + str(o.error)}",
-                    markup=False,
-                )
+                _print(f"[{o.host}] {o.value.id if o.value else 'FAILED: ' + str(o.error)}")
         raise _Exit(0 if all(o.ok for o in outcomes) else 1)
     host = _host(targets[0], identity)
     job = host.run(cmd, **opts)
-    if as_json:
+    if a.json:
         _print_json({"job": job.id, "target": host.spec})
     else:
-        out.print(job.id, markup=False)
+        _print(job.id)
     sys.stdout.flush()
-    if follow:
-        st = job.follow(lambda line: out.print(line, markup=False))
-        raise _Exit(_status_code(st))
+    if a.follow:
+        raise _Exit(_ended(job.follow(_emit_line)))
+
+
+def _emit_line(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _status_code(st: JobStatus) -> int:
@@ -311,212 +328,173 @@ def _status_code(st: JobStatus) -> int:
     return {"cancelled": 130, "lost": 255, "died": 255}.get(st.state, 1)
 
 
-def _status_table(rows: list[JobStatus], with_host: bool = False) -> Table:
-    table = Table(box=None, pad_edge=False)
-    for col in (["host"] if with_host else []) + [
-        "job",
-        "state",
-        "code",
-        "started",
-        "ended",
-        "command",
-    ]:
-        table.add_column(col, overflow="fold")
-    colors = {"running": "cyan", "succeeded": "green", "failed": "red", "cancelled": "yellow"}
-    for s in rows:
-        state = f"[{colors.get(s.state, 'magenta')}]{s.state}[/]"
-        cmd = (s.command or "")[:60]
-        table.add_row(
-            *([s.target] if with_host else []), s.id, state,
-            "" if s.exit_code is None else str(s.exit_code),
-            s.started_at or "", s.ended_at or "", cmd.replace("[", r"\["),
-        )  # fmt: skip
-    return table
+def _ended(st: JobStatus) -> int:
+    """Exit code for a follow that ended, saying so on stderr when the job did not finish."""
+    why = {
+        "lost": "the box rebooted since it started",
+        "died": "its wrapper process is gone without an exit code",
+    }
+    if st.state in why:
+        sys.stderr.write(f"bifrost: job {st.id} {st.state}: {why[st.state]}\n")
+    return _status_code(st)
 
 
-@app.command()
-def jobs(
-    target: Annotated[str, typer.Argument(help="Host(s) to list jobs on.")],
-    identity: IdentityOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
+_STATE_COLORS = {"running": "cyan", "succeeded": "green", "failed": "red", "cancelled": "yellow"}
+
+
+def _status_table(rows: list[JobStatus], with_host: bool = False) -> str:
+    headers = (["host"] if with_host else []) + ["job", "state", "code", "started", "ended"]
+    cells = [
+        [*([s.target] if with_host else []), s.id, s.state,
+         "" if s.exit_code is None else str(s.exit_code), s.started_at or "", s.ended_at or "",
+         " ".join((s.command or "").split())]
+        for s in rows
+    ]  # fmt: skip
+    colors = [] if with_host else [_STATE_COLORS.get(s.state, "magenta") for s in rows]
+    return _table([*headers, "command"], cells, colors)
+
+
+def cmd_jobs(a: argparse.Namespace) -> None:
     """List jobs on a host (or several)."""
-    targets = _targets(target)
-    outcomes = _group(targets, identity).status(None)
+    targets = _targets(a.target)
+    outcomes = _group(targets, _identity(a.identity)).status(None)
     rows = [s for o in outcomes for s in (o.value or [])]
-    if as_json:
+    if a.json:
         _print_json([s.to_dict() for s in rows])
     else:
-        out.print(_status_table(rows, with_host=len(targets) > 1))
+        _print(_status_table(rows, with_host=len(targets) > 1))
     for o in outcomes:
         if o.error:
-            err.print(f"[{o.host}] {o.error}", markup=False)
+            sys.stderr.write(f"[{o.host}] {o.error}\n")
     raise _Exit(0 if all(o.ok for o in outcomes) else 1)
 
 
-@app.command()
-def status(
-    target_or_job: Annotated[str, typer.Argument(metavar="[TARGET] JOB")],
-    job: Annotated[str | None, typer.Argument(hidden=True)] = None,
-    identity: IdentityOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
+def cmd_status(a: argparse.Namespace) -> None:
     """Show a job's state: running, succeeded, failed, cancelled, lost (reboot) or died."""
-    target, job_id = _job_args(target_or_job, job)
+    target, job_id, identity = _job_args(a.target_or_job, a.job, a.identity)
     st = _host(target, identity).job(job_id).status()
-    if as_json:
+    if a.json:
         _print_json(st.to_dict())
     else:
-        out.print(_status_table([st]))
+        _print(_status_table([st]))
 
 
-@app.command()
-def logs(
-    target_or_job: Annotated[str, typer.Argument(metavar="[TARGET] JOB")],
-    job: Annotated[str | None, typer.Argument(hidden=True)] = None,
-    follow: Annotated[
-        bool, typer.Option("--follow", "-f", help="Keep following until the job ends.")
-    ] = False,
-    tail: Annotated[int | None, typer.Option("--tail", "-n", help="Only the last N lines.")] = None,
-    identity: IdentityOpt = None,
-) -> None:
-    """Print a job's log; with -f follow it (resumes across dropped connections) and exit with
-    the job's exit code."""
-    if tail is not None and not 0 <= tail <= MAX_TAIL:
-        _fail(f"--tail {tail}: give a number of lines between 0 and {MAX_TAIL}")
-    target, job_id = _job_args(target_or_job, job)
+def cmd_logs(a: argparse.Namespace) -> None:
+    """Print a job's log; with -f follow it and exit with the job's exit code."""
+    if a.tail is not None and not 0 <= a.tail <= MAX_TAIL:
+        _fail(f"--tail {a.tail}: give a number of lines between 0 and {MAX_TAIL}")
+    target, job_id, identity = _job_args(a.target_or_job, a.job, a.identity)
     j = _host(target, identity).job(job_id)
+    if a.follow:
+        if a.json:
+            # JSON Lines: one object per log line as it comes, then the final status.
+            st = j.follow(lambda line: _emit_line(json.dumps({"line": line})), tail=a.tail)
+            _emit_line(json.dumps({"status": st.to_dict()}))
+        else:
+            st = j.follow(_emit_line, tail=a.tail)
+        raise _Exit(_ended(st))
+    text = j.logs(tail=a.tail)
+    if a.json:
+        _print_json({"job": job_id, "target": target, "log": text})
+    else:
+        sys.stdout.write(text)
 
-    def emit(line: str) -> None:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
 
-    if follow:
-        raise _Exit(_status_code(j.follow(emit, tail=tail)))
-    sys.stdout.write(j.logs(tail=tail))
-
-
-@app.command()
-def wait(
-    target_or_job: Annotated[str, typer.Argument(metavar="[TARGET] JOB")],
-    job: Annotated[str | None, typer.Argument(hidden=True)] = None,
-    timeout: Annotated[
-        float | None, typer.Option(help="Give up after this many seconds (exit 124).")
-    ] = None,
-    identity: IdentityOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
+def cmd_wait(a: argparse.Namespace) -> None:
     """Wait for a job to end; exit with its exit code."""
-    _check_seconds("--timeout", timeout)
-    target, job_id = _job_args(target_or_job, job)
+    _check_seconds("--timeout", a.timeout)
+    target, job_id, identity = _job_args(a.target_or_job, a.job, a.identity)
     try:
-        st = _host(target, identity).job(job_id).wait(timeout)
+        st = _host(target, identity).job(job_id).wait(a.timeout)
     except JobTimeout as exc:
         _fail(str(exc), 124)
-    if as_json:
+    if a.json:
         _print_json(st.to_dict())
     else:
-        err.print(
-            f"{st.id}: {st.state}" + (f" ({st.exit_code})" if st.exit_code is not None else ""),
-            markup=False,
-        )
+        code = f" ({st.exit_code})" if st.exit_code is not None else ""
+        sys.stderr.write(f"{st.id}: {st.state}{code}\n")
     raise _Exit(_status_code(st))
 
 
-@app.command()
-def kill(
-    target_or_job: Annotated[str, typer.Argument(metavar="[TARGET] JOB")],
-    job: Annotated[str | None, typer.Argument(hidden=True)] = None,
-    grace: Annotated[float, typer.Option(help="Seconds between TERM and KILL.")] = 5.0,
-    identity: IdentityOpt = None,
-) -> None:
+def cmd_kill(a: argparse.Namespace) -> None:
     """Cancel a job: TERM its whole process group, KILL after --grace seconds."""
-    target, job_id = _job_args(target_or_job, job)
-    out.print(f"{job_id}: {_host(target, identity).job(job_id).kill(grace)}", markup=False)
+    target, job_id, identity = _job_args(a.target_or_job, a.job, a.identity)
+    result = _host(target, identity).job(job_id).kill(a.grace)
+    if a.json:
+        _print_json({"job": job_id, "target": target, "result": result})
+    else:
+        _print(f"{job_id}: {result}")
 
 
-@app.command()
-def pull(
-    target: Annotated[str, typer.Argument(help="Source host.")],
-    paths: Annotated[list[str] | None, typer.Argument(metavar="[REMOTE] [LOCAL]")] = None,
-    job: Annotated[
-        str | None, typer.Option("--job", help="Pull this job's dir and outputs.")
-    ] = None,
-    identity: IdentityOpt = None,
-) -> None:
+def cmd_pull(a: argparse.Namespace) -> None:
     """Download a file or tree (`~` is the remote home), or a finished job's results."""
-    host = _host(target, identity)
-    items = paths or []
-    progress = sys.stderr.isatty()
-    if job is not None:
-        if len(items) > 1:
-            _fail("with --job give at most one LOCAL directory")
-        dest = host.job(job).pull_results(Path(items[0] if items else "."), progress=progress)
-        out.print(f"pulled {job} to {dest}", markup=False)
-        return
-    if not items or len(items) > 2:
+    items: list[str] = a.paths
+    if a.job is None and (not items or len(items) > 2):
         _fail(
             "usage: bifrost pull TARGET REMOTE [LOCAL]  or  bifrost pull TARGET --job JOB [LOCAL]"
         )
-    dest = host.pull(items[0], Path(items[1] if len(items) > 1 else "."), progress=progress)
-    out.print(f"pulled {items[0]} to {dest}", markup=False)
+    if a.job is not None and len(items) > 1:
+        _fail("with --job give at most one LOCAL directory")
+    host = _host(a.target, _identity(a.identity))
+    progress = sys.stderr.isatty()
+    if a.job is not None:
+        dest = host.job(a.job).pull_results(Path(items[0] if items else "."), progress=progress)
+        source = f"job {a.job}"
+    else:
+        dest = host.pull(items[0], Path(items[1] if len(items) > 1 else "."), progress=progress)
+        source = items[0]
+    if a.json:
+        _print_json({"target": a.target, "source": source, "dest": str(dest)})
+    else:
+        _print(f"pulled {a.job if a.job is not None else source} to {dest}")
 
 
-@app.command()
-def upload(
-    target: Annotated[str, typer.Argument(help="Destination host.")],
-    local: Annotated[Path, typer.Argument(help="Local file or directory.")],
-    remote: Annotated[str, typer.Argument(help="Remote path (`~` is the remote home).")] = "~",
-    identity: IdentityOpt = None,
-) -> None:
+def cmd_upload(a: argparse.Namespace) -> None:
     """Upload a file or directory tree."""
-    dest = _host(target, identity).upload(local, remote, progress=sys.stderr.isatty())
-    out.print(f"uploaded {local} to {dest}", markup=False)
+    dest = _host(a.target, _identity(a.identity)).upload(
+        Path(a.local), a.remote, progress=sys.stderr.isatty()
+    )
+    if a.json:
+        _print_json({"target": a.target, "local": a.local, "remote": dest})
+    else:
+        _print(f"uploaded {a.local} to {dest}")
 
 
-@app.command()
-def gpus(
-    targets: Annotated[list[str], typer.Argument(help="One or more hosts.")],
-    identity: IdentityOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
+def cmd_gpus(a: argparse.Namespace) -> None:
     """nvidia-smi summary: name, memory used/total, utilisation, processes."""
     from bifrost._loop import run_sync
     from bifrost.gpus import GPUReport, agpus
 
-    all_targets = [t for spec in targets for t in _targets(spec)]
-    group = _group(all_targets, identity)
+    all_targets = [t for spec in a.targets for t in _targets(spec)]
+    group = _group(all_targets, _identity(a.identity))
     outcomes: list[HostOutcome[GPUReport]] = run_sync(group._each(agpus))
-    if as_json:
+    if a.json:
         _print_json(
             [o.value.to_dict() if o.value else {"host": o.host, "error": o.error} for o in outcomes]
         )
         raise _Exit(0 if all(o.ok for o in outcomes) else 1)
-    table = Table(box=None, pad_edge=False)
-    for col in ["host", "gpu", "name", "memory", "util", "processes"]:
-        table.add_column(col, overflow="fold")
+    rows: list[list[str]] = []
     for o in outcomes:
         if o.value is None:
-            table.add_row(o.host, "", f"[red]{o.error}[/]", "", "", "")
+            rows.append([o.host, "", str(o.error), "", "", ""])
         elif not o.value.available:
-            table.add_row(o.host, "-", o.value.message, "", "", "")
+            rows.append([o.host, "-", o.value.message, "", "", ""])
         for g in o.value.gpus if o.value else []:
             procs = ", ".join(f"{p.name}({p.pid}) {p.memory_mib or '?'}MiB" for p in g.processes)
-            table.add_row(
+            rows.append([
                 o.host, str(g.index), g.name, f"{g.memory_used_mib}/{g.memory_total_mib} MiB",
                 f"{g.utilization_pct}%", procs or "-",
-            )  # fmt: skip
-    out.print(table)
+            ])  # fmt: skip
+    _print(_table(["host", "gpu", "name", "memory", "util", "processes"], rows))
     raise _Exit(0 if all(o.ok for o in outcomes) else 1)
 
 
-@app.command()
-def forget(
-    host: Annotated[str, typer.Argument(help="host, host:port, [v6]:port or a target string.")],
-) -> None:
-    """Forget a pinned host key (after a box was legitimately re-imaged). Without a port
-    (and not an ssh_config alias, which names one port) every port of the host is forgotten."""
-    t = parse_target(host)  # the one target parser: host:port, [v6]:port, ::1, alias, ssh -p
+def cmd_forget(a: argparse.Namespace) -> None:
+    """Forget a pinned host key (after a box was legitimately re-imaged)."""
+    from bifrost.hostkeys import KnownHosts, host_port
+    from bifrost.target import parse_target
+
+    t = parse_target(a.host)  # the one target parser: host:port, [v6]:port, ::1, alias, ssh -p
     if t.is_local:
         _fail("`local` has no host key to forget")
     kh = KnownHosts()
@@ -524,11 +502,10 @@ def forget(
     if not removed:
         where = host_port(t.host, t.port) if t.explicit_port else f"{t.host} (any port)"
         _fail(f"no pinned key for {where} in {kh.path}", 1)
-    out.print(f"forgot {len(removed)} key(s): {', '.join(removed)}", markup=False)
+    _print(f"forgot {len(removed)} key(s): {', '.join(removed)}")
 
 
-def _ssh_argv(spec: str, identity: str | None, tty: bool) -> list[str]:
-    host = _host(spec, identity)
+def _ssh_argv(host: Host, tty: bool) -> list[str]:
     if host.target.is_local:
         _fail("`local` needs no ssh: just run the command")
     from bifrost.transport.openssh import ssh_argv
@@ -540,35 +517,25 @@ def _ssh_argv(spec: str, identity: str | None, tty: bool) -> list[str]:
     return [*argv, dest.replace("[", "").replace("]", "")]
 
 
-@app.command()
-def ssh(
-    target: Annotated[str, typer.Argument(help="Host to log in to.")],
-    command: Annotated[list[str] | None, typer.Argument(help="Optional command.")] = None,
-    identity: IdentityOpt = None,
-) -> None:
+def cmd_ssh(a: argparse.Namespace) -> None:
     """Interactive ssh with bifrost's pinned host keys."""
-    _host(target, identity).connect()  # pins the key (TOFU) before ssh checks it
-    argv = _ssh_argv(target, identity, tty=sys.stdin.isatty())
-    os.execvp("ssh", [*argv, *(command or [])])  # noqa: S606 - hand the terminal to ssh
+    host = _host(a.target, _identity(a.identity))
+    if host.target.is_local:
+        _fail("`local` needs no ssh: just run the command")
+    host.connect()  # pins the key (TOFU) before ssh checks it
+    host.close()
+    argv = _ssh_argv(host, tty=sys.stdin.isatty())
+    os.execvp("ssh", [*argv, *a.command])  # noqa: S606 - hand the terminal to ssh
 
 
-@app.command()
-def attach(
-    target_or_job: Annotated[str, typer.Argument(metavar="[TARGET] JOB")],
-    job: Annotated[str | None, typer.Argument(hidden=True)] = None,
-    no_tmux: Annotated[
-        bool, typer.Option("--no-tmux", help="Follow the log here instead of in tmux.")
-    ] = False,
-    identity: IdentityOpt = None,
-) -> None:
-    """Watch a running job in its tmux session on the box (detach: tmux prefix + d; the job
-    keeps running). Without tmux there, or off a terminal, follows the log like `logs -f`."""
-    target, job_id = _job_args(target_or_job, job)
+def cmd_attach(a: argparse.Namespace) -> None:
+    """Watch a running job in its tmux session on the box (detach: tmux prefix + d)."""
+    target, job_id, identity = _job_args(a.target_or_job, a.job, a.identity)
     j = _host(target, identity).job(job_id)
     st, session = j.attach_info()
     if st.done:
         code = "" if st.exit_code is None else f", exit code {st.exit_code}"
-        err.print(f"{job_id} has already ended ({st.state}{code}); its log:", markup=False)
+        sys.stderr.write(f"{job_id} has already ended ({st.state}{code}); its log:\n")
         sys.stdout.write(j.logs())
         raise _Exit(_status_code(st))
     reason = None
@@ -576,73 +543,317 @@ def attach(
         reason = f"tmux is not available on {j.host.name}"
     elif not (sys.stdin.isatty() and sys.stdout.isatty()):
         reason = "not on a terminal"
-    if no_tmux or session is None or reason is not None:
-        if not no_tmux:
-            err.print(
+    if a.no_tmux or session is None or reason is not None:
+        if not a.no_tmux:
+            sys.stderr.write(
                 f"{reason}: following the log instead "
-                "(Ctrl-C stops following; the job keeps running)",
-                markup=False,
+                "(Ctrl-C stops following; the job keeps running)\n"
             )
-
-        def emit(line: str) -> None:
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
-
-        raise _Exit(_status_code(j.follow(emit)))
+        raise _Exit(_ended(j.follow(_emit_line)))
     j.host.close()
     if j.host.target.is_local:
         os.execvp("bash", ["bash", "--norc", "--noprofile", "-c", j.tmux_command(session)])  # noqa: S606
-    argv = _ssh_argv(target, identity, tty=True)
+    argv = _ssh_argv(j.host, tty=True)
     os.execvp("ssh", [*argv, j.tmux_command(session)])  # noqa: S606 - hand the terminal over
+
+
+def cmd_completion(a: argparse.Namespace) -> None:
+    """Print a shell completion script: `source <(bifrost completion bash)` (zsh alike), or
+    `bifrost completion fish | source`."""
+    from bifrost._completion import script
+
+    sys.stdout.write(script(a.shell, build_parser()))
+
+
+# -- parser -------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, like every other bad input; `-h` shows the full usage.
+        _fail(f"{message} (see `{self.prog} -h`)")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gpu-broker")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="Print the version and exit.")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        _print(f"bifrost {_version()}")
+        raise _Exit(0)
+
+
+# Subcommands whose positional arguments end with a command: option parsing stops at its first
+# word (after this many positionals).
+_COMMAND_AFTER = {"exec": 1, "run": 1, "ssh": 1}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line (used for parsing, help and completion scripts)."""
+    p = _Parser(
+        prog=PROG,
+        description="Run commands, sync code and manage detached jobs on any SSH box (or "
+        "`local`). TARGET is user@host[:port], ssh://..., 'ssh -p P user@host', [v6]:port, an "
+        "~/.ssh/config alias or 'local'; a,b,c or @file for several hosts where allowed.",
+    )
+    p.add_argument("--version", action=_VersionAction)
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
+
+    def add(name: str, func: Callable[[argparse.Namespace], None], text: str) -> _Parser:
+        doc = (func.__doc__ or "").strip()
+        sp: _Parser = sub.add_parser(name, help=text, description=doc)
+        sp.set_defaults(func=func)
+        return sp
+
+    def identity(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "-i", "--identity", metavar="KEY",
+            help="Private key file (default: $BIFROST_IDENTITY_FILE, else $SSH_KEY_PATH).",
+        )  # fmt: skip
+
+    def as_json(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--json", action="store_true", help="Machine-readable output.")
+
+    def command(sp: argparse.ArgumentParser, what: str) -> None:
+        sp.add_argument(
+            "command", nargs="*", metavar="COMMAND",
+            help=f"{what}: one argument is a shell command line; several are an exact argv.",
+        )  # fmt: skip
+
+    def env_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("-e", "--env", action="append", metavar="NAME=VALUE",
+                        help="Set a variable (repeatable).")  # fmt: skip
+        sp.add_argument("--secret-env", action="append", metavar="NAME",
+                        help="Send this local variable via a 0600 file, never argv.")  # fmt: skip
+        sp.add_argument("--cwd", metavar="DIR", help="Remote working directory.")
+
+    def job_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("target_or_job", metavar="[TARGET] JOB")
+        sp.add_argument("job", nargs="?", help=argparse.SUPPRESS)
+
+    sp = add("exec", cmd_exec, "Run a command; exit with its exit code.")
+    sp.add_argument("target", metavar="TARGET")
+    command(sp, "The command")
+    env_opts(sp)
+    sp.add_argument("--timeout", type=float, metavar="SECONDS",
+                    help="Kill the remote process group after this long (exit 124).")  # fmt: skip
+    sp.add_argument("--merge", action="store_true", help="Merge stderr into stdout.")
+    sp.add_argument("--concurrency", type=int, default=16, metavar="N",
+                    help="Hosts at a time (default 16).")  # fmt: skip
+    identity(sp)
+    as_json(sp)
+
+    sp = add("push", cmd_push, "Sync a project to ~/.bifrost/workspaces/NAME.")
+    sp.add_argument("target", metavar="TARGET")
+    sp.add_argument("path", nargs="?", default=".", metavar="PATH",
+                    help="Project directory (default .).")  # fmt: skip
+    sp.add_argument("--name", help="Workspace name (default: the directory's name).")
+    sp.add_argument("--bootstrap", action="store_true",
+                    help="uv sync --locked into a venv on the box.")  # fmt: skip
+    sp.add_argument("--extra", action="append", metavar="EXTRA",
+                    help="uv extra for --bootstrap (repeatable).")  # fmt: skip
+    sp.add_argument("--submodules", action="store_true",
+                    help="Push the files of git submodules too (refused without it).")  # fmt: skip
+    sp.add_argument("--force", action="store_true",
+                    help="Take over a workspace another local directory pushed to.")  # fmt: skip
+    identity(sp)
+    as_json(sp)
+
+    sp = add("run", cmd_run, "Start a detached job; prints its id.")
+    sp.add_argument("target", metavar="TARGET")
+    command(sp, "The job's command")
+    sp.add_argument("--name", help="Job name (free text).")
+    sp.add_argument("-w", "--workspace", metavar="NAME", help="Run in this pushed workspace.")
+    env_opts(sp)
+    sp.add_argument("-o", "--output", action="append", metavar="PATH",
+                    help="Result path for `pull --job` (repeatable).")  # fmt: skip
+    sp.add_argument("-f", "--follow", action="store_true",
+                    help="Follow the log until the job ends; exit with its code.")  # fmt: skip
+    identity(sp)
+    as_json(sp)
+
+    sp = add("jobs", cmd_jobs, "List jobs on a host (or several).")
+    sp.add_argument("target", metavar="TARGET")
+    identity(sp)
+    as_json(sp)
+
+    sp = add("status", cmd_status, "A job's state.")
+    job_args(sp)
+    identity(sp)
+    as_json(sp)
+
+    sp = add("logs", cmd_logs, "Print or follow a job's log.")
+    job_args(sp)
+    sp.add_argument("-f", "--follow", action="store_true",
+                    help="Follow until the job ends; exit with its code.")  # fmt: skip
+    sp.add_argument("-n", "--tail", type=int, metavar="N", help="Only the last N lines.")
+    identity(sp)
+    as_json(sp)
+
+    sp = add("wait", cmd_wait, "Wait for a job to end; exit with its code.")
+    job_args(sp)
+    sp.add_argument("--timeout", type=float, metavar="SECONDS",
+                    help="Give up after this long (exit 124; the job keeps running).")  # fmt: skip
+    identity(sp)
+    as_json(sp)
+
+    sp = add("kill", cmd_kill, "Cancel a job.")
+    job_args(sp)
+    sp.add_argument("--grace", type=float, default=5.0, metavar="SECONDS",
+                    help="Seconds between TERM and KILL (default 5).")  # fmt: skip
+    identity(sp)
+    as_json(sp)
+
+    sp = add("pull", cmd_pull, "Download a file or tree, or a job's results.")
+    sp.add_argument("target", metavar="TARGET")
+    sp.add_argument("paths", nargs="*", metavar="[REMOTE] [LOCAL]")
+    sp.add_argument("--job", help="Pull this job's dir and outputs into LOCAL/JOB/.")
+    identity(sp)
+    as_json(sp)
+
+    sp = add("upload", cmd_upload, "Upload a file or tree.")
+    sp.add_argument("target", metavar="TARGET")
+    sp.add_argument("local", metavar="LOCAL")
+    sp.add_argument("remote", nargs="?", default="~", metavar="REMOTE",
+                    help="Remote path (default ~, the remote home).")  # fmt: skip
+    identity(sp)
+    as_json(sp)
+
+    sp = add("gpus", cmd_gpus, "nvidia-smi summary of one or more hosts.")
+    sp.add_argument("targets", nargs="+", metavar="TARGET")
+    identity(sp)
+    as_json(sp)
+
+    sp = add("forget", cmd_forget, "Forget a pinned host key.")
+    sp.add_argument("host", metavar="HOST", help="host, host:port, [v6]:port or a target.")
+
+    sp = add("ssh", cmd_ssh, "Interactive ssh with bifrost's pinned host keys.")
+    sp.add_argument("target", metavar="TARGET")
+    sp.add_argument("command", nargs="*", metavar="COMMAND", help="Optional remote command.")
+    identity(sp)
+
+    sp = add("attach", cmd_attach, "Watch a running job in its tmux session.")
+    job_args(sp)
+    sp.add_argument("--no-tmux", action="store_true",
+                    help="Follow the log here instead of in tmux.")  # fmt: skip
+    identity(sp)
+
+    sp = add("completion", cmd_completion, "Print a shell completion script.")
+    sp.add_argument("shell", choices=["bash", "zsh", "fish"])
+    return p
+
+
+def split_command(parser: argparse.ArgumentParser, args: Sequence[str], before: int) -> int:
+    """Index in ``args`` where the command starts: after ``before`` positionals, at the first
+    word that is not an option (or just after ``--``); options in between are parsed. Returns
+    ``len(args)`` when there is no command."""
+    takes_value: dict[str, bool] = {}
+    for action in parser._actions:
+        for opt in action.option_strings:
+            takes_value[opt] = action.nargs != 0
+    seen = 0
+    i = 0
+    while i < len(args):
+        word = args[i]
+        if word == "--":
+            return i
+        if word.startswith("-") and len(word) > 1 and seen <= before:
+            name = word.split("=", 1)[0]
+            if name in takes_value:
+                i += 2 if takes_value[name] and "=" not in word else 1
+            elif word[:2] in takes_value and not word.startswith("--"):
+                i += 1  # -ikey: a short option with its value attached
+            else:
+                i += 1  # unknown: argparse reports it
+            continue
+        if seen == before:
+            return i
+        seen += 1
+        i += 1
+    return len(args)
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
+    if not argv or argv[0].startswith("-") or argv[0] not in _subcommands(parser):
+        return parser.parse_args(argv)  # --version, -h, or an unknown command (an error)
+    sub = _subcommands(parser)[argv[0]]
+    rest = argv[1:]
+    if argv[0] in _COMMAND_AFTER:
+        at = split_command(sub, rest, _COMMAND_AFTER[argv[0]])
+        head, words = rest[:at], rest[at:]
+        if words[:1] == ["--"]:
+            words = words[1:]
+        ns = sub.parse_intermixed_args(head)
+        ns.command = list(words)
+        return ns
+    # Options anywhere among the positionals (`pull HOST --job J DIR`).
+    return sub.parse_intermixed_args(rest)
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found: dict[str, argparse.ArgumentParser] = action.choices
+            return found
+    return {}  # pragma: no cover
+
+
+def _dispatch(argv: list[str]) -> None:
+    if not argv:
+        build_parser().print_help()
+        raise _Exit(2)
+    ns = _parse(argv)
+    if getattr(ns, "func", None) is None:
+        build_parser().print_help()
+        raise _Exit(2)
+    ns.func(ns)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: one-line errors, exit codes mirroring the remote side."""
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        # Without standalone mode typer turns a KeyboardInterrupt into *returning* 130 (and
-        # an explicit typer.Exit into returning its code): that must not end as exit 0.
-        rv = app(args=argv, standalone_mode=False)
-        if rv == 130:
-            err.print("interrupted", markup=False)
-            return _finish(130)
-        if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:
-            return _finish(rv)
+        _dispatch(args)
     except _Exit as exc:
         return _finish(exc.code)
+    except SystemExit as exc:  # argparse's -h
+        return _finish(exc.code if isinstance(exc.code, int) else 0)
     except TargetError as exc:
-        err.print(f"error: {exc}", markup=False)
+        sys.stderr.write(f"error: {exc}\n")
         return _finish(2)
     except ConnectError as exc:
-        err.print(f"error: {exc}", markup=False)
+        sys.stderr.write(f"error: {exc}\n")
         return _finish(255)
     except JobError as exc:
-        err.print(f"error: {exc}", markup=False)
+        sys.stderr.write(f"error: {exc}\n")
         return _finish(1)
     except CommandError as exc:
-        err.print(f"error: {exc}", markup=False)
+        sys.stderr.write(f"error: {exc}\n")
         return _finish(exc.result.exit_code or 1)
     except (BifrostError, ValueError) as exc:
-        err.print(f"error: {exc}", markup=False)
+        sys.stderr.write(f"error: {exc}\n")
         return _finish(1)
     except KeyboardInterrupt:
-        err.print("interrupted", markup=False)
+        sys.stderr.write("interrupted\n")
         return _finish(130)
-    except typer.Exit as exc:
-        return _finish(exc.exit_code)
-    except typer.Abort:
-        return _finish(130)
-    except Exception as exc:
-        # typer vendors click; its usage errors have show() and exit_code
-        show = getattr(exc, "show", None)
-        if callable(show) and isinstance(getattr(exc, "exit_code", None), int):
-            show()
-            return _finish(int(getattr(exc, "exit_code", 2)))
-        raise
+    except BrokenPipeError:
+        # `bifrost jobs HOST | head`: the reader left; not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return _finish(141)
     return _finish(0)
 
 
 def _finish(code: int) -> int:
     if __name__ != "__main__" and "pytest" not in sys.modules:
+        sys.stdout.flush()
         sys.exit(code)
     return code
 

@@ -49,8 +49,12 @@ class Host:
     ) -> None:
         self.spec = target if isinstance(target, str) else str(target)
         parsed = parse_target(target)
-        if identity_file is not None:
-            parsed = parsed.with_identity(str(Path(identity_file).expanduser()))
+        #: The key file given here (not those from ssh_config), remembered with started jobs.
+        self.identity_file = (
+            str(Path(identity_file).expanduser().absolute()) if identity_file is not None else None
+        )
+        if self.identity_file is not None:
+            parsed = parsed.with_identity(self.identity_file)
         self.target = parsed
         self.connect_timeout = connect_timeout
         self.keepalive_interval = keepalive_interval
@@ -277,15 +281,20 @@ class Host:
         bootstrap: bool = False,
         extras: Sequence[str] = (),
         progress: bool = False,
+        submodules: bool = False,
+        force: bool = False,
     ) -> PushResult:
-        """Sync a local project to ``~/.bifrost/workspaces/<name>`` (see ``bifrost.sync.apush``)."""
+        """Sync a local project to ``~/.bifrost/workspaces/<name>`` (see ``bifrost.sync.apush``:
+        ``submodules`` pushes git submodules' files, ``force`` replaces a same-named workspace
+        pushed from another local directory)."""
         from bifrost.sync import apush
 
         return run_sync(
             apush(
-                self, Path(path), name=name, bootstrap=bootstrap, extras=extras, progress=progress
+                self, Path(path), name=name, bootstrap=bootstrap, extras=extras,
+                progress=progress, submodules=submodules, force=force,
             )
-        )
+        )  # fmt: skip
 
     def pull(self, remote: str, local: str | Path, *, progress: bool = False) -> Path:
         """Download a remote file or tree (``~`` is the remote home) to ``local``."""

@@ -170,14 +170,16 @@ def launch_script(fields: Mapping[str, str]) -> bytes:
     return _script_body("__bf_launch", tail)
 
 
-def _remember(job_id: str, target: str) -> None:
-    """Local index job id → target so `bifrost logs JOB` works without repeating the host.
+def _remember(job_id: str, target: str, identity: str | None = None) -> None:
+    """Local index job id → target (and the key used) so `bifrost logs JOB` works without
+    repeating the host or the key.
 
     Safe between processes (a sweep starts jobs from many at once): the read-modify-write holds
     an flock and the new file gets a private temp name before it atomically replaces the old.
     The job has already started when this runs, so a failure here only costs the index entry.
     """
     path = bifrost_home() / "jobs.json"
+    entry: str | dict[str, str] = {"target": target, "identity": identity} if identity else target
     try:
         with open(str(path) + ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -185,7 +187,7 @@ def _remember(job_id: str, target: str) -> None:
                 data = json.loads(path.read_text())
             except (OSError, ValueError):
                 data = {}
-            data[job_id] = target
+            data[job_id] = entry
             tmp = path.with_name(f"jobs.json.{os.getpid()}.{threading.get_ident()}.tmp")
             tmp.write_text(json.dumps(data, indent=1))
             tmp.replace(path)
@@ -193,14 +195,24 @@ def _remember(job_id: str, target: str) -> None:
         log.warning("job %s started, but recording it in %s failed: %s", job_id, path, exc)
 
 
-def remembered_target(job_id: str) -> str | None:
-    """The target a job id was started on from this machine, if known."""
+def remembered_job(job_id: str) -> tuple[str | None, str | None]:
+    """(target, identity file) a job id was started with from this machine, where known."""
     try:
         data = json.loads((bifrost_home() / "jobs.json").read_text())
     except (OSError, ValueError):
-        return None
+        return None, None
     value = data.get(job_id)
-    return value if isinstance(value, str) else None
+    if isinstance(value, str):  # written before keys were remembered
+        return value, None
+    if isinstance(value, dict) and isinstance(value.get("target"), str):
+        key = value.get("identity")
+        return value["target"], key if isinstance(key, str) else None
+    return None, None
+
+
+def remembered_target(job_id: str) -> str | None:
+    """The target a job id was started on from this machine, if known."""
+    return remembered_job(job_id)[0]
 
 
 async def astart(
@@ -248,7 +260,7 @@ async def astart(
     if r.exit_code != 0 or "BIFROST_STARTED" not in r.stdout:
         detail = r.stderr.strip() or r.stdout.strip() or f"exit {r.exit_code}"
         raise JobError(f"could not start job on {host.name}: {detail}")
-    _remember(job_id, host.spec)
+    _remember(job_id, host.spec, host.identity_file)
     return Job(host, job_id)
 
 

@@ -10,15 +10,16 @@ import json
 import os
 import re
 import shlex
+import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bifrost.errors import CommandError, TransferError
-from bifrost.exec import Result
+from bifrost.exec import capture, nul_join, nul_split
 from bifrost.transport.base import Transport
 
 if TYPE_CHECKING:
@@ -81,12 +82,7 @@ def _is_git(root: Path) -> bool:
 
 
 def _read_ignore(root: Path) -> list[str]:
-    try:
-        text = (root / ".bifrostignore").read_text()
-    except OSError:
-        return list(DEFAULT_IGNORES)
-    pats = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
-    return list(DEFAULT_IGNORES) + pats
+    return list(DEFAULT_IGNORES) + _read_bifrostignore(root)
 
 
 @functools.lru_cache(maxsize=256)
@@ -146,20 +142,65 @@ def _ignored(rel: str, is_dir: bool, patterns: Sequence[str]) -> bool:
     return verdict
 
 
-def list_files(root: str | Path) -> list[str]:
+def _read_bifrostignore(root: Path) -> list[str]:
+    try:
+        text = (root / ".bifrostignore").read_text()
+    except OSError:
+        return []
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def _excluded(rel: str, patterns: Sequence[str]) -> bool:
+    """A file is excluded when it, or any directory above it, is ignored (as in git, a file
+    under an excluded directory cannot be re-included)."""
+    parts = rel.split("/")
+    for i in range(1, len(parts)):
+        if _ignored("/".join(parts[:i]), True, patterns):
+            return True
+    return _ignored(rel, False, patterns)
+
+
+def submodules(root: str | Path) -> list[str]:
+    """Paths of the git submodules (gitlinks) of the work tree at ``root``, sorted."""
+    root = Path(root)
+    if not _is_git(root):
+        return []
+    r = _git(root, "ls-files", "--stage", "-z")
+    out = []
+    for entry in nul_split(r.stdout):
+        meta, _, path = entry.partition("\t")
+        if meta.startswith("160000 "):
+            out.append(path)
+    return sorted(out)
+
+
+def list_files(root: str | Path, *, with_submodules: bool = False) -> list[str]:
     """Files to push, relative to ``root``, sorted.
 
     In a git work tree: ``git ls-files --cached --others --exclude-standard -z`` (exact git
     ignore semantics; uncommitted and untracked-but-not-ignored files included; files deleted
-    but not yet committed left out). Elsewhere: a walk honouring ``.bifrostignore``.
+    but not yet committed left out), minus what a ``.bifrostignore`` at the root excludes.
+    Elsewhere: a walk honouring ``.bifrostignore``. A git submodule is a directory git lists as
+    one entry: with ``with_submodules`` its own files are listed (recursively), otherwise it is
+    left out (``push`` refuses such a project unless asked to push submodules).
     """
     root = Path(root)
     if _is_git(root):
         r = _git(root, "ls-files", "--cached", "--others", "--exclude-standard", "-z")
         if r.returncode != 0:
             raise TransferError(f"git ls-files failed in {root}: {r.stderr.decode().strip()}")
-        names = {n for n in r.stdout.decode("utf-8", "surrogateescape").split("\0") if n}
-        return sorted(n for n in names if (root / n).is_file() or (root / n).is_symlink())
+        names = set(nul_split(r.stdout))
+        files = {n for n in names if (root / n).is_file() or (root / n).is_symlink()}
+        if with_submodules:
+            for sub in submodules(root):
+                if not (root / sub / ".git").exists():
+                    raise TransferError(
+                        f"git submodule {sub!r} in {root} is not checked out: run "
+                        "`git submodule update --init --recursive` first"
+                    )
+                files |= {f"{sub}/{f}" for f in list_files(root / sub, with_submodules=True)}
+        patterns = _read_bifrostignore(root)
+        return sorted(f for f in files if not (patterns and _excluded(f, patterns)))
     patterns = _read_ignore(root)
     out: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -180,26 +221,6 @@ def _git_state(root: Path) -> tuple[str | None, bool | None]:
     )
 
 
-async def _run_checked(t: Transport, cmd: str, stdin: bytes | None = None) -> str:
-    out: list[bytes] = []
-    err: list[bytes] = []
-    started = time.monotonic()
-    rc = await t.run(cmd, stdin=stdin, on_stdout=out.append, on_stderr=err.append)
-    text = b"".join(out).decode(errors="replace")
-    if rc != 0:
-        raise CommandError(
-            Result(
-                cmd,
-                t.target.display,
-                rc,
-                text,
-                b"".join(err).decode(errors="replace"),
-                time.monotonic() - started,
-            )
-        )
-    return text
-
-
 async def _tar_stream(root: Path, files: list[str]) -> AsyncIterator[bytes]:
     proc = await asyncio.create_subprocess_exec(
         "tar", "--null", "-T", "-", "-cf", "-",
@@ -211,7 +232,7 @@ async def _tar_stream(root: Path, files: list[str]) -> AsyncIterator[bytes]:
 
     async def feed() -> None:
         assert proc.stdin is not None
-        proc.stdin.write(b"".join(f.encode("utf-8", "surrogateescape") + b"\0" for f in files))
+        proc.stdin.write(nul_join(files))
         await proc.stdin.drain()
         proc.stdin.close()
 
@@ -238,8 +259,7 @@ async def _rsync(
         *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    listing = b"".join(f.encode("utf-8", "surrogateescape") + b"\0" for f in files)
-    _, err = await proc.communicate(listing)
+    _, err = await proc.communicate(nul_join(files))
     if proc.returncode != 0:
         raise TransferError(f"rsync to {t.target.display} failed: {err.decode().strip()}")
 
@@ -306,7 +326,7 @@ async def _bootstrap(
     """Run :func:`bootstrap_script`; returns (``synced``/``skipped``, uv was installed)."""
     script = bootstrap_script(name, stamp, extras, install_uv=install_uv)
     try:
-        lines = (await _run_checked(t, script)).split()
+        lines = (await capture(t, script, check=True)).stdout.split()
     except CommandError as exc:
         detail = exc.result.stderr.strip().splitlines()[-5:]
         raise TransferError(
@@ -314,6 +334,13 @@ async def _bootstrap(
             + " | ".join(detail)
         ) from None
     return (lines[-1] if lines else "unknown"), "uv=installed" in lines
+
+
+def _git_listing(root: Path, with_submodules: bool) -> tuple[list[str], list[str]]:
+    """(files to push, submodules left out): a project with submodules is refused unless they
+    are pushed, since leaving their contents out would look like a successful push."""
+    subs = [] if with_submodules else submodules(root)
+    return list_files(root, with_submodules=with_submodules), subs
 
 
 async def apush(
@@ -324,14 +351,20 @@ async def apush(
     bootstrap: bool = False,
     extras: Sequence[str] = (),
     progress: bool = False,
+    submodules: bool = False,
+    force: bool = False,
 ) -> PushResult:
     """Coroutine behind :meth:`bifrost.Host.push`.
 
     rsync ``--files-from`` when both ends have rsync (tar over SSH otherwise); files removed
-    locally since the last push are removed remotely (manifest diff); git sha and dirty flag
-    are recorded in ``~/.bifrost/state/<name>/push.json``. With ``bootstrap`` and a uv.lock,
-    uv is installed if absent and ``uv sync --locked`` runs into ``~/.bifrost/venvs/<name>``,
-    skipped when lock, python pin and extras are unchanged.
+    locally since the last push are removed remotely (manifest diff), and so are directories
+    that became empty that way; git sha and dirty flag are recorded in the manifest
+    (``~/.bifrost/state/<name>/manifest.json``). A project with git submodules is refused
+    unless ``submodules=True`` (their files are then pushed too). A workspace last pushed from
+    another local directory (two projects with the same directory name) is refused unless
+    ``force=True``: the push would delete the other project's files. With ``bootstrap`` and a
+    uv.lock, uv is installed if absent and ``uv sync --locked`` runs into
+    ``~/.bifrost/venvs/<name>``, skipped when lock, python pin and extras are unchanged.
     """
     started = time.monotonic()
     root = root.expanduser().resolve()
@@ -344,38 +377,65 @@ async def apush(
         raise TransferError(
             f"cannot bootstrap: no uv.lock in {root} (run `uv lock` there, or push without it)"
         )
-    files = await asyncio.to_thread(list_files, root)
-    sha, dirty = await asyncio.to_thread(_git_state, root)
     t = await host.atransport()
-    home = await t.home()
-    ws_abs = f"{home}/.bifrost/workspaces/{name}"
     state = f'"$HOME/.bifrost/state/{name}"'
-    probe = await _run_checked(
-        t,
-        f'mkdir -p "$HOME/.bifrost/workspaces/{name}" {state} && '
+    # The local listing and the remote probe run concurrently: neither needs the other.
+    probe_cmd = (
+        f'mkdir -p "$HOME/.bifrost/workspaces/{name}" {state} && echo "$HOME" && '
         "{ command -v rsync >/dev/null 2>&1 && echo rsync=yes || echo rsync=no; }; "
-        f"cat {state}/manifest.json 2>/dev/null || true",
+        f"cat {state}/manifest.json 2>/dev/null || true"
     )
-    first, _, old_manifest = probe.partition("\n")
+    (files, left_out), (sha, dirty), probe_result = await asyncio.gather(
+        asyncio.to_thread(_git_listing, root, submodules),
+        asyncio.to_thread(_git_state, root),
+        capture(t, probe_cmd, check=True),
+    )
+    if left_out:
+        raise TransferError(
+            f"{root} has git submodules ({', '.join(left_out)}) whose files would not be "
+            "pushed: push them too with submodules=True (CLI: --submodules)"
+        )
+    home, _, rest = probe_result.stdout.partition("\n")
+    first, _, old_manifest = rest.partition("\n")
+    ws_abs = f"{home}/.bifrost/workspaces/{name}"
     try:
-        old_files = set(json.loads(old_manifest)["files"]) if old_manifest.strip() else set()
+        old = json.loads(old_manifest) if old_manifest.strip() else {}
+        old_files = set(old["files"]) if old else set()
     except (ValueError, KeyError, TypeError):
-        old_files = set()
+        old, old_files = {}, set()
+    origin = {"root": str(root), "host": socket.gethostname()}
+    old_origin = {k: old.get(k) for k in origin} if isinstance(old, dict) else {}
+    if (
+        not force
+        and old_files
+        and old_origin.get("root")
+        and (old_origin["root"], old_origin.get("host") or origin["host"])
+        != (origin["root"], origin["host"])
+    ):
+        where = str(old_origin["root"]) + (
+            f" on {old_origin['host']}" if old_origin.get("host") not in (None, origin["host"])
+            else ""
+        )  # fmt: skip
+        raise TransferError(
+            f"workspace {name!r} on {host.name} holds another project, pushed from {where}: "
+            "pushing would delete its files. Pick another name (name=..., CLI --name), or "
+            "force=True (CLI --force) to replace it"
+        )
     deleted = sorted(old_files - set(files))
     safe_deleted = [p for p in deleted if _safe_rel(p)]
     # Stale paths go BEFORE the transfer, so a path that changed type can be written: a file
     # that became a directory (`foo` → `foo/child`) is in `deleted`; a directory that became a
     # file (`d/x` → `d`) is a new file some old entry lived under. `rm -rf` of exactly those
     # relative paths, inside the workspace: nothing else is ever removed.
-    old_dirs = {p.rsplit("/", 1)[0] for p in old_files if "/" in p}
-    old_dirs |= {d.rsplit("/", i)[0] for d in old_dirs for i in range(1, d.count("/") + 1)}
+    old_dirs = _parents(old_files)
     retyped = [f for f in files if f in old_dirs and _safe_rel(f)]
     stale = sorted(set(safe_deleted) | set(retyped))
     if stale:
-        listing = b"".join(p.encode("utf-8", "surrogateescape") + b"\0" for p in stale)
-        await _run_checked(
-            t, f'cd "$HOME/.bifrost/workspaces/{name}" && xargs -0 -r rm -rf --', stdin=listing
-        )
+        # Directories the deletions emptied go too (deepest first; `rmdir` only removes empty
+        # ones, so whatever a job wrote there stays).
+        emptied = sorted(_parents(safe_deleted) - _parents(files), key=lambda d: -d.count("/"))
+        listing = nul_join([*(f"F/{p}" for p in stale), *(f"D/{d}" for d in emptied)])
+        await capture(t, _prune_command(name), stdin=listing, check=True)
     shell = t.rsync_shell()
     use_rsync = first.strip() == "rsync=yes" and shell is not None and _has_local("rsync")
     if use_rsync:
@@ -384,26 +444,18 @@ async def apush(
         method = "rsync"
     else:
         cmd = f'tar -xf - -C "$HOME/.bifrost/workspaces/{name}"'
-        out: list[bytes] = []
-        err: list[bytes] = []
-        rc = await t.run(cmd, stdin=_tar_stream(root, files), on_stdout=out.append,
-                         on_stderr=err.append)  # fmt: skip
-        if rc != 0:
-            raise TransferError(f"tar upload to {host.name} failed: {b''.join(err).decode()}")
+        r = await capture(t, cmd, stdin=_tar_stream(root, files))
+        if r.exit_code != 0:
+            raise TransferError(f"tar upload to {host.name} failed: {r.stderr.strip()}")
         method = "tar"
     manifest = json.dumps(
-        {
-            "files": files,
-            "git_sha": sha,
-            "dirty": dirty,
-            "pushed_at": time.time(),
-            "root": str(root),
-        }
+        {"files": files, "git_sha": sha, "dirty": dirty, "pushed_at": time.time(), **origin}
     )
-    await _run_checked(
+    await capture(
         t,
         f"cat > {state}/manifest.json.tmp && mv -f {state}/manifest.json.tmp {state}/manifest.json",
         stdin=manifest.encode(),
+        check=True,
     )
     boot: str | None = None
     uv_installed = False
@@ -425,6 +477,28 @@ async def apush(
         duration=time.monotonic() - started,
         uv_installed=uv_installed,
     )
+
+
+def _parents(paths: Iterable[str]) -> set[str]:
+    """Every directory above the given relative paths."""
+    out: set[str] = set()
+    for p in paths:
+        parts = p.split("/")[:-1]
+        out |= {"/".join(parts[:i]) for i in range(1, len(parts) + 1)}
+    return out
+
+
+def _prune_command(name: str) -> str:
+    """Remove ``F/<path>`` entries (files or trees) and then the ``D/<dir>`` entries that are
+    empty, read NUL-separated from stdin, inside the workspace: one ``rm`` and one ``rmdir``."""
+    script = (
+        'cd "$HOME/.bifrost/workspaces/$0" || exit 1; f=(); d=(); '
+        "while IFS= read -r -d '' p; do case $p in "
+        'F/*) f+=("${p#F/}");; D/*) d+=("${p#D/}");; esac; done; '
+        '[ ${#f[@]} -eq 0 ] || rm -rf -- "${f[@]}" || exit 1; '
+        '[ ${#d[@]} -eq 0 ] || rmdir -- "${d[@]}" 2>/dev/null; true'
+    )
+    return f"bash --norc --noprofile -c {shlex.quote(script)} {shlex.quote(name)}"
 
 
 def _safe_rel(path: str) -> bool:

@@ -28,7 +28,7 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         ["exec", "root@h:abc", "true"],
         ["exec", "root@h;rm -rf ~", "true"],
         ["logs", "never-started-job"],
-        ["exec", "local", "true", "--env", "NOEQUALS"],
+        ["exec", "local", "--env", "NOEQUALS", "true"],
         ["status", "local", "../etc"],
     ],
 )
@@ -59,10 +59,7 @@ def test_run_logs_wait_jobs_flow(sshd: SSHServer, capsys: pytest.CaptureFixture[
                 "cli job",
                 sshd.target,
                 "--",
-                "echo",
-                "from-cli;",
-                "exit",
-                "5",
+                "echo from-cli; exit 5",
             ]
         )
         == 0
@@ -157,3 +154,121 @@ def test_api_rejects_bad_timeout_and_empty_job() -> None:
             h.exec("true", timeout=bad)
     with pytest.raises(ValueError, match="empty"):
         h.run("   ")
+
+
+# -- argv rule (issue 17 item 4) and option parsing stopping at the command (issue 19.3) --------
+def test_several_words_are_an_exact_argv(sshd: SSHServer) -> None:
+    key = str(sshd.client_key)
+    r = _cli("exec", "-i", key, sshd.target, "--", "printf", r"[%s]\n", "a b", "$HOME")
+    assert (r.returncode, r.stdout) == (0, "[a b]\n[$HOME]\n"), r.stderr
+    r = _cli("exec", "-i", key, sshd.target, "--", "sh", "-c", "echo one; exit 3")
+    assert (r.returncode, r.stdout) == (3, "one\n"), r.stderr
+    # One word stays a shell command line, as typed.
+    r = _cli("exec", "-i", key, sshd.target, "echo a | tr a b")
+    assert (r.returncode, r.stdout) == (0, "b\n"), r.stderr
+
+
+def test_option_parsing_stops_at_the_command(
+    sshd: SSHServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = str(sshd.client_key)
+    assert main(["exec", sshd.target, "-i", key, "ls", "-ld", "/"]) == 0
+    assert capsys.readouterr().out.startswith("d")
+    # -w x after the command's first word belongs to the command, not to `run -w`.
+    assert main(["run", sshd.target, "-i", key, "--name", "argv", "--cwd", "/tmp",
+                 "sh", "-c", 'echo "$@"; exit 4', "sh", "-w", "x"]) == 0  # fmt: skip
+    job_id = capsys.readouterr().out.strip()
+    assert main(["wait", job_id]) == 4  # target *and key* remembered from `run`
+    capsys.readouterr()
+    assert main(["logs", "--json", job_id]) == 0
+    assert json.loads(capsys.readouterr().out)["log"] == "-w x\n"
+    # `--` still works, and options may come before TARGET
+    assert main(["run", "-i", key, "-f", sshd.target, "--", "python3", "-c", "print(1)"]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == ["1"]
+
+
+def test_logs_follow_ends_on_a_lost_job_with_nonzero_exit(
+    sshd: SSHServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    h = Host(sshd.target, identity_file=sshd.client_key)
+    key = str(sshd.client_key)
+    assert main(["run", "-i", key, sshd.target, "sleep 300"]) == 0
+    job_id = capsys.readouterr().out.strip()
+    h.exec(f"echo another-boot > ~/.bifrost/jobs/{job_id}/boot_id")
+    try:
+        r = _cli("logs", "-f", "-i", key, sshd.target, job_id, timeout=60)
+        assert r.returncode == 255 and "lost" in r.stderr, r.stderr
+    finally:
+        h.exec(f"kill -KILL -- -$(cat ~/.bifrost/jobs/{job_id}/pid)", warn=True)
+        h.close()
+
+
+def test_json_on_kill_pull_upload_and_plain_tables(
+    sshd: SSHServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = str(sshd.client_key)
+    long_name = "a-rather-long-job-name-that-a-narrow-table-would-cut-" * 2
+    assert main(["run", "-i", key, "--name", long_name, sshd.target, "sleep 300"]) == 0
+    job_id = capsys.readouterr().out.strip()
+    # Not a terminal: one line per job, nothing cut or wrapped, so grep finds the whole id.
+    r = _cli("jobs", "-i", key, sshd.target)
+    line = [ln for ln in r.stdout.splitlines() if job_id in ln]
+    assert len(line) == 1 and "running" in line[0] and "sleep 300" in line[0], r.stdout
+    assert "\x1b[" not in r.stdout
+    assert main(["kill", "--json", "--grace", "1", job_id]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "job": job_id, "target": sshd.target, "result": "cancelled"
+    }  # fmt: skip
+    (tmp_path / "up.txt").write_text("up\n")
+    assert main(["upload", "--json", "-i", key, sshd.target, str(tmp_path / "up.txt"),
+                 "~/cli-json-up.txt"]) == 0  # fmt: skip
+    up = json.loads(capsys.readouterr().out)
+    assert up["remote"].endswith("/cli-json-up.txt")
+    assert main(["pull", "--json", "-i", key, sshd.target, "~/cli-json-up.txt",
+                 str(tmp_path / "down.txt")]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["dest"] == str(tmp_path / "down.txt")
+    assert (tmp_path / "down.txt").read_text() == "up\n"
+    assert main(["pull", "--json", "-i", key, sshd.target, "--job", job_id, str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out)["dest"] == str(tmp_path / job_id)
+
+
+def test_version_help_and_completion(tmp_path: Path) -> None:
+    r = _cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("bifrost ")
+    for args in (["-h"], ["exec", "-h"], ["run", "--help"], ["logs", "-h"]):
+        r = _cli(*args)
+        assert r.returncode == 0 and "usage: bifrost" in r.stdout, args
+        assert "<bool>" not in r.stdout and "<str>" not in r.stdout
+    script = tmp_path / "c.bash"
+    script.write_text(_cli("completion", "bash").stdout)
+    probe = (
+        f"source {script}; COMP_WORDS=(bifrost ex); COMP_CWORD=1; _bifrost; "
+        'echo "${COMPREPLY[@]}"; COMP_WORDS=(bifrost logs --fo); COMP_CWORD=2; _bifrost; '
+        'echo "${COMPREPLY[@]}"'
+    )
+    out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == ["exec", "--follow"]
+    zsh = tmp_path / "c.zsh"
+    zsh.write_text(_cli("completion", "zsh").stdout)
+    r2 = subprocess.run(["zsh", "-c", f"source {zsh} && echo ok"], capture_output=True, text=True)
+    assert r2.stdout.strip() == "ok", r2.stderr
+    fish = _cli("completion", "fish").stdout
+    assert "-n '__fish_seen_subcommand_from logs' -l follow" in fish
+
+
+def test_ssh_key_path_is_honoured_and_remembered(
+    sshd: SSHServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("BIFROST_IDENTITY_FILE", raising=False)
+    monkeypatch.setenv("SSH_KEY_PATH", str(sshd.client_key))  # broker's setting
+    assert main(["exec", sshd.target, "echo", "via-broker-key"]) == 0
+    assert main(["run", sshd.target, "echo job-output"]) == 0
+    job_id = capsys.readouterr().out.splitlines()[-1]
+    monkeypatch.delenv("SSH_KEY_PATH")
+    assert main(["wait", job_id]) == 0  # the index remembers the key, not only the host
+    capsys.readouterr()
+    assert main(["logs", job_id]) == 0
+    assert capsys.readouterr().out == "job-output\n"
+    monkeypatch.setenv("SSH_KEY_PATH", "/no/such/key")
+    assert main(["exec", sshd.target, "true"]) == 2
+    assert "SSH_KEY_PATH=/no/such/key: no such key file" in capsys.readouterr().err
