@@ -302,3 +302,77 @@ def test_bifrostignore_star_does_not_cross_slash(tmp_path: Path) -> None:
     (root / "c" / "z.log").write_text("")
     (root / ".bifrostignore").write_text("a/*.md\nc/**/*.log\n")
     assert list_files(root) == [".bifrostignore", "a/b/deep.md"]
+
+
+def _git(root: Path, *args: str) -> None:
+    subprocess.run(["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t",
+                    "-c", "protocol.file.allow=always", *args],
+                   check=True, capture_output=True)  # fmt: skip
+
+
+def test_bifrostignore_applies_inside_a_git_repo(tmp_path: Path) -> None:
+    root = _git_project(tmp_path / "g")
+    (root / "data").mkdir()
+    (root / "data" / "big.bin").write_text("x")
+    (root / "notes.md").write_text("n")
+    (root / ".bifrostignore").write_text("data/\n*.md\n!keep.log\n")
+    files = list_files(root)
+    assert "data/big.bin" not in files and "notes.md" not in files
+    assert "keep.log" in files and ".bifrostignore" in files and "src/main.py" in files
+
+
+def test_submodules_are_refused_or_pushed(
+    host: Host, tmp_path: Path, workspace: Callable[[Host, str], str]
+) -> None:
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    _git(lib, "init", "-q")
+    (lib / "lib.py").write_text("LIB = 1\n")
+    _git(lib, "add", "-A")
+    _git(lib, "commit", "-qm", "lib")
+    root = _git_project(tmp_path / "withsub")
+    _git(root, "submodule", "add", "-q", str(lib), "vendor/lib")
+    name = workspace(host, "withsub")
+    with pytest.raises(TransferError, match=r"submodules \(vendor/lib\).*submodules=True"):
+        host.push(root, name=name)
+    res = host.push(root, name=name, submodules=True)
+    assert "vendor/lib/lib.py" in _remote_files(host, name)
+    assert res.files == len(list_files(root, with_submodules=True))
+
+
+def test_same_named_projects_do_not_share_a_workspace(
+    host: Host, tmp_path: Path, workspace: Callable[[Host, str], str]
+) -> None:
+    name = workspace(host, "twin")
+    first = tmp_path / "a" / "proj"
+    second = tmp_path / "b" / "proj"
+    for root, f in ((first, "first.txt"), (second, "second.txt")):
+        root.mkdir(parents=True)
+        (root / f).write_text(f)
+    host.push(first, name=name)
+    with pytest.raises(TransferError, match="holds another project, pushed from .*/a/proj"):
+        host.push(second, name=name)
+    assert _remote_files(host, name) == ["first.txt"]  # nothing deleted
+    host.push(second, name=name, force=True)
+    assert _remote_files(host, name) == ["second.txt"]
+    host.push(second, name=name)  # its own workspace now: no complaint
+
+
+def test_push_removes_directories_emptied_by_deletes_and_renames(
+    host: Host, tmp_path: Path, workspace: Callable[[Host, str], str]
+) -> None:
+    name = workspace(host, "emptied")
+    root = tmp_path / "emptied"
+    (root / "old" / "deep").mkdir(parents=True)
+    (root / "old" / "deep" / "a.py").write_text("a")
+    (root / "keep").mkdir()
+    (root / "keep" / "b.py").write_text("b")
+    (root / "keep" / "gone.py").write_text("g")
+    host.push(root, name=name)
+    host.exec(f"mkdir -p ~/.bifrost/workspaces/{name}/keep/results && touch "
+              f"~/.bifrost/workspaces/{name}/keep/results/r.txt")  # fmt: skip
+    (root / "old" / "deep" / "a.py").rename(root / "new.py")  # a rename out of old/deep/
+    (root / "keep" / "gone.py").unlink()
+    host.push(root, name=name)
+    dirs = host.exec(f"cd ~/.bifrost/workspaces/{name} && find . -type d | sort").stdout.split()
+    assert dirs == [".", "./keep", "./keep/results"]  # old/ and old/deep/ went; job output stays
