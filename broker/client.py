@@ -8,9 +8,7 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
@@ -224,12 +222,18 @@ class GPUClient(QueryFields):
 
         ``query`` is a query string, a builder expression or a :class:`Query`; keyword filters
         (``gpu_type``, ``gpu_count``, ``min_vram_gb``, ``max_price_per_hour``, ``manufacturer``,
-        ``provider``, ``spot``, ``sort``, ``limit``) are added with *and*. A slow or failing
-        provider neither delays (beyond ``search_timeout_s``) nor hides the others: see
-        ``result.reports``.
+        ``provider``, ``spot``, ``sort``, ``limit``) are added with *and*. Spot (interruptible)
+        offers are included only when the query says ``spot`` (or ``spot=True``); otherwise only
+        on-demand ones. A slow or failing provider neither delays (beyond ``search_timeout_s``:
+        its requests are cut off and its client closed) nor hides the others: see
+        ``result.reports``. Cloud providers that are not configured are reported as ``skipped``
+        with how to configure them when none is.
         """
+        from broker import search as orchestration
+
         q = build_query(query, **filters)
-        h = hints(q)
+        searched = orchestration.with_defaults(q)
+        h = hints(searched)
         names = self.provider_names()
         reports: dict[str, ProviderReport] = {}
         todo: list[str] = []
@@ -240,59 +244,48 @@ class GPUClient(QueryFields):
                 todo.append(n)
         offers: list[GPUOffer] = []
         if todo:
-            pool = ThreadPoolExecutor(max_workers=len(todo), thread_name_prefix="broker-search")
-            started = time.monotonic()
-            futures: dict[Future[list[GPUOffer]], str] = {}
-            for n in todo:
-                futures[pool.submit(self._search_one, n, q)] = n
-            pending = set(futures)
-            deadline = started + self.search_timeout_s
-            while pending:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                done, pending = wait(pending, timeout=left, return_when=FIRST_COMPLETED)
-                for f in done:
-                    n = futures[f]
-                    latency = round(time.monotonic() - started, 3)
-                    exc = f.exception()
-                    if exc is None:
-                        got = f.result()
-                        offers.extend(got)
-                        reports[n] = ProviderReport(
-                            provider=n, status="ok", offers=len(got), latency_s=latency
-                        )
-                    else:
-                        err = (
-                            exc.to_dict()
-                            if isinstance(exc, BrokerError)
-                            else {"type": type(exc).__name__, "provider": n, "message": str(exc)}
-                        )
-                        reports[n] = ProviderReport(
-                            provider=n, status="error", latency_s=latency, error=err
-                        )
-            for f in pending:
-                n = futures[f]
+            outcomes = orchestration.fan_out(
+                todo,
+                lambda n: self._search_one(n, searched),
+                self.search_timeout_s,
+                on_timeout=self._cancel_search,
+            )
+            for n, out in outcomes.items():
+                offers.extend(out.offers)
                 reports[n] = ProviderReport(
                     provider=n,
-                    status="timeout",
-                    latency_s=self.search_timeout_s,
-                    error={
-                        "type": "Timeout",
-                        "provider": n,
-                        "message": f"no answer within {self.search_timeout_s:g}s",
-                    },
+                    status=out.status,
+                    offers=len(out.offers),
+                    latency_s=out.latency_s,
+                    error=out.error,
                 )
-            # Never wait for a straggler: its thread ends on its own HTTP timeout.
-            pool.shutdown(wait=False, cancel_futures=True)
-        result = run_query(q, offers)
+        result = run_query(searched, offers)
         for r in reports.values():
             if r.status == "ok":
                 r.matched = sum(1 for o in result if o.provider == r.provider)
                 r.pushdown = list(h.used)
+        unconfigured = []
+        if self._selected is None and not self.settings.providers:
+            unconfigured = [
+                ProviderReport(provider=name, status="skipped", error=error)
+                for name, error in orchestration.unconfigured_clouds(self.settings)
+            ]
         return SearchResult(
-            query=to_text(q), offers=result, reports=[reports[n] for n in names if n in reports]
+            query=to_text(q),
+            offers=result,
+            reports=[reports[n] for n in names if n in reports] + unconfigured,
         )
+
+    def _cancel_search(self, name: str) -> None:
+        # The provider missed the search deadline: close its HTTP client so that a request or
+        # retry still under way cannot reach the provider again; the next call builds a fresh
+        # one. A provider the caller passed in is theirs to close (its requests are cut off by
+        # the deadline all the same).
+        p = self._providers.get(name)
+        if p is None or any(p is s for s in self._selected or ()):
+            return
+        del self._providers[name]
+        p.close()
 
     def _search_one(self, name: str, q: Query) -> list[GPUOffer]:
         return self.get_provider(name).search(q)

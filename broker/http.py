@@ -18,13 +18,15 @@ Rules this module enforces so that adapters cannot get them wrong:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import email.utils
 import json
 import logging
 import random
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -75,6 +77,38 @@ def truncate(text: str, limit: int = MAX_ERROR_TEXT) -> str:
     """One line of at most ``limit`` characters (provider error pages can be huge HTML)."""
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+#: The monotonic time by which the current call must be answered (None: no deadline). A context
+#: variable, so one search's deadline bounds every request its provider makes on that thread.
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "broker_http_deadline", default=None
+)
+
+
+@contextlib.contextmanager
+def deadline(at: float | None) -> Iterator[None]:
+    """Within this block no request outlives ``at`` (``time.monotonic()``), retries included.
+
+    Each request's timeouts are cut to the time left, backoff waits never pass it, and once it has
+    passed a request raises :class:`DeadlineExceededError` instead of being sent. ``GPUClient``
+    sets it around every provider search, so a slow provider stops at the search timeout.
+    """
+    token = _DEADLINE.set(at)
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+def time_left() -> float | None:
+    """Seconds until the current deadline (None when there is none; may be negative)."""
+    at = _DEADLINE.get()
+    return None if at is None else at - time.monotonic()
+
+
+class DeadlineExceededError(ProviderUnavailableError):
+    """The caller's deadline passed (a search timeout); the request was cut short or not sent."""
 
 
 class AmbiguousRequestError(ProviderUnavailableError):
@@ -171,6 +205,8 @@ class HttpClient:
         self.backoff_max = backoff_max
         self.retry_after_cap = retry_after_cap
         self._sleep = sleep
+        self._timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
+        self._closed = False
         self._client = httpx.Client(
             base_url=self.base_url,
             timeout=timeout,
@@ -205,7 +241,7 @@ class HttpClient:
             retry=retry_if_exception(retryable),
             stop=stop_after_attempt(self.max_attempts),
             wait=self._wait,
-            sleep=self._sleep,
+            sleep=self._sleep_within_deadline,
             before_sleep=self._log_retry,
             reraise=True,
         )
@@ -233,7 +269,8 @@ class HttpClient:
         return redact(text, secrets)
 
     def close(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pool; later requests fail at once (never silently reopen)."""
+        self._closed = True
         self._client.close()
 
     def __repr__(self) -> str:
@@ -244,20 +281,26 @@ class HttpClient:
     def _send_once(
         self, method: str, path: str, params: Mapping[str, Any] | None, body: Any, expect_json: bool
     ) -> Any:
+        if self._closed:
+            # Closed by a search that gave up on this provider: a straggling retry must not
+            # reach the provider any more.
+            raise DeadlineExceededError(
+                f"{method} {path}: cancelled (the client was closed)", provider=self.provider
+            )
+        timeout = self._request_timeout(method, path)
         started = time.monotonic()
         try:
-            response = self._client.request(method, path, params=params, json=body)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as e:
-            # The request never left this machine: safe to send again.
-            raise _NotSentError(
-                self._msg(f"{method} {path}: cannot connect ({type(e).__name__}: {e})"),
-                provider=self.provider,
-            ) from None
-        except httpx.TransportError as e:
-            raise AmbiguousRequestError(
-                self._msg(f"{method} {path}: {type(e).__name__} after sending: {e}"),
-                provider=self.provider,
-            ) from None
+            response = self._client.request(method, path, params=params, json=body, timeout=timeout)
+        except (httpx.TransportError, RuntimeError) as e:
+            left = time_left()
+            if self._closed or (left is not None and left <= 0.05):
+                # Cut short by the caller's deadline (or by close()): a timeout, not a fault.
+                raise DeadlineExceededError(
+                    f"{method} {path}: no answer within the search timeout", provider=self.provider
+                ) from None
+            if not isinstance(e, httpx.TransportError):
+                raise
+            raise self._transport_error(method, path, e) from None
         elapsed = time.monotonic() - started
         log.debug(
             "%s %s %s -> %s in %.2fs", self.provider, method, path, response.status_code, elapsed
@@ -275,6 +318,45 @@ class HttpClient:
                 provider=self.provider,
                 status_code=response.status_code,
             ) from None
+
+    def _transport_error(
+        self, method: str, path: str, e: httpx.TransportError
+    ) -> ProviderUnavailableError:
+        if isinstance(e, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
+            # The request never left this machine: safe to send again.
+            return _NotSentError(
+                self._msg(f"{method} {path}: cannot connect ({type(e).__name__}: {e})"),
+                provider=self.provider,
+            )
+        return AmbiguousRequestError(
+            self._msg(f"{method} {path}: {type(e).__name__} after sending: {e}"),
+            provider=self.provider,
+        )
+
+    def _request_timeout(self, method: str, path: str) -> httpx.Timeout:
+        """The client's timeouts, each cut to the time the current deadline leaves."""
+        left = time_left()
+        if left is None:
+            return self._timeout
+        if left <= 0:
+            raise DeadlineExceededError(
+                f"{method} {path}: not sent, the search timeout has passed", provider=self.provider
+            )
+
+        def cut(t: float | None) -> float:
+            return left if t is None else min(t, left)
+
+        t = self._timeout
+        return httpx.Timeout(
+            connect=cut(t.connect), read=cut(t.read), write=cut(t.write), pool=cut(t.pool)
+        )
+
+    def _sleep_within_deadline(self, seconds: float) -> None:
+        """Backoff that never sleeps past the deadline (the next attempt then stops at once)."""
+        left = time_left()
+        if left is not None:
+            seconds = max(0.0, min(seconds, left))
+        self._sleep(seconds)
 
     def _raise_for_status(self, method: str, path: str, response: httpx.Response) -> None:
         code = response.status_code
@@ -326,6 +408,8 @@ class _NotSentError(ProviderUnavailableError):
 
 
 def _is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, DeadlineExceededError):
+        return False
     if isinstance(exc, RateLimitedError | ProviderUnavailableError):
         # Unreadable JSON on a 2xx is not a transient fault: retrying the same read won't fix it.
         return not (isinstance(exc, AmbiguousRequestError) and _is_bad_body(exc))
@@ -416,10 +500,13 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "AmbiguousRequestError",
     "BearerAuth",
+    "DeadlineExceededError",
     "HttpClient",
     "create_once",
+    "deadline",
     "parse_as",
     "parse_retry_after",
     "redact",
+    "time_left",
     "truncate",
 ]

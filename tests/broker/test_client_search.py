@@ -162,3 +162,35 @@ def test_offer_round_trips_through_json() -> None:
     again = GPUOffer.model_validate_json(offer.model_dump_json())
     assert again == offer
     assert "price_per_gpu_hour" in offer.model_dump()
+
+
+def test_spot_offers_only_when_the_query_asks() -> None:
+    """Spot (interruptible) is opt-in: `!spot` is the default, `spot` or spot=True opts in."""
+    od = mk("a", "A100 SXM 80GB", 1, 2.0)
+    sp = od.model_copy(update={"offer_id": "spot-1", "spot": True, "price_per_hour": 0.8})
+    a = Fake("a", [od, sp])
+    c = GPUClient(load_settings(), providers=[a])
+    assert [o.spot for o in c.search()] == [False]
+    assert [o.spot for o in c.search("gpus=1")] == [False]
+    assert [o.spot for o in c.search("spot")] == [True]
+    assert [o.spot for o in c.search(spot=True)] == [True]
+    assert [o.spot for o in c.search(c.spot)] == [True]
+    assert [o.spot for o in c.search("!spot")] == [False]
+    assert [o.spot for o in c.search("spot or !spot")] == [True, False]
+    # The shown query is the user's; the default only narrows what is searched.
+    assert c.search().query == ""
+    # Providers are asked for on-demand offers only (the default is pushed down too).
+    assert a.seen[0].where is not None and "!spot" in str(a.seen[0])
+
+
+def test_unconfigured_clouds_say_how_to_configure() -> None:
+    """With no cloud key the default search covers key-less providers and says why."""
+    res = GPUClient().search()
+    skipped = {r.provider: r for r in res.reports if r.status == "skipped"}
+    assert set(skipped) == {"runpod", "primeintellect", "lambdalabs", "vast"}
+    msg = skipped["runpod"].error["message"]  # type: ignore[index]
+    assert "RUNPOD_API_KEY" in msg and "runpod_api_key" in msg and "broker init" in msg
+    assert "VAST_API_KEY" in skipped["vast"].error["message"]  # type: ignore[index]
+    assert not res.all_failed and [o.provider for o in res] == ["local"]
+    # Naming providers explicitly adds no such notes.
+    assert [r.provider for r in GPUClient(providers=["local"]).search().reports] == ["local"]
