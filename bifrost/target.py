@@ -40,6 +40,8 @@ class Target:
     proxy_jump: tuple[Target, ...] = ()
     alias: str | None = None
     is_local: bool = False
+    #: OpenSSH ``ProxyCommand`` (``%h``, ``%p``, ``%r``, ``%%`` tokens unexpanded), or None.
+    proxy_command: str | None = None
     explicit_user: bool = field(default=False, compare=False)
     explicit_port: bool = field(default=False, compare=False)
 
@@ -70,6 +72,37 @@ class Target:
 
 
 LOCAL = Target(is_local=True, host="localhost", user=getpass.getuser(), port=0)
+
+
+# ssh options that do not change where bifrost connects or whom it trusts: accepted and
+# ignored (bifrost has its own timeouts, keepalives and host-key pinning).
+_HARMLESS_OPTIONS = frozenset(
+    (
+        "addkeystoagent", "batchmode", "checkhostip", "compression", "connectionattempts",
+        "connecttimeout", "controlmaster", "controlpath", "controlpersist", "forwardagent",
+        "forwardx11", "globalknownhostsfile", "hashknownhosts", "identitiesonly", "loglevel",
+        "passwordauthentication", "preferredauthentications", "pubkeyauthentication",
+        "requesttty", "sendenv", "serveralivecountmax", "serveraliveinterval", "setenv",
+        "stricthostkeychecking", "tcpkeepalive", "updatehostkeys", "usekeychain",
+        "userknownhostsfile", "visualhostkey",
+    )
+)  # fmt: skip
+_IGNORED_FLAGS = frozenset("Eec")  # log file, escape char, ciphers: no effect on the route
+# ssh_config keys that change the route or the trust and that bifrost does not implement.
+_UNSUPPORTED_CONFIG = frozenset(
+    (
+        "bindaddress", "bindinterface", "certificatefile", "hostkeyalias", "knownhostscommand",
+        "pkcs11provider", "proxyusefdpass", "securitykeyprovider", "tunnel", "tunneldevice",
+    )
+)  # fmt: skip
+
+
+def _unsupported(text: str, what: str) -> TargetError:
+    return TargetError(
+        f"invalid target {text!r}: ssh option {what} is not supported by bifrost, and "
+        "connecting without it could reach another host or trust another key (supported: "
+        "-p, -l, -i, -J and -o Port/User/HostName/IdentityFile/ProxyJump/ProxyCommand)"
+    )
 
 
 def _bad(text: str, what: str) -> TargetError:
@@ -174,17 +207,23 @@ def _parse_ssh_command(text: str) -> tuple[str, dict[str, str | list[str]]]:
                 opts["jump"] = value
             elif flag == "o":
                 key, _, val = value.replace("=", " ", 1).partition(" ")
-                key = key.lower()
-                if key == "port":
-                    opts["port"] = val.strip()
-                elif key == "user":
-                    opts["user"] = val.strip()
+                key, val = key.lower(), val.strip()
+                if key in ("port", "user", "hostname"):
+                    opts[key] = val
                 elif key == "proxyjump":
-                    opts["jump"] = val.strip()
+                    opts["jump"] = val
+                elif key == "proxycommand":
+                    opts["proxycommand"] = val
                 elif key == "identityfile":
                     files = opts.setdefault("identity", [])
                     assert isinstance(files, list)
-                    files.append(os.path.expanduser(val.strip()))
+                    files.append(os.path.expanduser(val))
+                elif key not in _HARMLESS_OPTIONS:
+                    raise _unsupported(text, f"-o {key}")
+            elif flag not in _IGNORED_FLAGS:
+                # -F, -L/-R/-D, -S, -b, -W ...: they change where or how ssh connects, and
+                # connecting without them would be a silent surprise.
+                raise _unsupported(text, f"-{flag}")
             continue
         if dest is None:
             dest = arg
@@ -263,6 +302,12 @@ def _ssh_config_lookup(host: str, config_path: Path | None) -> dict[str, list[st
                     read(inc, active, depth + 1)
                 continue
             value = value.strip('"')
+            if key in _UNSUPPORTED_CONFIG and value.lower() not in ("no", "none"):
+                raise TargetError(
+                    f"{file}: {key} for host {host!r} is not supported by bifrost, and "
+                    "connecting without it could reach another host or trust another key; "
+                    "use ProxyJump/ProxyCommand, or a Host block of its own for bifrost"
+                )
             if key == "identityfile":
                 found.setdefault(key, []).append(value)
             elif key not in found:
@@ -307,7 +352,9 @@ def parse_target(text: str | Target, *, ssh_config: Path | None = None, _depth: 
 
     cfg = _ssh_config_lookup(host, ssh_config)
     alias = None
-    if "hostname" in cfg:
+    if "hostname" in opts:
+        host = _check_host(text, str(opts["hostname"]))
+    elif "hostname" in cfg:
         alias = host
         host = _check_host(text, cfg["hostname"][0].replace("%h", host))
     explicit_user = user is not None
@@ -321,8 +368,15 @@ def parse_target(text: str | Target, *, ssh_config: Path | None = None, _depth: 
     identity = list(opts.get("identity", []))
     identity += [os.path.expanduser(p) for p in cfg.get("identityfile", [])]
     jump_spec = opts.get("jump") or (cfg["proxyjump"][0] if "proxyjump" in cfg else None)
+    proxy = opts.get("proxycommand") or (cfg["proxycommand"][0] if "proxycommand" in cfg else None)
+    if isinstance(proxy, str) and proxy.lower() == "none":
+        proxy = None
+    if isinstance(jump_spec, str) and jump_spec.lower() == "none":
+        jump_spec = None
+    if proxy and jump_spec:
+        raise _bad(text, "both ProxyJump and ProxyCommand are set; keep one")
     jumps: tuple[Target, ...] = ()
-    if isinstance(jump_spec, str) and jump_spec.lower() != "none":
+    if isinstance(jump_spec, str):
         jumps = tuple(
             parse_target(j.strip(), ssh_config=ssh_config, _depth=_depth + 1)
             for j in jump_spec.split(",")
@@ -335,6 +389,7 @@ def parse_target(text: str | Target, *, ssh_config: Path | None = None, _depth: 
         identity_files=tuple(identity),
         proxy_jump=jumps,
         alias=alias,
+        proxy_command=proxy if isinstance(proxy, str) else None,
         explicit_user=explicit_user,
         explicit_port=explicit_port,
     )

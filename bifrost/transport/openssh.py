@@ -68,9 +68,13 @@ def ssh_argv(
         argv = ["ssh", *_options(hop, known_hosts, batch=True, connect_timeout=connect_timeout)]
         if proxy is not None:
             argv += ["-o", "ProxyCommand=" + _escape_tokens(proxy)]
+        elif hop.proxy_command:
+            argv += ["-o", "ProxyCommand=" + hop.proxy_command]
         argv += ["-W", "[%h]:%p", hop.ssh_destination().replace("[", "").replace("]", "")]
         proxy = " ".join(shlex.quote(a) for a in argv)
     argv = ["ssh", *_options(target, known_hosts, batch=batch, connect_timeout=connect_timeout)]
     if proxy is not None:
         argv += ["-o", "ProxyCommand=" + proxy]
+    elif target.proxy_command:
+        argv += ["-o", "ProxyCommand=" + target.proxy_command]  # ssh expands its tokens
     return argv, target.ssh_destination()

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -109,6 +110,15 @@ class _Session(asyncssh.SSHClientSession[bytes]):
             self.closed.set_result(None)
 
 
+def expand_proxy_command(target: Target) -> str | None:
+    """``ProxyCommand`` with OpenSSH's ``%h``, ``%p``, ``%r`` and ``%%`` expanded (asyncssh runs
+    it as given), or None."""
+    if not target.proxy_command:
+        return None
+    values = {"h": target.host, "p": str(target.port), "r": target.user, "%": "%"}
+    return re.sub(r"%(.)", lambda m: values.get(m.group(1), m.group(0)), target.proxy_command)
+
+
 async def _fingerprint_now(target: Target, tunnel: asyncssh.SSHClientConnection | None) -> str:
     try:
         key = await asyncio.wait_for(
@@ -127,6 +137,7 @@ async def _connect_once(
     keepalive_interval: float,
     tunnel: asyncssh.SSHClientConnection | None,
 ) -> tuple[asyncssh.SSHClientConnection, _Client]:
+    proxy = None if tunnel is not None else expand_proxy_command(target)
     pinned = known_hosts.lookup(target.host, target.port)
     kh = asyncssh.import_known_hosts("\n".join(pinned) + "\n") if pinned else None
     try:
@@ -136,6 +147,7 @@ async def _connect_once(
                 target.host,
                 target.port,
                 tunnel=tunnel,
+                proxy_command=proxy,
                 username=target.user,
                 known_hosts=kh,
                 client_keys=list(target.identity_files) if target.identity_files else (),

@@ -129,3 +129,45 @@ def test_cli_exec_and_openssh_through_the_jump(
         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert (r.returncode, r.stdout) == (0, "via-openssh\n"), r.stderr
+
+
+RELAY = """
+import os, socket, sys, threading
+host, port, mark = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+with open(mark, "a") as f:
+    f.write(f"{host}:{port}\\n")
+s = socket.create_connection((host, port))
+def up():
+    while data := os.read(0, 65536):
+        s.sendall(data)
+    s.shutdown(socket.SHUT_WR)
+threading.Thread(target=up, daemon=True).start()
+while data := s.recv(65536):
+    os.write(1, data)
+"""
+
+
+def test_proxycommand_is_used_by_bifrost_and_rsync(
+    sshd: SSHServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    workspace: Callable[[Host, str], str],
+) -> None:
+    relay, mark = tmp_path / "relay.py", tmp_path / "relayed"
+    relay.write_text(RELAY)
+    cfg = tmp_path / "config"
+    cfg.write_text(
+        f"Host bf-pc\n  HostName 127.0.0.1\n  Port {sshd.port}\n  User {sshd.user}\n"
+        f"  IdentityFile {sshd.client_key}\n"
+        f"  ProxyCommand {sys.executable} {relay} %h %p {mark}\n"
+    )
+    monkeypatch.setenv("BIFROST_SSH_CONFIG", str(cfg))
+    with Host("bf-pc") as h:
+        assert h.exec("echo through-proxy").stdout == "through-proxy\n"
+        assert mark.read_text().splitlines() == [f"127.0.0.1:{sshd.port}"]
+        proj = tmp_path / "pcproj"
+        proj.mkdir()
+        (proj / "f.txt").write_text("f\n")
+        res = h.push(proj, name=workspace(h, "pc"))
+        assert res.method == "rsync"
+        assert len(mark.read_text().splitlines()) == 2  # rsync's ssh went through it too

@@ -147,3 +147,32 @@ def test_more_bad_targets(text: str, fragment: str) -> None:
     with pytest.raises(TargetError, match="expected user@host") as info:
         parse_target(text)
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "ssh -F /tmp/other_config root@h",
+        "ssh -L 8080:localhost:80 root@h",
+        "ssh -S /tmp/ctl root@h",
+        "ssh -o HostKeyAlias=other root@h",
+        "ssh -o ProxyUseFdpass=yes root@h",
+        "ssh -b 10.0.0.1 root@h",
+    ],
+)
+def test_unsupported_ssh_options_are_refused(text: str) -> None:
+    with pytest.raises(TargetError, match="not supported by bifrost"):
+        parse_target(text)
+
+
+def test_harmless_ssh_options_are_accepted_and_proxycommand_kept(tmp_path: Path) -> None:
+    t = parse_target("ssh -o ServerAliveInterval=5 -o ProxyCommand='nc %h %p' -p 2 root@h")
+    assert (t.host, t.port, t.proxy_command) == ("h", 2, "nc %h %p")
+    cfg = tmp_path / "config"
+    cfg.write_text("Host pc\n  HostName 10.0.0.9\n  ProxyCommand ssh -W %h:%p gw\n"
+                   "Host fd\n  HostName 10.0.0.8\n  HostKeyAlias other\n")  # fmt: skip
+    assert parse_target("pc", ssh_config=cfg).proxy_command == "ssh -W %h:%p gw"
+    with pytest.raises(TargetError, match="hostkeyalias for host 'fd' is not supported"):
+        parse_target("fd", ssh_config=cfg)
+    with pytest.raises(TargetError, match="both ProxyJump and ProxyCommand"):
+        parse_target("ssh -J gw -o ProxyCommand='nc %h %p' root@h")
