@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
+from broker import lifecycle
 from broker.config import Settings, load_settings
 from broker.errors import BrokerError, ConfigError, NotFoundError, ProvisionError
 from broker.providers.base import Provider, get_provider_class, provider_classes
@@ -25,6 +26,11 @@ if TYPE_CHECKING:
     from broker.journal import Journal, JournalEntry
     from broker.lifecycle import ManagedInstance, ProgressFn, ReconcileReport
     from broker.types import ProvisionAttempt
+
+#: Largest disk a create may ask for, GB (a typo like 1e20 is refused, not sent).
+MAX_DISK_GB = 100_000
+#: Longest readiness deadline, s (a day).
+MAX_READY_TIMEOUT_S = 86_400.0
 
 log = logging.getLogger(__name__)
 
@@ -358,10 +364,21 @@ class GPUClient(QueryFields):
 
         Guards: ``max_price_per_hour`` (or the client's/config's) excludes dearer offers; the
         budget refuses a create whose projected cost (price x ttl, or 1 h) would take the
-        journal's estimated spend past it.
+        journal's estimated spend past it. With a budget, a create without a TTL gets one: the
+        time the remaining budget buys at the offer's price (``inst.extra["ttl_seconds"]``,
+        enforced by the provider where it can, else by ``reap``).
         """
-        from broker import lifecycle
+        import math
 
+        if isinstance(disk_gb, bool) or not 1 <= disk_gb <= MAX_DISK_GB:
+            raise ConfigError(f"disk_gb must be between 1 and {MAX_DISK_GB} GB, not {disk_gb!r}")
+        if ready_timeout is not None and not (
+            math.isfinite(ready_timeout) and 1 <= ready_timeout <= MAX_READY_TIMEOUT_S
+        ):
+            raise ConfigError(
+                f"ready_timeout must be between 1 and {MAX_READY_TIMEOUT_S:g} seconds, "
+                f"not {ready_timeout!r}"
+            )
         cap = max_price_per_hour if max_price_per_hour is not None else self.max_price_per_hour
         ttl_s = lifecycle.parse_ttl(ttl if ttl is not None else self.settings.default_ttl)
         if isinstance(query, GPUOffer):
@@ -409,14 +426,10 @@ class GPUClient(QueryFields):
         on_progress: ProgressFn | None = None,
     ) -> Instance:
         """Block until ``instance`` is usable (see :func:`broker.lifecycle.wait_until_ready`)."""
-        from broker import lifecycle
-
         return lifecycle.wait_until_ready(self, instance, timeout=timeout, on_progress=on_progress)
 
     def instance(self, ref: str) -> ManagedInstance:
         """A journal instance (name, provider id or unique prefix), refreshed from its provider."""
-        from broker import lifecycle
-
         entry = lifecycle.resolve_entry(self.journal, ref)
         if entry.instance_id is None:
             raise NotFoundError(f"{entry.name} has no provider id (its create did not finish)")
@@ -435,12 +448,17 @@ class GPUClient(QueryFields):
         entries = self.journal.all_entries() if include_closed else self.journal.open_entries()
         if refresh:
             for e in entries:
+                if e.is_open and e.instance_id is None:
+                    self._adopt_if_listed(e)
                 if not e.is_open or e.instance_id is None:
                     continue
                 try:
                     inst = self.get_provider(e.provider).get(e.instance_id)
                 except NotFoundError:
-                    continue  # a ghost: `reconcile` decides, listing changes nothing
+                    # The provider no longer knows it (RunPod forgets terminated pods): it does
+                    # not bill, so it must not show as running nor count in $/h.
+                    self.journal.record_terminated(e.name, "provider no longer knows it")
+                    continue
                 except BrokerError:
                     continue
                 self.journal.record_status(
@@ -451,25 +469,32 @@ class GPUClient(QueryFields):
             entries = [e for e in fresh if e.name in names]
         return entries
 
+    def _adopt_if_listed(self, e: JournalEntry) -> None:
+        # A create that got no answer: if the provider lists it now, give the entry its id so
+        # it shows and counts (it stays abandoned, so the next reap terminates it).
+        from broker.journal import Phase
+
+        if e.state != Phase.SENT or lifecycle.owner_alive(e.owner) is True:
+            return
+        try:
+            found = self.get_provider(e.provider).find_by_name(e.name)
+        except BrokerError:
+            return
+        if found is not None:
+            self.journal.record_created(e.name, found.instance_id, found.status)
+            self.journal.record_event(e.name, "adopted", "listed after an unanswered create")
+
     def terminate(
         self, instance: str | Instance, *, wait: bool = True, timeout: float = 300.0
     ) -> JournalEntry:
         """Terminate an instance and confirm it is gone (then its journal entry is closed)."""
-        from broker import lifecycle
-
         return lifecycle.terminate(self, instance, wait=wait, timeout=timeout)
 
     def reap(self, *, timeout: float = 300.0) -> list[tuple[JournalEntry, BrokerError | None]]:
-        """Terminate every instance past its TTL; returns each with its error (or None)."""
-        from broker import lifecycle
-
-        done: list[tuple[JournalEntry, BrokerError | None]] = []
-        for e in lifecycle.expired_entries(self.journal):
-            try:
-                done.append((lifecycle.terminate(self, e.name, timeout=timeout), None))
-            except BrokerError as err:
-                done.append((e, err))
-        return done
+        """Terminate what nobody else will: instances past their TTL, terminates requested but
+        not confirmed, abandoned instances (see :func:`broker.lifecycle.reap`); returns each
+        with its error (or None)."""
+        return lifecycle.reap(self, timeout=timeout)
 
     def _reap_quietly(self) -> None:
         # Short deadline: a stuck provider must not hold up the create the user asked for.
@@ -480,9 +505,8 @@ class GPUClient(QueryFields):
                 log.warning("terminated %s: its TTL had passed", entry.name)
 
     def reconcile(self, providers: Sequence[str] | None = None) -> ReconcileReport:
-        """Find orphans (billing, held by nobody) and ghosts (journal only); changes nothing."""
-        from broker import lifecycle
-
+        """Find orphans (billing, held by nobody), ghosts (journal only), foreign instances
+        (named by another journal) and pending creates; changes nothing."""
         return lifecycle.find_discrepancies(self, providers)
 
     def spend(self) -> float:

@@ -132,6 +132,9 @@ class AmbiguousCreateError(ProviderUnavailableError):
     the instance if it turns up, and no further offer is tried (that could bill twice).
     """
 
+    #: The journal name of the instance that may exist.
+    instance_name: str | None = None
+
 
 class StaleOfferError(ProviderError):
     """The offer changed or vanished between search and create (price, stock, or id)."""
@@ -144,15 +147,35 @@ class NotFoundError(ProviderError):
 class ProvisionError(BrokerError):
     """Every offer tried during a create failed; ``attempts`` lists each one with its error."""
 
-    def __init__(self, message: str, attempts: Sequence[ProvisionAttempt] = ()) -> None:
+    def __init__(
+        self,
+        message: str,
+        attempts: Sequence[ProvisionAttempt] = (),
+        *,
+        abandoned: Sequence[str] = (),
+    ) -> None:
         self.attempts = list(attempts)
+        #: Names of instances whose cleanup could not be confirmed: they may still bill until
+        #: ``broker instances reap``/``reconcile`` finishes the terminate.
+        self.abandoned = list(abandoned)
         super().__init__(message)
 
     def __str__(self) -> str:
         lines = [self.message]
         for a in self.attempts:
             lines.append(f"  - {a.provider} {a.offer_id}: {a.error_type}: {a.error}")
+        for name in self.abandoned:
+            lines.append(
+                f"  ! {name} may still be billing (cleanup unconfirmed): "
+                "run `broker instances reap` or `broker instances reconcile`"
+            )
         return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form with the abandoned instances."""
+        d = super().to_dict()
+        d["abandoned"] = list(self.abandoned)
+        return d
 
 
 class GuardError(BrokerError):
@@ -187,6 +210,8 @@ class ReadinessError(BrokerError):
         kept: bool = False,
     ) -> None:
         self.stage = stage
+        #: True when the failed instance's cleanup terminate could not be confirmed.
+        self.cleanup_failed = False
         self.instance_id = instance_id
         self.name = name
         self.elapsed_s = elapsed_s
@@ -210,6 +235,13 @@ class TerminateError(BrokerError):
     """A terminate could not be confirmed; the journal keeps the instance open to retry."""
 
 
+class JournalError(BrokerError):
+    """The journal (SQLite in the state dir) cannot be opened, read or written.
+
+    The message names the file and what to do; it is one line, never a traceback.
+    """
+
+
 __all__ = [
     "AmbiguousCreateError",
     "AuthError",
@@ -218,6 +250,7 @@ __all__ = [
     "ConfigError",
     "GuardError",
     "InvalidRequestError",
+    "JournalError",
     "NoCapacityError",
     "NotFoundError",
     "PriceLimitError",

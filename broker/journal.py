@@ -4,11 +4,27 @@ The intent is written *before* the provider is called, under a unique name (``br
 is also sent to the provider as the instance's name/label. So if the client dies at any point of a
 create, ``reconcile`` can still find the instance at the provider by that name. WAL mode and a busy
 timeout let several broker processes (a sweep) share one journal.
+
+Each journal has a random id (``journal_id``, six hex digits) that is part of every name it hands
+out: ``broker-<journal id>-<10 hex>[-label]``. ``reconcile`` treats only instances carrying its own
+id as its orphans; others (a colleague's or CI's journal on the same account) are *foreign*.
+
+Each entry walks one state machine, recorded in ``phase`` (and an event per transition)::
+
+    intent → sent → created → ready → terminating → closed
+
+``intent``: written before anything else, nothing sent; ``sent``: the create request is going out
+(from here on the provider may have an instance, whatever the answer); ``created``: the provider
+gave an id; ``ready``: readiness passed; ``terminating``: a terminate was requested (written
+*before* the provider is called, so an interrupted or failed terminate is finished by ``reap`` or
+``reconcile``); ``closed``: nothing can bill any more. Every recovery decision reads the phase.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import secrets
 import sqlite3
 import threading
@@ -18,11 +34,37 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from broker.errors import BudgetExceededError, ConfigError, JournalError
 from broker.types import GPUOffer, InstanceStatus, utcnow
 
 NAME_PREFIX = "broker-"
+
+#: ``broker-<journal id>-<10 hex>[-label]`` (names from before journal ids: ``broker-<10 hex>``).
+_NAME_WITH_ID = re.compile(r"broker-([0-9a-f]{6})-[0-9a-f]{10}(?:-|$)")
+
+#: A create that got no answer stays pending (open, counted in the budget) until a provider
+#: listing taken this long after the request was sent still lacks it. Providers list a new
+#: instance within seconds to a minute; 15 minutes leaves a wide margin.
+AMBIGUOUS_GRACE_S = 900.0
+
+#: The least TTL a budget may leave a create (below this the create is refused).
+MIN_BUDGET_TTL_S = 300
+
+
+class Phase:
+    """The create/terminate state machine of an entry (``JournalEntry.phase``)."""
+
+    INTENT = "intent"  # written, nothing sent to the provider
+    SENT = "sent"  # the create request went out: the provider may have the instance
+    CREATED = "created"  # the provider answered with an id
+    READY = "ready"  # readiness passed
+    TERMINATING = "terminating"  # a terminate was requested (maybe not yet confirmed)
+    CLOSED = "closed"  # confirmed gone or never created: nothing bills
+
+    ORDER = (INTENT, SENT, CREATED, READY, TERMINATING, CLOSED)
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -61,10 +103,14 @@ CREATE TABLE IF NOT EXISTS cooldowns (
     until       TEXT NOT NULL,
     reason      TEXT
 );
+CREATE TABLE IF NOT EXISTS meta (
+    key     TEXT PRIMARY KEY,
+    value   TEXT NOT NULL
+);
 """
 
 #: Columns added after the first release, with their SQL types (added on open when missing).
-_MIGRATIONS = {"owner": "TEXT"}
+_MIGRATIONS = {"owner": "TEXT", "phase": "TEXT", "sent_at": "TEXT"}
 
 #: Statuses after which an entry is closed (nothing can bill any more).
 CLOSED = {InstanceStatus.TERMINATED.value}
@@ -91,6 +137,23 @@ class JournalEntry(BaseModel):
     running_at: datetime | None = None
     ended_at: datetime | None = None
     owner: str | None = None
+    phase: str | None = None
+    sent_at: datetime | None = None
+    #: The offer as JSON (see :func:`offer_of`); left out of dumps.
+    offer_json: str | None = Field(default=None, exclude=True, repr=False)
+
+    @property
+    def state(self) -> str:
+        """The entry's :class:`Phase` (derived for entries written before phases existed)."""
+        if not self.is_open:
+            return Phase.CLOSED
+        if self.phase:
+            return self.phase
+        if self.status == "intent":
+            return Phase.INTENT
+        if self.status == InstanceStatus.TERMINATING.value:
+            return Phase.TERMINATING
+        return Phase.CREATED
 
     @property
     def is_open(self) -> bool:
@@ -112,9 +175,17 @@ class JournalEntry(BaseModel):
         return self.expires_at - (now or utcnow())
 
 
-def new_name() -> str:
-    """A unique instance name: ``broker-`` and 10 random hex digits."""
+def new_name(journal_id: str | None = None) -> str:
+    """A unique instance name: ``broker-``, the journal's id and 10 random hex digits."""
+    if journal_id:
+        return f"{NAME_PREFIX}{journal_id}-{secrets.token_hex(5)}"
     return f"{NAME_PREFIX}{secrets.token_hex(5)}"
+
+
+def name_journal_id(name: str | None) -> str | None:
+    """The journal id carried in an instance name, or None (not ours, or an older name)."""
+    m = _NAME_WITH_ID.match(name or "")
+    return m.group(1) if m else None
 
 
 def _ts(dt: datetime | None) -> str | None:
@@ -124,24 +195,73 @@ def _ts(dt: datetime | None) -> str | None:
 class Journal:
     """SQLite journal at ``<state dir>/journal.sqlite`` (thread-safe; process-safe via WAL)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, timeout: float = 30.0) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise ConfigError(
+                f"state dir {self.path.parent} is not a directory (BROKER_STATE_DIR / state_dir)"
+            ) from None
+        except OSError as e:
+            raise JournalError(
+                f"cannot create the state dir {self.path.parent}: {e.strerror or e}"
+            ) from None
         self._lock = threading.Lock()
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves (see _tx).
-        self._conn = sqlite3.connect(
-            self.path, timeout=30.0, check_same_thread=False, isolation_level=None
-        )
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.execute("PRAGMA busy_timeout=30000")
-        with self._lock:
-            self._conn.executescript(_SCHEMA)
-            have = {r["name"] for r in self._conn.execute("PRAGMA table_info(instances)")}
-            for col, typ in _MIGRATIONS.items():
-                if col not in have:
-                    self._conn.execute(f"ALTER TABLE instances ADD COLUMN {col} {typ}")
+        self._closed = False
+        with self._guard("open"):
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves (see _tx).
+            self._conn = sqlite3.connect(
+                self.path, timeout=timeout, check_same_thread=False, isolation_level=None
+            )
+            self._conn.row_factory = sqlite3.Row
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+            with self._lock:
+                self._conn.executescript(_SCHEMA)
+                have = {r["name"] for r in self._conn.execute("PRAGMA table_info(instances)")}
+                for col, typ in _MIGRATIONS.items():
+                    if col not in have:
+                        self._conn.execute(f"ALTER TABLE instances ADD COLUMN {col} {typ}")
+                # INSERT OR IGNORE: two processes opening a new journal agree on one id.
+                self._conn.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('journal_id', ?)",
+                    (secrets.token_hex(3),),
+                )
+                row = self._conn.execute(
+                    "SELECT value FROM meta WHERE key = 'journal_id'"
+                ).fetchone()
+                self.journal_id: str = row["value"]
+
+    @contextmanager
+    def _guard(self, what: str) -> Iterator[None]:
+        """SQLite and OS errors as one-line :class:`JournalError` naming the file."""
+        try:
+            yield
+        except sqlite3.DatabaseError as e:
+            text = str(e)
+            if "not a database" in text or "malformed" in text:
+                hint = "it is corrupt: move it aside (broker starts a new one) and run reconcile"
+            elif "locked" in text or "busy" in text:
+                hint = "another broker process holds it locked; retry when it is done"
+            else:
+                hint = text
+            raise JournalError(f"journal {self.path}: cannot {what} ({text}); {hint}") from None
+        except OSError as e:
+            raise JournalError(f"journal {self.path}: cannot {what} ({e.strerror or e})") from None
+
+    def new_instance_name(self, label: str | None = None) -> str:
+        """A fresh unique name carrying this journal's id, plus an optional readable label."""
+        base = new_name(self.journal_id)
+        if not label:
+            return base
+        slug = re.sub(r"[^a-z0-9-]+", "-", label.lower()).strip("-")[:24].strip("-")
+        return f"{base}-{slug}" if slug else base
+
+    def owns(self, name: str | None) -> bool:
+        """Whether an instance name was handed out by this journal (by its journal id)."""
+        return name_journal_id(name) == self.journal_id
 
     @classmethod
     def default(cls, state_dir: str | Path) -> Journal:
@@ -151,7 +271,9 @@ class Journal:
     def close(self) -> None:
         """Close the connection."""
         with self._lock:
-            self._conn.close()
+            if not self._closed:
+                self._closed = True
+                self._conn.close()
 
     def __enter__(self) -> Journal:
         return self
@@ -163,12 +285,13 @@ class Journal:
     def _tx(self) -> Iterator[sqlite3.Connection]:
         # BEGIN IMMEDIATE takes the write lock up front, so concurrent writers queue on
         # busy_timeout instead of failing with "database is locked" on upgrade.
-        with self._lock:
+        with self._guard("write"), self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
 
@@ -189,27 +312,47 @@ class Journal:
 
         ``owner`` names the process that holds the instance (see :mod:`broker.lifecycle`); an
         entry without one is detached: it lives until terminated or its TTL passes.
+
+        With a ``budget`` this is *the* budget check, under the journal's write lock so that
+        concurrent creates cannot both slip under it. A create without a TTL then gets one:
+        the time that what remains of the budget buys at the offer's price (read the chosen
+        ``ttl_seconds`` back from the entry), so spend stays within the budget even if no
+        broker command ever runs again. A TTL that does not fit is refused.
         """
-        name = name or new_name()
+        name = name or self.new_instance_name()
         now = utcnow()
-        expires = now + timedelta(seconds=ttl_seconds) if ttl_seconds else None
+        ttl_note: str | None = None
         with self._tx() as c:
             if budget is not None:
-                # Checked under the write lock: concurrent creates cannot both slip under it.
                 rows = c.execute("SELECT * FROM instances").fetchall()
                 committed = _committed([JournalEntry.model_validate(dict(r)) for r in rows], now)
-                if committed + projected_cost > budget:
-                    from broker.errors import BudgetExceededError
-
+                left = budget - committed
+                price = offer.price_per_hour
+                what = (
+                    f"{offer.gpu_count}x {offer.gpu_type} at ${price:.2f}/h"
+                    if offer.gpu_count
+                    else f"{offer.gpu_type} at ${price:.2f}/h"
+                )
+                if ttl_seconds is None and price > 0:
+                    affordable = int(max(0.0, left) / price * 3600)
+                    if affordable < MIN_BUDGET_TTL_S:
+                        raise BudgetExceededError(
+                            f"budget ${budget:.2f} would be exceeded: ${committed:.2f} spent or "
+                            f"committed leaves ${max(0.0, left):.2f}, less than "
+                            f"{MIN_BUDGET_TTL_S // 60} minutes of {what}"
+                        )
+                    ttl_seconds = min(affordable, 365 * 86400)
+                    ttl_note = f"ttl {ttl_seconds}s set by the budget (${left:.2f} left)"
+                elif committed + projected_cost > budget:
                     raise BudgetExceededError(
                         f"budget ${budget:.2f} would be exceeded: ${committed:.2f} spent or "
-                        f"committed + ${projected_cost:.2f} for {offer.gpu_count}x "
-                        f"{offer.gpu_type} at ${offer.price_per_hour:.2f}/h"
+                        f"committed + ${projected_cost:.2f} for {what}"
                     )
+            expires = now + timedelta(seconds=ttl_seconds) if ttl_seconds else None
             c.execute(
                 "INSERT INTO instances (name, provider, status, gpu_type, gpu_count,"
                 " price_per_hour, spot, offer_json, ttl_seconds, expires_at, sweep, tag,"
-                " created_at, updated_at, owner) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " created_at, updated_at, owner, phase) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     name,
                     offer.provider,
@@ -226,16 +369,67 @@ class Journal:
                     _ts(now),
                     _ts(now),
                     owner,
+                    Phase.INTENT,
                 ),
             )
             self._event(c, name, "intent", f"{offer.provider} {offer.offer_id}")
+            if ttl_note:
+                self._event(c, name, "ttl", ttl_note)
         return name
 
-    def record_created(self, name: str, instance_id: str, status: InstanceStatus) -> None:
-        """The provider accepted the create and gave this id."""
+    def record_sent(self, name: str) -> None:
+        """The create request is about to go out: from now on the provider may have it."""
         with self._tx() as c:
-            self._update(c, name, instance_id=instance_id, status=status.value)
+            self._update(c, name, phase=Phase.SENT, sent_at=_ts(utcnow()))
+            self._event(c, name, Phase.SENT, None)
+
+    def record_created(self, name: str, instance_id: str, status: InstanceStatus) -> None:
+        """The provider accepted the create and gave this id (or it was found by name)."""
+        with self._tx() as c:
+            row = c.execute(
+                "SELECT phase, status FROM instances WHERE name = ?", (name,)
+            ).fetchone()
+            if row is None:
+                raise KeyError(name)
+            fields: dict[str, Any] = {"instance_id": instance_id}
+            # A terminate already requested (a cleanup finding the instance) keeps its phase.
+            if row["phase"] not in (Phase.TERMINATING, Phase.CLOSED):
+                fields.update(status=status.value, phase=Phase.CREATED)
+            self._update(c, name, **fields)
             self._event(c, name, status.value, f"id {instance_id}")
+
+    def record_ready(self, name: str) -> None:
+        """Readiness passed."""
+        with self._tx() as c:
+            self._update(c, name, phase=Phase.READY)
+            self._event(c, name, Phase.READY, None)
+
+    def record_terminate_requested(
+        self, name: str, detail: str | None = None, *, owner: str | None = None
+    ) -> bool:
+        """Mark the entry terminating *before* the provider is asked; False if already closed.
+
+        If the process dies or the provider call fails, the entry shows as terminating and
+        ``reap``/``reconcile`` finish the job.
+        """
+        with self._tx() as c:
+            row = c.execute(
+                "SELECT phase, status FROM instances WHERE name = ?", (name,)
+            ).fetchone()
+            if row is None:
+                raise KeyError(name)
+            if row["status"] in CLOSED:
+                return False
+            # ``owner``: the process finishing the terminate (None: nobody waits for it).
+            self._update(
+                c,
+                name,
+                phase=Phase.TERMINATING,
+                status=InstanceStatus.TERMINATING.value,
+                owner=owner,
+            )
+            self._event(c, name, "terminate_requested", detail)
+        return True
 
     def record_status(
         self,
@@ -245,22 +439,34 @@ class Journal:
         detail: str | None = None,
         ssh_target: str | None = None,
     ) -> None:
-        """A status transition (only written when the status or target changed)."""
-        entry = self.get(name)
-        if entry is None:
-            raise KeyError(name)
-        if not entry.is_open:
-            return  # a stale reading from another process must not reopen a closed entry
-        if entry.status == status.value and (ssh_target is None or ssh_target == entry.ssh_target):
-            return
-        fields: dict[str, Any] = {"status": status.value}
-        if ssh_target is not None:
-            fields["ssh_target"] = ssh_target
-        if status is InstanceStatus.RUNNING and entry.running_at is None:
-            fields["running_at"] = _ts(utcnow())
-        if status.value in CLOSED:
-            fields["ended_at"] = _ts(utcnow())
+        """A status transition (only written when the status or target changed).
+
+        Checked and written in one transaction: a stale reading from another process can
+        neither reopen a closed entry nor undo a requested terminate.
+        """
+        now = utcnow()
         with self._tx() as c:
+            row = c.execute("SELECT * FROM instances WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise KeyError(name)
+            entry = JournalEntry.model_validate(dict(row))
+            if not entry.is_open:
+                return
+            closing = status.value in CLOSED
+            if entry.state == Phase.TERMINATING and not closing:
+                status = InstanceStatus.TERMINATING  # requested: a late "running" is stale
+            if entry.status == status.value and (
+                ssh_target is None or ssh_target == entry.ssh_target
+            ):
+                return
+            fields: dict[str, Any] = {"status": status.value}
+            if ssh_target is not None:
+                fields["ssh_target"] = ssh_target
+            if status is InstanceStatus.RUNNING and entry.running_at is None:
+                fields["running_at"] = _ts(now)
+            if closing:
+                fields["ended_at"] = _ts(now)
+                fields["phase"] = Phase.CLOSED
             self._update(c, name, **fields)
             self._event(c, name, status.value, detail)
 
@@ -313,7 +519,14 @@ class Journal:
                     _ts(now),
                 ),
             )
-            self._update(c, name, instance_id=instance_id, status=status.value)
+            self._update(
+                c,
+                name,
+                instance_id=instance_id,
+                status=status.value,
+                phase=Phase.CREATED,
+                ended_at=None,
+            )
             self._event(c, name, "adopted", detail)
 
     # -- capacity cool-downs ----------------------------------------------------------------------
@@ -329,7 +542,7 @@ class Journal:
     def cooling(self) -> dict[str, datetime]:
         """Offer keys still cooling down, with when each may be tried again."""
         now = utcnow()
-        with self._lock:
+        with self._guard("read"), self._lock:
             rows = self._conn.execute("SELECT offer_key, until FROM cooldowns").fetchall()
         out = {r["offer_key"]: datetime.fromisoformat(r["until"]) for r in rows}
         return {k: v for k, v in out.items() if v > now}
@@ -337,7 +550,13 @@ class Journal:
     def record_failed(self, name: str, error: str) -> None:
         """A create that the provider refused: nothing exists, so the entry is closed."""
         with self._tx() as c:
-            self._update(c, name, status=InstanceStatus.TERMINATED.value, ended_at=_ts(utcnow()))
+            self._update(
+                c,
+                name,
+                status=InstanceStatus.TERMINATED.value,
+                ended_at=_ts(utcnow()),
+                phase=Phase.CLOSED,
+            )
             self._event(c, name, "create_failed", error[:500])
 
     def _update(self, c: sqlite3.Connection, name: str, **fields: Any) -> None:
@@ -355,7 +574,7 @@ class Journal:
 
     # -- reads ----------------------------------------------------------------------------------
     def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[JournalEntry]:
-        with self._lock:
+        with self._guard("read"), self._lock:
             rows = self._conn.execute(sql, args).fetchall()
         return [JournalEntry.model_validate(dict(r)) for r in rows]
 
@@ -388,7 +607,7 @@ class Journal:
 
     def events(self, name: str) -> list[tuple[datetime, str, str | None]]:
         """The status history of one entry."""
-        with self._lock:
+        with self._guard("read"), self._lock:
             rows = self._conn.execute(
                 "SELECT at, status, detail FROM events WHERE name = ? ORDER BY id", (name,)
             ).fetchall()

@@ -556,6 +556,9 @@ class RunPodSimulator:
         self._rate_limits: list[_CountedFault] = []
         self._http_faults: list[_CountedFault] = []
         self._lost: list[_CountedFault] = []
+        self._late: list[_CountedFault] = []
+        self._slow: list[_CountedFault] = []
+        self._held: dict[str, _Pod] = {}  # created by a late deploy, not yet visible
         self._pod_faults: list[_PodFault] = []
         self._offset = 0.0
         self._server: ThreadingHTTPServer | None = None
@@ -585,7 +588,7 @@ class RunPodSimulator:
         if self._server is not None:
             return self
         self._closing.clear()
-        server = ThreadingHTTPServer(("127.0.0.1", self._port), _make_handler(self))
+        server = _QuietServer(("127.0.0.1", self._port), _make_handler(self))
         server.daemon_threads = True
         self._dir = Path(tempfile.mkdtemp(prefix="runpod-sim-"))
         os.chmod(self._dir, 0o700)
@@ -719,6 +722,48 @@ class RunPodSimulator:
         with self._lock:
             self._lost.append(_CountedFault(n, mode=mode))
 
+    def late_deploy(
+        self, n: int = 1, *, mode: LostMode = "drop", delay: float | None = None
+    ) -> None:
+        """The provider acts late: the next ``n`` deploys lose their answer (``"drop"`` or
+        ``"504"``) and their pod does not exist yet. It appears (listed, booting, billing from
+        then on) after ``delay`` real seconds, or when :meth:`release_late` is called
+        (``delay=None``): what a client sees when a create it gave up on succeeds later."""
+        with self._lock:
+            self._late.append(
+                _CountedFault(n, mode=mode, retry_after=-1.0 if delay is None else delay)
+            )
+
+    def release_late(self) -> list[str]:
+        """Make every pod held back by :meth:`late_deploy` appear now; returns their ids."""
+        with self._lock:
+            ids = list(self._held)
+        for pod_id in ids:
+            self._release(pod_id)
+        return ids
+
+    def _release(self, pod_id: str) -> None:
+        with self._lock:
+            pod = self._held.pop(pod_id, None)
+            if pod is None or self._closing.is_set():
+                return
+            now = self.now()
+            pod.created_at = now
+            pod.running_at = self._mono() + max(0.0, self.provision_delay)
+            pod.last_change = _status_word("Rented by User", now)
+            self._pods[pod_id] = pod
+            self._start_boot(pod)
+        log.info("late pod %s appeared", pod_id)
+
+    def slow_response(
+        self, seconds: float, n: int | None = 1, *, operation: str | None = None
+    ) -> None:
+        """Answer after the client's timeout: the next ``n`` requests (of root field
+        ``operation`` only, if given) are acted on at once, but their answer is sent only after
+        ``seconds`` (a client with a shorter read timeout gives up: an ambiguous failure)."""
+        with self._lock:
+            self._slow.append(_CountedFault(n, operation=operation, retry_after=seconds))
+
     def slow_start(
         self, seconds: float, n: int | None = 1, *, gpu_type_id: str | None = None
     ) -> None:
@@ -758,6 +803,8 @@ class RunPodSimulator:
             self._rate_limits.clear()
             self._http_faults.clear()
             self._lost.clear()
+            self._late.clear()
+            self._slow.clear()
             self._pod_faults.clear()
 
     @staticmethod
@@ -930,8 +977,13 @@ class RunPodSimulator:
                 root, op_name, variables, failing.status, None, {"error": _reason(failing.status)}
             )
 
+        with self._lock:
+            slow = self._take(self._slow, root)
         try:
             data = self._dispatch(kind, root, body["query"], variables)
+            if slow is not None:
+                # Acted on already; the answer comes too late for a client with a short timeout.
+                self._closing.wait(slow.retry_after)
         except _DropConnection:
             self._log(root, op_name, variables, 0, "response lost (connection dropped)")
             return 0, {}, None
@@ -1246,6 +1298,18 @@ class RunPodSimulator:
             pod.last_change = _status_word("Rented by User", now)
             pod.history.append(pod.desired)
             self._write_pod_files(pod)
+            late = self._take(self._late, None)
+            if late is not None:
+                # The provider acts late: the pod exists only from its release on.
+                self._held[pod_id] = pod
+                if late.retry_after >= 0:
+                    timer = threading.Timer(late.retry_after, self._release, args=(pod_id,))
+                    timer.daemon = True
+                    timer.start()
+                log.info("deploy of pod %s held back (late_deploy)", pod_id)
+                if late.mode == "drop":
+                    raise _DropConnection
+                raise _LostAs504
             self._pods[pod_id] = pod
             answer = self._pod_json(pod)
             lost = self._take(self._lost, None)
@@ -1533,6 +1597,20 @@ def _reason(status: int) -> str:
         return "Error"
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """No traceback on stderr when a client hangs up mid-answer (BrokenPipe, reset)."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError):
+            log.debug("client %s went away: %s", client_address, exc)
+            return
+        log.exception("simulator error while serving %s", client_address)
+
+
+_API_KEY_IN_URL = re.compile(r"(?i)(api_key=)[^&\s\"]+")
+
+
 def _json(status: int, payload: Any) -> tuple[int, dict[str, str], bytes]:
     return status, {"Content-Type": "application/json"}, json.dumps(payload).encode()
 
@@ -1580,9 +1658,15 @@ def _make_handler(sim: RunPodSimulator) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(body)
 
+        def handle(self) -> None:
+            # A client that gives up (timeout, Ctrl-C) closes its end: not worth a traceback.
+            with contextlib.suppress(ConnectionError):
+                super().handle()
+
         def log_message(self, format: str, *args: Any) -> None:
-            # The default writes every request line to stderr; headers (the key) never appear.
-            log.debug("http: " + format, *args)
+            # The default writes every request line to stderr; the request line may carry
+            # ?api_key=..., so that is redacted (headers never appear).
+            log.debug("http: %s", _API_KEY_IN_URL.sub(r"\1***", format % args))
 
     return Handler
 

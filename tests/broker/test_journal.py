@@ -30,7 +30,7 @@ def offer(price: float = 2.0) -> GPUOffer:
 def test_lifecycle_of_an_entry(tmp_path: Path) -> None:
     with Journal(tmp_path / "j.sqlite") as j:
         name = j.record_intent(offer(), ttl_seconds=3600, sweep="s1", tag="01")
-        assert name.startswith(NAME_PREFIX) and len(name) == len(NAME_PREFIX) + 10
+        assert name.startswith(f"{NAME_PREFIX}{j.journal_id}-") and len(name) == len(NAME_PREFIX) + 17
         e = j.get(name)
         assert e is not None
         assert (e.status, e.instance_id, e.provider, e.gpu_count) == ("intent", None, "runpod", 2)

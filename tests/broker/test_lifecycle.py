@@ -292,7 +292,7 @@ def test_context_manager_terminates_on_exception_and_confirms(make_client) -> No
     assert fake.instances == {}
     entry = c.journal.get(inst.name or "")
     assert entry is not None and entry.status == "terminated"
-    assert [s for _, s, _ in c.journal.events(entry.name)][-2:] == ["terminating", "terminated"]
+    assert [s for _, s, _ in c.journal.events(entry.name)][-2:] == ["terminate_requested", "terminated"]
 
 
 def test_terminate_with_the_api_down_keeps_the_entry_open(make_client) -> None:  # type: ignore[no-untyped-def]
@@ -369,39 +369,50 @@ def test_reconcile_finds_orphans_and_ghosts_and_leaves_others_alone(make_client)
         db.execute("UPDATE instances SET owner = ? WHERE name = ?", (f"{host}:999999:1", dead.name))
     ghost = c.create(None, wait=False)
     del fake.instances[ghost.instance_id]  # gone behind our back
+    stray_name = c.journal.new_instance_name()  # ours (our journal id), but lost from the journal
     stray = Instance(
-        provider="fake", instance_id="i-99", name="broker-0123456789", status=InstanceStatus.RUNNING
+        provider="fake", instance_id="i-99", name=stray_name, status=InstanceStatus.RUNNING
     )
     mine = Instance(
         provider="fake", instance_id="i-98", name="my-own", status=InstanceStatus.RUNNING
     )
-    fake.instances.update({"i-99": stray, "i-98": mine})
+    # A colleague's box on the same account: another journal's id, or a name without one.
+    theirs = Instance(
+        provider="fake", instance_id="i-97", name="broker-abcdef-0123456789",
+        status=InstanceStatus.RUNNING,
+    )  # fmt: skip
+    legacy = Instance(
+        provider="fake", instance_id="i-96", name="broker-0123456789", status=InstanceStatus.RUNNING
+    )
+    fake.instances.update({"i-99": stray, "i-98": mine, "i-97": theirs, "i-96": legacy})
 
     report = find_discrepancies(c)
     found = {(f.kind, f.instance_id): f.reason for f in report.findings}
+    foreign = "named by another journal (another state dir, user or CI)"
     assert found == {
         ("orphan", dead.instance_id): "the process that created it died",
         ("orphan", "i-99"): "not in the journal",
         ("ghost", ghost.instance_id): "gone at the provider",
+        ("foreign", "i-97"): foreign,
+        ("foreign", "i-96"): foreign,
     }
-    for f in report.findings:
+    for f in report.fixable():
         fix(c, f, timeout=5)
-    assert set(fake.instances) == {held.instance_id, "i-98"}
-    assert not find_discrepancies(c).findings
-    adopted = c.journal.get("broker-0123456789")
+    assert set(fake.instances) == {held.instance_id, "i-98", "i-97", "i-96"}
+    assert {f.kind for f in find_discrepancies(c).findings} == {"foreign"}
+    adopted = c.journal.get(stray_name)
     assert adopted is not None and adopted.status == "terminated"
+    # Only when asked: foreign instances are terminated (and entered in this journal).
+    for f in find_discrepancies(c).fixable(include_foreign=True):
+        assert fix(c, f, timeout=5) == "terminated"
+    assert set(fake.instances) == {held.instance_id, "i-98"}
     held.terminate()
 
 
 # -- what a review found ---------------------------------------------------------------------------
 
 
-def test_unanswered_create_keeps_the_entry_and_tries_no_other_offer(
-    make_client, monkeypatch
-) -> None:  # type: ignore[no-untyped-def]
-    import broker.lifecycle as lc
-
-    monkeypatch.setattr(lc.time, "sleep", lambda s: None)
+def test_unanswered_create_keeps_the_entry_and_tries_no_other_offer(make_client) -> None:  # type: ignore[no-untyped-def]
     c, fake = make_client([offer("a", 1.0), offer("b", 2.0)])
     late: list[Instance] = []
 
@@ -423,32 +434,36 @@ def test_unanswered_create_keeps_the_entry_and_tries_no_other_offer(
     assert fake.instances == {} and not c.journal.open_entries()
 
 
-def test_failed_cleanup_marks_the_instance_for_reconcile(make_client) -> None:  # type: ignore[no-untyped-def]
+def test_failed_cleanup_stops_failover_and_reports_the_abandoned_box(make_client) -> None:  # type: ignore[no-untyped-def]
+    # Issue 16.6: moving on to the next offer would leave two boxes billing.
     c, fake = make_client([offer("g", 1.0, gpu_count=1), offer("h", 2.0)])
     fake.terminate_faults = 1  # the cleanup of the unready first box fails
-    inst = c.create(None, ready_timeout=30)
-    assert inst.offer is not None and inst.offer.offer_id == "h"
+    with pytest.raises(ProvisionError) as e:
+        c.create(None, ready_timeout=30)
+    assert fake.create_calls == ["g"]
+    (entry,) = c.journal.open_entries()
+    assert e.value.abandoned == [entry.name] and e.value.to_dict()["abandoned"] == [entry.name]
+    assert entry.state == "terminating" and entry.owner == "abandoned"
     (finding,) = find_discrepancies(c).findings
     assert finding.instance_id == "i-1" and "abandoned" in finding.reason
-    fix(c, finding, timeout=5)
-    inst.terminate()
-    assert fake.instances == {}
+    # reap (every broker command runs it) finishes the terminate nobody finished
+    assert [(x.name, err) for x, err in c.reap(timeout=5)] == [(entry.name, None)]
+    assert fake.instances == {} and not c.journal.open_entries()
 
 
 def test_reconcile_rechecks_before_fixing(make_client) -> None:  # type: ignore[no-untyped-def]
     c, fake = make_client([offer("a", 1.0)])
-    stray = Instance(
-        provider="fake", instance_id="i-77", name="broker-00000000aa", status=InstanceStatus.RUNNING
-    )
+    name = c.journal.new_instance_name()
+    stray = Instance(provider="fake", instance_id="i-77", name=name, status=InstanceStatus.RUNNING)
     fake.instances["i-77"] = stray
     (finding,) = find_discrepancies(c).findings
     # Meanwhile a live process records it as its own: the fix must leave it alone.
     c.journal.record_adopted(
-        name="broker-00000000aa", provider="fake", instance_id="i-77",
+        name=name, provider="fake", instance_id="i-77",
         status=InstanceStatus.RUNNING, gpu_type=None, gpu_count=None, price_per_hour=1.0,
         created_at=None, detail="test",
     )  # fmt: skip
-    c.journal.set_owner("broker-00000000aa", current_owner())
+    c.journal.set_owner(name, current_owner())
     assert fix(c, finding).startswith("skipped")
     assert "i-77" in fake.instances
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -22,8 +24,9 @@ from bifrost.testing.sshd import keygen
 from broker import GPUClient, load_settings
 from broker.cli import app
 from broker.errors import BudgetExceededError, ProviderUnavailableError, ProvisionError
-from broker.journal import Journal
+from broker.journal import AMBIGUOUS_GRACE_S, Journal
 from broker.testing import RunPodSimulator
+from broker.types import utcnow
 
 KEY = "sim-lifecycle-key-0123456789"
 DEPLOY = "podFindAndDeployOnDemand"
@@ -203,7 +206,15 @@ def test_sigkill_at_each_step_then_reconcile_leaves_no_leak(
     r = CliRunner().invoke(app, ["instances", "reconcile", "-y", "--json"])
     assert r.exit_code == 0, r.output
     kinds = [f["kind"] for f in json.loads(r.stdout)["findings"]]
-    assert kinds == (["ghost"] if step == "before_call" else ["orphan"])
+    # Killed after the entry was marked sent: the request may have gone out, so the entry
+    # stays pending until the grace period has passed; then it is a ghost.
+    assert kinds == (["pending"] if step == "before_call" else ["orphan"])
+    if step == "before_call":
+        old = (utcnow() - timedelta(seconds=AMBIGUOUS_GRACE_S + 60)).isoformat()
+        with sqlite3.connect(load_settings().state_dir / "journal.sqlite") as db:
+            db.execute("UPDATE instances SET sent_at = ?, updated_at = ?", (old, old))
+        r = CliRunner().invoke(app, ["instances", "reconcile", "-y", "--json"])
+        assert [f["kind"] for f in json.loads(r.stdout)["findings"]] == ["ghost"]
     assert live_pods(env) == []  # zero leaks
     with Journal.default(load_settings().state_dir) as j:
         assert not j.open_entries()
@@ -212,15 +223,18 @@ def test_sigkill_at_each_step_then_reconcile_leaves_no_leak(
     assert "no orphans, no ghosts" in again.stdout
 
 
-def test_reconcile_adopts_an_orphan_unknown_to_the_journal(env: RunPodSimulator) -> None:
-    # A create made by a broker on another machine (or with a lost journal): named broker-...
+def test_reconcile_adopts_a_foreign_instance_only_when_asked(env: RunPodSimulator) -> None:
+    # A create made by a broker on another machine (or with a lost journal): another journal id.
     with GPUClient() as c:
         inst = c.create("gpu~4090 !spot", gpu_count=1, wait=False, detach=True)
     os.remove(load_settings().state_dir / "journal.sqlite")
     with GPUClient() as c:
         (finding,) = c.reconcile().findings
-        assert (finding.kind, finding.reason) == ("orphan", "not in the journal")
+        assert finding.kind == "foreign" and finding.name == inst.name
     r = CliRunner().invoke(app, ["instances", "reconcile", "-y"])
+    assert r.exit_code == 0, r.output
+    assert live_pods(env) == [inst.instance_id]
+    r = CliRunner().invoke(app, ["instances", "reconcile", "-y", "--include-foreign"])
     assert r.exit_code == 0, r.output
     assert live_pods(env) == []
     with Journal.default(load_settings().state_dir) as j:
