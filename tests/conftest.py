@@ -9,11 +9,20 @@ from pathlib import Path
 import pytest
 
 from bifrost.testing import SSHServer, ensure_user
+from tests import system_tools
 
 # Nothing here can reach the Hugging Face Hub: with the `fineweb` extra installed, corpus
 # "auto" and hub lookups must take their offline paths at once instead of timing out.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Before anything is collected: sshd, rsync, tmux and zsh are there, or get installed
+    (root / passwordless sudo, apt-get), or the run stops with one line saying what to install."""
+    problem = system_tools.ensure()
+    if problem:
+        pytest.exit(problem, returncode=4)
 
 
 @pytest.fixture(scope="session")
