@@ -194,3 +194,54 @@ def test_string_form_round_trips(
     again = parse(text)
     assert again == q, text
     assert to_text(again) == text
+
+
+# -- exact round trip, any number ----------------------------------------------------------------
+
+FLOAT_FIELDS = sorted(f for f, s in BY_NAME.items() if s.kind.value == "float")
+any_float = st.floats(allow_nan=False, allow_infinity=False, width=64)
+TEXT = st.text(st.sampled_from("aZ09 _-.:/\"'\\~!=<>()[],|&$"), min_size=1, max_size=12).filter(
+    lambda t: t.strip() == t and t != ""
+)
+
+
+@st.composite
+def exact_atoms(draw: st.DrawFn) -> Expr:
+    kind = draw(st.integers(0, 4))
+    if kind == 0:
+        return Cmp(draw(st.sampled_from(FLOAT_FIELDS)), draw(OPS), draw(any_float))
+    if kind == 1:
+        f = draw(st.sampled_from(FLOAT_FIELDS))
+        lo, hi = sorted([draw(any_float), draw(any_float)])
+        return Between(f, lo, hi)
+    if kind == 2:
+        return Cmp("gpu_count", draw(OPS), draw(st.integers(-(10**30), 10**30)))
+    if kind == 3:
+        return Cmp(draw(st.sampled_from(["region", "datacenter", "gpu_type"])), "==", draw(TEXT))
+    return Contains(draw(st.sampled_from(["region", "gpu_type"])), draw(TEXT))
+
+
+exact_exprs = st.recursive(
+    exact_atoms(),
+    lambda sub: st.one_of(
+        sub.map(lambda e: e if isinstance(e, Not) else Not(e)),
+        st.lists(sub, min_size=2, max_size=3).map(lambda xs: And(tuple(_flat(xs, And)))),
+        st.lists(sub, min_size=2, max_size=3).map(lambda xs: Or(tuple(_flat(xs, Or)))),
+    ),
+    max_leaves=5,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(expr=exact_exprs)
+def test_round_trip_is_exact_for_any_number_and_text(expr: Expr) -> None:
+    """Floats of any size and precision (1e-05, 0.1+0.2, -3.5, 1e300), huge integers, quotes."""
+    q = Query(expr)
+    text = to_text(q)
+    assert parse(text) == q, text
+
+
+def test_round_trip_examples_from_the_audit() -> None:
+    for v in (1e-05, 0.1 + 0.2, 1e300, -2.5, 5e-324, 123456789.123456789):
+        q = Query(Cmp("price_per_hour", "<=", v))
+        assert parse(to_text(q)) == q, to_text(q)
