@@ -7,6 +7,7 @@ and writes it to ``<results-dir>/ANALYSIS.md``. Works on partial output (e.g. ``
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -148,6 +149,33 @@ def summarise(df: pd.DataFrame, results_dir: Path, log_lines: int) -> str:
             lines.append(
                 f"- {ph}: formula {v[f'{ph}_pred_us']:.1f} µs vs published "
                 f"{v[f'{ph}_pub_us']:.0f} µs ({100 * v[f'{ph}_rel_err']:+.1f} %)"
+            )
+    tab = results_dir / "data" / "validation_deepep_tables.json"
+    if tab.is_file():
+        v = json.loads(tab.read_text(encoding="utf-8"))
+        p = v["params"]
+        lines += [
+            "",
+            "## DeepEP out-of-sample validation",
+            "",
+            f"Fitted on {', '.join(v['fit_rows'])}: RDMA {p['rdma_gb_s']:.1f} GB/s, NVLink "
+            f"{p['nvlink_gb_s']:.1f} GB/s, latency {p['latency_us']:.1f} µs per all-to-all. "
+            f"Median |error| of the other rows: {v['median_abs_err_pct_out_of_sample']:.1f} %.",
+            "",
+            "| row | phase | used for fit | published µs | predicted µs | time err % | "
+            "published GB/s | predicted GB/s | bandwidth err % |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in v["rows"]:
+            # The normal-kernel tables publish bandwidth only, no times.
+            t = (
+                "– | – | –"
+                if r["published_us"] is None
+                else f"{r['published_us']:g} | {r['predicted_us']:.1f} | {r['time_err_pct']:+.1f}"
+            )
+            lines.append(
+                f"| {r['row']} | {r['phase']} | {'yes' if r['used_for_fit'] else 'no'} | {t} | "
+                f"{r['published_gb_s']:g} | {r['predicted_gb_s']:.1f} | {r['bw_err_pct']:+.1f} |"
             )
     logs = sorted((results_dir / "logs").glob("multi_gpu_analysis_*.log"))
     if logs and log_lines > 0:

@@ -521,13 +521,34 @@ def annual_cost(cost_per_1m: float, tokens_per_month: float) -> float:
 
 
 def strategies_for(system: System) -> list[tuple[str, int, int]]:
-    """(name, EP, DP) for expert parallel, data parallel and hybrid; duplicates dropped."""
+    """(name, EP, DP) for expert parallel, data parallel and hybrid.
+
+    The hybrid row is always there (the seed reports three strategies per system), also when its
+    split equals pure EP or pure DP, as on 2 GPUs (2x1); :func:`strategy_note` says so in the row.
+    """
     g = system.count
     ep_h, dp_h = system.hybrid
-    out = [("expert_parallel", g, 1), ("data_parallel", 1, g)]
-    if (ep_h, dp_h) not in {(g, 1), (1, g)}:
-        out.append((f"hybrid_{ep_h}x{dp_h}", ep_h, dp_h))
-    return out
+    return [
+        ("expert_parallel", g, 1),
+        ("data_parallel", 1, g),
+        (f"hybrid_{ep_h}x{dp_h}", ep_h, dp_h),
+    ]
+
+
+def strategy_note(system: System, ep: int, dp: int, name: str) -> str:
+    """Why a hybrid row repeats another strategy's numbers (empty when it does not)."""
+    if not name.startswith("hybrid_"):
+        return ""
+    if (ep, dp) == (system.count, 1):
+        return (
+            f"same split as expert_parallel: {system.count} GPUs allow no EP x DP split other "
+            "than pure EP and pure DP"
+            if system.count <= 3
+            else "same split as expert_parallel (set another hybrid split in the config)"
+        )
+    if (ep, dp) == (1, system.count):
+        return "same split as data_parallel"
+    return ""
 
 
 def evaluate(
@@ -554,6 +575,7 @@ def evaluate(
                 "memory_need_gb_per_gpu": round(mem.need_gb, 3),
                 "memory_usable_gb_per_gpu": round(mem.usable_gb, 3),
                 "memory_note": mem.reason,
+                "strategy_note": strategy_note(system, ep, dp, strat),
             }
             if not mem.fits:
                 row.update({k: math.nan for k in _NUMERIC})
@@ -634,4 +656,145 @@ def config_as_dict(cfg: Config) -> dict[str, Any]:
         "workload": asdict(cfg.workload),
         "prefetch": asdict(cfg.prefetch),
         "tokens_per_month": cfg.tokens_per_month,
+    }
+
+
+# --------------------------------------------------------------------------- DeepEP out of sample
+
+
+def _deepep_elem_bytes(phase: str, spec: dict[str, Any]) -> float:
+    """Bytes per hidden element on the wire: FP8 dispatch carries one float32 scale per 128
+    channels (DeepEP's FP8 format, counted in its own bandwidth figures), BF16 combine 2 B."""
+    if phase == "dispatch":
+        return spec["dispatch_bytes_per_elem"] + 4.0 / spec["scale_block"]
+    return float(spec["combine_bytes_per_elem"])
+
+
+def _row_id(table: str, ep: int, kind: str = "") -> str:
+    return f"{table}/{kind + '/' if kind else ''}EP{ep}"
+
+
+def deepep_validation(spec: dict[str, Any], fit_rows: list[str] | None = None) -> dict[str, Any]:
+    """Predict DeepEP's published tables from the model's own all-to-all parameters.
+
+    The model's all-to-all is ``time = latency + bytes / bandwidth`` (``_alltoall_time``) with the
+    model's byte count (``alltoall_bytes_per_token``). Three hardware parameters are fitted on at
+    most two published rows and every other row is predicted:
+
+    - RDMA bandwidth and per-call latency: from one low-latency row (its dispatch and combine
+      times give two equations; bytes = T * k * copy bytes * (G-1)/G, the model's no-dedup count:
+      low-latency kernels send one message per (token, expert)).
+    - NVLink bandwidth: from the intranode normal row, given that latency (normal kernels send a
+      token once per destination GPU: the model's per-GPU dedup count).
+
+    Predictions: low-latency rows -> time and DeepEP-style bandwidth (DeepEP divides
+    T * k * copy bytes, every copy, by the time); internode normal rows -> RDMA bottleneck
+    bandwidth, with RDMA bytes = one copy per remote *node* holding one of the token's experts
+    (the model's dedup formula over nodes; DeepSeek-V3's limit of 4 nodes per token is not
+    modelled). Returns the fitted parameters and one dict per (row, phase) with % errors.
+    """
+    ll, normal = spec["low_latency"], spec["normal"]
+    fit_rows = list(fit_rows or spec["fit_rows"])
+    if len(fit_rows) > 2:
+        raise ValueError(f"fit on at most two rows, got {fit_rows}")
+    h, k = spec["hidden"], spec["top_k"]
+    elem = {ph: _deepep_elem_bytes(ph, spec) for ph in ("dispatch", "combine")}
+    copy = {ph: h * elem[ph] for ph in elem}  # bytes of one token copy
+    ll_fit = [r for r in ll["rows"] if _row_id("low_latency", r["ep"]) in fit_rows]
+    nv_fit = [
+        r
+        for r in normal["rows"]
+        if r["kind"] == "intranode" and _row_id("normal", r["ep"], r["kind"]) in fit_rows
+    ]
+    if len(ll_fit) != 1 or len(nv_fit) != 1:
+        raise ValueError(
+            "fit_rows must name one low_latency row and the intranode normal row, e.g. "
+            "['low_latency/EP16', 'normal/intranode/EP8']"
+        )
+    t_ll = ll["tokens_per_rank"]
+
+    def ll_bytes(ep: int, phase: str) -> float:
+        return t_ll * alltoall_bytes_per_token(h, k, elem[phase], ep)
+
+    r0 = ll_fit[0]
+    bd, bc = ll_bytes(r0["ep"], "dispatch"), ll_bytes(r0["ep"], "combine")
+    td, tc = r0["dispatch_us"] * 1e-6, r0["combine_us"] * 1e-6
+    if tc <= td:
+        raise ValueError("the low-latency fit row needs combine slower than dispatch")
+    rdma_bw = (bc - bd) / (tc - td)
+    latency = td - bd / rdma_bw
+    if latency < 0:
+        raise ValueError(f"fit gives a negative latency ({latency * 1e6:.1f} µs)")
+    rdma = Interconnect("rdma-fit", rdma_bw / 1e9, 1.0, latency * 1e6)
+
+    t_n, e, gpn = normal["tokens_per_rank"], normal["experts"], normal["gpus_per_node"]
+
+    def nvl_bytes(ep: int, phase: str) -> float:
+        return t_n * alltoall_bytes_per_token(h, k, elem[phase], ep, e, dedup=True)
+
+    n0 = nv_fit[0]
+    busy = sum(
+        nvl_bytes(n0["ep"], ph) / (n0[f"{ph}_gb_s"] * 1e9) - latency
+        for ph in ("dispatch", "combine")
+    )
+    nvl_bw = sum(nvl_bytes(n0["ep"], ph) for ph in ("dispatch", "combine")) / busy
+    nvlink = Interconnect("nvlink-fit", nvl_bw / 1e9, 1.0, latency * 1e6)
+
+    rows: list[dict[str, Any]] = []
+    for r in ll["rows"]:
+        rid = _row_id("low_latency", r["ep"])
+        for ph in ("dispatch", "combine"):
+            t = _alltoall_time(ll_bytes(r["ep"], ph), rdma)
+            bw = t_ll * k * copy[ph] / t / 1e9
+            rows.append(
+                {
+                    "row": rid,
+                    "phase": ph,
+                    "ep": r["ep"],
+                    "used_for_fit": rid in fit_rows,
+                    "published_us": r[f"{ph}_us"],
+                    "predicted_us": t * 1e6,
+                    "time_err_pct": 100 * (t * 1e6 - r[f"{ph}_us"]) / r[f"{ph}_us"],
+                    "published_gb_s": r[f"{ph}_gb_s"],
+                    "predicted_gb_s": bw,
+                    "bw_err_pct": 100 * (bw - r[f"{ph}_gb_s"]) / r[f"{ph}_gb_s"],
+                }
+            )
+    for r in normal["rows"]:
+        rid = _row_id("normal", r["ep"], r["kind"])
+        for ph in ("dispatch", "combine"):
+            if r["kind"] == "intranode":
+                nbytes, link = nvl_bytes(r["ep"], ph), nvlink
+            else:
+                nodes = max(1, r["ep"] // gpn)
+                nbytes = t_n * alltoall_bytes_per_token(h, k, elem[ph], nodes, e, dedup=True)
+                link = rdma
+            bw = nbytes / _alltoall_time(nbytes, link) / 1e9
+            rows.append(
+                {
+                    "row": rid,
+                    "phase": ph,
+                    "ep": r["ep"],
+                    "used_for_fit": rid in fit_rows,
+                    "published_us": None,
+                    "predicted_us": None,
+                    "time_err_pct": None,
+                    "published_gb_s": r[f"{ph}_gb_s"],
+                    "predicted_gb_s": bw,
+                    "bw_err_pct": 100 * (bw - r[f"{ph}_gb_s"]) / r[f"{ph}_gb_s"],
+                }
+            )
+    out_of_sample = [abs(r["bw_err_pct"]) for r in rows if not r["used_for_fit"]]
+    return {
+        "fit_rows": fit_rows,
+        "params": {
+            "rdma_gb_s": rdma_bw / 1e9,
+            "nvlink_gb_s": nvl_bw / 1e9,
+            "latency_us": latency * 1e6,
+        },
+        "rows": rows,
+        "median_abs_err_pct_out_of_sample": sorted(out_of_sample)[len(out_of_sample) // 2]
+        if out_of_sample
+        else None,
+        "source": spec.get("source", ""),
     }

@@ -35,6 +35,7 @@ from experiments.multi_gpu_model.model import (
     ConfigError,
     config_as_dict,
     deepep_check,
+    deepep_validation,
     evaluate,
 )
 
@@ -207,6 +208,12 @@ def make_figures(df: pd.DataFrame, out: Path) -> list[Path]:
         ax.set_ylabel("tokens / s (whole system)")
         ax.set_title(f"{system}: decode throughput")
         written += save_figure(fig, figdir / f"throughput_comparison_{system}", ("pdf", "png"))
+        n_gpus = int(d["num_gpus"].iloc[0])
+        if (df.drop_duplicates("system")["num_gpus"] == n_gpus).sum() == 1:
+            # The seed's name (throughput_comparison_8gpu.pdf) for the one system of that size.
+            written += save_figure(
+                fig, figdir / f"throughput_comparison_{n_gpus}gpu", ("pdf", "png")
+            )
 
         fig, ax = new_figure()
         labels, local, comm = [], [], []
@@ -284,6 +291,34 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_text(
             out / "data" / "validation_deepep.csv", pd.DataFrame([chk]).to_csv(index=False)
         )
+    tables = cfg.validation.get("deepep")
+    if tables:
+        v = deepep_validation(tables)
+        p = v["params"]
+        log.info(
+            "DeepEP out of sample: fitted on %s -> RDMA %.1f GB/s, NVLink %.1f GB/s, latency "
+            "%.1f µs; median |error| of the other rows %.1f %%",
+            " + ".join(v["fit_rows"]),
+            p["rdma_gb_s"],
+            p["nvlink_gb_s"],
+            p["latency_us"],
+            v["median_abs_err_pct_out_of_sample"],
+        )
+        for r in v["rows"]:
+            log.info(
+                "DeepEP %-22s %-8s %s published %5.0f GB/s predicted %6.1f GB/s (%+.1f %%)",
+                r["row"],
+                r["phase"],
+                "fit " if r["used_for_fit"] else "pred",
+                r["published_gb_s"],
+                r["predicted_gb_s"],
+                r["bw_err_pct"],
+            )
+        atomic_write_text(
+            out / "data" / "validation_deepep_tables.csv",
+            pd.DataFrame(v["rows"]).to_csv(index=False),
+        )
+        atomic_write_json(out / "data" / "validation_deepep_tables.json", v)
     frames = []
     for s in cfg.systems:
         rows = evaluate(s, cfg.workload, cfg.prefetch, cfg.tokens_per_month)

@@ -20,6 +20,7 @@ from experiments.multi_gpu_model.model import (
     alltoall_bytes_per_token,
     cost_per_million_tokens,
     deepep_check,
+    deepep_validation,
     evaluate,
     expected_experts_touched,
     load_config,
@@ -106,6 +107,40 @@ def test_deepep_published_times_within_5_percent(cfg) -> None:  # type: ignore[n
     assert chk["combine_pred_us"] == pytest.approx(115.6, abs=0.1)
 
 
+def test_deepep_out_of_sample_validation(cfg) -> None:  # type: ignore[no-untyped-def]
+    """Done-when: per-row errors against DeepEP's public tables, with the fitting rows named."""
+    spec = cfg.validation["deepep"]
+    v = deepep_validation(spec)
+    assert v["fit_rows"] == ["low_latency/EP16", "normal/intranode/EP8"]
+    rows = v["rows"]
+    ll = {(r["ep"], r["phase"]): r for r in rows if r["row"].startswith("low_latency")}
+    assert sorted({ep for ep, _ in ll}) == [8, 16, 32, 64, 128, 256]
+    assert {r["row"] for r in rows if r["row"].startswith("normal")} == {
+        "normal/intranode/EP8",
+        "normal/internode/EP16",
+        "normal/internode/EP32",
+        "normal/internode/EP64",
+    }
+    # The public figures themselves (DeepEP README), not numbers fitted to anything.
+    assert (ll[(8, "dispatch")]["published_us"], ll[(256, "combine")]["published_us"]) == (77, 360)
+    fitted = [r for r in rows if r["used_for_fit"]]
+    assert {r["row"] for r in fitted} == set(v["fit_rows"])
+    # Exactly fitted times; the bandwidth column differs only by DeepEP's rounding of its figures.
+    assert all(abs(r["time_err_pct"]) < 1e-6 for r in fitted if r["time_err_pct"] is not None)
+    assert all(abs(r["bw_err_pct"]) < 3 for r in fitted)
+    others = [r for r in rows if not r["used_for_fit"]]
+    assert len(others) == 16 and all(math.isfinite(r["bw_err_pct"]) for r in others)
+    p = v["params"]
+    assert p["latency_us"] > 0 and p["rdma_gb_s"] > 0 and p["nvlink_gb_s"] > 0
+    # Another pair of fitting rows gives other parameters: the fit is not hard-wired.
+    alt = deepep_validation(spec, ["low_latency/EP8", "normal/intranode/EP8"])
+    assert alt["params"]["rdma_gb_s"] != p["rdma_gb_s"]
+    with pytest.raises(ValueError, match="at most two rows"):
+        deepep_validation(spec, ["low_latency/EP8", "low_latency/EP16", "normal/intranode/EP8"])
+    with pytest.raises(ValueError, match="one low_latency row"):
+        deepep_validation(spec, ["low_latency/EP8", "low_latency/EP16"])
+
+
 def test_experts_touched_and_prefetch_monotonicity(cfg) -> None:  # type: ignore[no-untyped-def]
     assert expected_experts_touched(128, 8, 128, 0) == 0.0
     assert expected_experts_touched(128, 8, 128, 1) == pytest.approx(8)
@@ -143,15 +178,17 @@ def test_config_errors_are_clear(tmp_path: Path) -> None:
 
 def test_cli_end_to_end_and_analyzer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "mgm"
-    assert cli.main(["--output-dir", str(out), "--systems", "2xA100", "10xA6000"]) == 0
-    for name in ("results_2xA100.csv", "results_10xA6000.csv", "all_systems_comparison.csv"):
+    assert cli.main(["--output-dir", str(out), "--systems", "2xA100", "8xA100", "10xA6000"]) == 0
+    for name in ("results_2xA100.csv", "results_8xA100.csv", "all_systems_comparison.csv"):
         assert (out / "data" / name).is_file()
-    assert (out / "SUMMARY_10xA6000.md").is_file()
+    assert (out / "SUMMARY_8xA100.md").is_file()
     summary = (out / "SUMMARY_10xA6000.md").read_text()
     assert "does not fit" in summary  # data parallel: 61 GB of weights on a 48 GB GPU
     for stem in (
         "throughput_comparison_2xA100",
-        "communication_overhead_10xA6000",
+        "throughput_comparison_8gpu",  # the seed's figure name
+        "throughput_comparison_2gpu",
+        "communication_overhead_8xA100",
         "cost_efficiency_2xA100",
         "cross_system_comparison",
     ):
@@ -161,13 +198,23 @@ def test_cli_end_to_end_and_analyzer(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert len(logs) == 1
     assert "ANALYSIS COMPLETED SUCCESSFULLY" in logs[0].read_text()
     df = pd.read_csv(out / "data" / "all_systems_comparison.csv")
-    assert set(df["system"]) == {"2xA100", "10xA6000"}
+    assert set(df["system"]) == {"2xA100", "8xA100", "10xA6000"}
+    # The 2xA100 hybrid row is there, labelled, and says why it equals expert parallel.
+    two = df[df.system == "2xA100"]
+    assert set(two["strategy"]) == {"expert_parallel", "data_parallel", "hybrid_2x1"}
+    hyb = two[two.strategy == "hybrid_2x1"].iloc[0]
+    assert "same split as expert_parallel" in hyb["strategy_note"]
+    ep = two[(two.strategy == "expert_parallel") & (two.variant == hyb["variant"])].iloc[0]
+    assert hyb["throughput_tok_s"] == ep["throughput_tok_s"]
+    tables = pd.read_csv(out / "data" / "validation_deepep_tables.csv")
+    assert len(tables) == 2 * (6 + 4)
     assert set(df["variant"]) == {"baseline", "prefetch"}
     capsys.readouterr()
     assert analyzer.main(["--results-dir", str(out)]) == 0
     text = capsys.readouterr().out
     assert "10xA6000: best prefetch vs best baseline" in text
     assert "DeepEP check" in text
+    assert "DeepEP out-of-sample validation" in text and "low_latency/EP256" in text
     assert (out / "ANALYSIS.md").is_file()
 
 
