@@ -6,11 +6,13 @@ import json
 import sqlite3
 from datetime import timedelta
 
+import pytest
 from typer.testing import CliRunner
 
 from broker import load_settings
 from broker.cli import app
 from broker.journal import Journal
+from broker.lifecycle import current_owner
 from broker.types import utcnow
 
 runner = CliRunner()
@@ -157,3 +159,84 @@ def test_forget_closes_an_entry_whose_provider_is_gone() -> None:
     r = runner.invoke(app, ["instances", "forget", name, "-y"])
     assert r.exit_code == 0, r.output
     assert json.loads(runner.invoke(app, ["list", "--json"]).stdout) == []
+
+
+# -- issues 16.7, 16.8, 19.4, 19.6 ------------------------------------------------------------------
+
+
+def test_a_corrupt_journal_does_not_block_search() -> None:
+    settings = load_settings()
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    (settings.state_dir / "journal.sqlite").write_bytes(b"garbage" * 1000)
+    r = runner.invoke(app, ["search", "--provider", "local", "--json"])
+    assert r.exit_code == 0, r.output
+    assert "auto-reap skipped" in r.stderr and "corrupt" in r.stderr
+    r = runner.invoke(app, ["instances", "list"])
+    assert (r.exit_code == 1 and r.exception is None) or isinstance(r.exception, SystemExit)
+    (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert "journal" in line and "Traceback" not in r.output
+
+
+def test_a_state_dir_that_is_a_file_is_one_line(monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "f").write_text("")
+    monkeypatch.setenv("BROKER_STATE_DIR", str(tmp_path / "f"))
+    r = runner.invoke(app, ["instances", "list"])
+    assert r.exit_code == 2 and "not a directory" in r.stderr
+    assert isinstance(r.exception, SystemExit)
+    r = runner.invoke(app, ["create", "--provider", "local", "--json"])
+    assert r.exit_code == 2 and "not a directory" in json.loads(r.stdout)["error"]["message"]
+
+
+def test_absurd_disk_and_ready_timeout_are_refused() -> None:
+    for args in (["--disk", "100000000000000000000"], ["--ready-timeout", "inf"]):
+        r = runner.invoke(app, ["create", "--provider", "local", *args])
+        assert r.exit_code == 2, (args, r.output)
+    from broker import GPUClient
+    from broker.errors import ConfigError
+
+    with GPUClient(providers=["local"]) as c:
+        with pytest.raises(ConfigError):
+            c.create(None, disk_gb=10**20)
+        with pytest.raises(ConfigError):
+            c.create(None, ready_timeout=float("nan"))
+
+
+def test_world_readable_config_with_a_key_is_warned_about(isolated_broker_env) -> None:  # type: ignore[no-untyped-def]
+    from broker.permissions import secret_file_warning
+
+    cfg = isolated_broker_env / "config.toml"
+    cfg.write_text('lambda_api_key = "secret-value-123"\n')
+    cfg.chmod(0o644)
+    warning = secret_file_warning(cfg)
+    assert warning is not None and "chmod 600" in warning and "secret-value" not in warning
+    r = runner.invoke(app, ["create", "--provider", "local", "--json"])
+    assert r.exit_code == 0, r.output
+    assert "readable by everyone" in r.stderr
+    cfg.chmod(0o600)
+    assert secret_file_warning(cfg) is None
+
+
+def test_list_marks_a_dead_holder_and_no_ttl_for_closed_ones() -> None:
+    held = _create("--ttl", "2h")["instance"]["name"]
+    settings = load_settings()
+    host = current_owner().split(":")[0]
+    with sqlite3.connect(settings.state_dir / "journal.sqlite") as db:
+        db.execute("UPDATE instances SET owner = ? WHERE name = ?", (f"{host}:999999:1", held))
+    (row,) = json.loads(runner.invoke(app, ["list", "--json"]).stdout)
+    assert row["holder"] == "dead" and row["holder_alive"] is False
+    table = runner.invoke(app, ["list"])
+    assert "(holder dead)" in table.stdout and "on-demand" in table.stdout
+    assert runner.invoke(app, ["terminate", held, "-y"]).exit_code == 0
+    (row,) = json.loads(runner.invoke(app, ["list", "--all", "--json"]).stdout)
+    assert row["ttl_left_s"] is None
+    assert "-" in runner.invoke(app, ["list", "--all"]).stdout
+
+
+def test_ssh_and_forget_take_json() -> None:
+    name = _create()["instance"]["name"]
+    r = runner.invoke(app, ["instances", "ssh", name, "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["local"] is True
+    r = runner.invoke(app, ["instances", "forget", name, "-y", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == [{"name": name, "forgotten": True}]

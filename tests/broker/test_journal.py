@@ -30,7 +30,9 @@ def offer(price: float = 2.0) -> GPUOffer:
 def test_lifecycle_of_an_entry(tmp_path: Path) -> None:
     with Journal(tmp_path / "j.sqlite") as j:
         name = j.record_intent(offer(), ttl_seconds=3600, sweep="s1", tag="01")
-        assert name.startswith(f"{NAME_PREFIX}{j.journal_id}-") and len(name) == len(NAME_PREFIX) + 17
+        assert (
+            name.startswith(f"{NAME_PREFIX}{j.journal_id}-") and len(name) == len(NAME_PREFIX) + 17
+        )
         e = j.get(name)
         assert e is not None
         assert (e.status, e.instance_id, e.provider, e.gpu_count) == ("intent", None, "runpod", 2)
@@ -104,3 +106,84 @@ def test_concurrent_processes_lose_nothing(tmp_path: Path) -> None:
         assert len(names) == 100 == len(set(names))
         assert len(j.open_entries()) == 52  # indices 0,2,..,24 of each writer stay open
         assert all(e.instance_id == f"id-{e.name}" for e in entries)
+
+
+# -- issue 16.7 / 16.8 -----------------------------------------------------------------------------
+
+
+def test_a_corrupt_journal_is_one_clear_error(tmp_path: Path) -> None:
+    from broker.errors import JournalError
+
+    path = tmp_path / "journal.sqlite"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(JournalError) as e:
+        Journal(path)
+    assert str(path) in str(e.value) and "corrupt" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_a_state_dir_that_is_a_file_is_a_config_error(tmp_path: Path) -> None:
+    from broker.errors import ConfigError
+
+    (tmp_path / "state").write_text("")
+    with pytest.raises(ConfigError) as e:
+        Journal(tmp_path / "state" / "journal.sqlite")
+    assert "not a directory" in str(e.value)
+
+
+def test_a_locked_journal_is_one_clear_error(tmp_path: Path) -> None:
+    import sqlite3
+
+    from broker.errors import JournalError
+
+    with Journal(tmp_path / "j.sqlite", timeout=0.2) as j:
+        name = j.record_intent(offer())
+        other = sqlite3.connect(tmp_path / "j.sqlite", isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")  # e.g. another process mid-write
+        try:
+            with pytest.raises(JournalError) as e:
+                j.record_terminate_requested(name)
+            assert "locked" in str(e.value)
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+
+
+def test_record_status_checks_and_writes_in_one_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another process closed the entry after this one read it: the stale read must not win.
+    with Journal(tmp_path / "j.sqlite") as j:
+        name = j.record_intent(offer())
+        j.record_created(name, "pod-1", InstanceStatus.RUNNING)
+        stale = j.get(name)
+        j.record_terminated(name, "closed elsewhere")
+        monkeypatch.setattr(Journal, "get", lambda self, n: stale)
+        j.record_status(name, InstanceStatus.RUNNING)
+        monkeypatch.undo()
+        entry = j.get(name)
+        assert entry is not None and entry.status == "terminated" and entry.state == "closed"
+
+
+def test_names_carry_the_journal_id(tmp_path: Path) -> None:
+    from broker.journal import name_journal_id
+
+    with Journal(tmp_path / "a.sqlite") as a, Journal(tmp_path / "b.sqlite") as b:
+        assert a.journal_id != b.journal_id
+        name = a.new_instance_name("My Run")
+        assert a.owns(name) and not b.owns(name) and name.endswith("-my-run")
+        assert name_journal_id(name) == a.journal_id
+        assert name_journal_id("broker-0123456789") is None  # older names carry none
+    with Journal(tmp_path / "a.sqlite") as again:
+        assert again.journal_id == a.journal_id  # stable across opens
+
+
+def test_budget_sets_a_ttl_that_fits_what_is_left(tmp_path: Path) -> None:
+    from broker.errors import BudgetExceededError
+
+    with Journal(tmp_path / "j.sqlite") as j:
+        first = j.get(j.record_intent(offer(2.0), budget=3.0))  # $3 at $2/h: 1.5 h
+        assert first is not None and first.ttl_seconds == 5400
+        with pytest.raises(BudgetExceededError):
+            j.record_intent(offer(2.0), budget=3.0)  # nothing left
+        assert j.committed_spend() <= 3.0

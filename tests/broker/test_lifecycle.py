@@ -292,7 +292,10 @@ def test_context_manager_terminates_on_exception_and_confirms(make_client) -> No
     assert fake.instances == {}
     entry = c.journal.get(inst.name or "")
     assert entry is not None and entry.status == "terminated"
-    assert [s for _, s, _ in c.journal.events(entry.name)][-2:] == ["terminate_requested", "terminated"]
+    assert [s for _, s, _ in c.journal.events(entry.name)][-2:] == [
+        "terminate_requested",
+        "terminated",
+    ]
 
 
 def test_terminate_with_the_api_down_keeps_the_entry_open(make_client) -> None:  # type: ignore[no-untyped-def]

@@ -532,3 +532,64 @@ def test_command_line(bifrost_home: Path) -> None:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(10) == 0
     assert json.dumps(pods)
+
+
+# -- issue 16.9 ------------------------------------------------------------------------------------
+
+
+def test_debug_log_never_shows_the_key_in_the_url(
+    sim: RunPodSimulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("DEBUG", logger="broker.testing.runpod_sim"):
+        r = httpx.post(
+            f"{sim.url}/graphql?api_key={KEY}",
+            json={"query": "query { myself { id } }"},
+            timeout=10,
+        )
+        assert r.status_code == 200
+        wait_for(lambda: any("http:" in m for m in caplog.messages), what="the request line")
+    assert KEY not in caplog.text
+    assert "api_key=***" in caplog.text
+
+
+def test_answer_after_the_clients_timeout(sim: RunPodSimulator) -> None:
+    sim.slow_response(0.5, operation="myself")
+    before = len(sim.requests)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{sim.url}/graphql",
+            json={"query": "query { myself { id } }"},
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=0.1,  # the client gives up before the answer
+        )
+    # the server acted (and logged) all the same
+    wait_for(lambda: len(sim.requests) > before, what="the late answer")
+
+
+def test_a_client_hanging_up_prints_no_traceback(capfd: pytest.CaptureFixture[str]) -> None:
+    from broker.testing.runpod_sim import _QuietServer
+
+    server = _QuietServer.__new__(_QuietServer)  # only handle_error is exercised
+    try:
+        raise BrokenPipeError(32, "Broken pipe")
+    except BrokenPipeError:
+        server.handle_error(None, ("127.0.0.1", 1))
+    try:
+        raise ConnectionResetError(104, "Connection reset by peer")
+    except ConnectionResetError:
+        server.handle_error(None, ("127.0.0.1", 1))
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_late_deploy_appears_after_the_client_gave_up(
+    rp: RunPodProvider, sim: RunPodSimulator
+) -> None:
+    offer = next(o for o in rp.search(parse("gpu~4090 gpus=1")) if not o.spot)
+    sim.late_deploy(1, mode="504", delay=None)
+    with pytest.raises(ProviderUnavailableError):
+        rp.create(CreateRequest(offer=offer, name="broker-late-1"))
+    assert sim.pod_by_name("broker-late-1") is None and rp.find_by_name("broker-late-1") is None
+    (pod_id,) = sim.release_late()
+    found = rp.find_by_name("broker-late-1")
+    assert found is not None and found.instance_id == pod_id
+    rp.terminate(pod_id)
