@@ -239,6 +239,8 @@ def classify_command(block: Block, offset: int, command: str) -> Check:
             return check("parse", "rents on a cloud: needs an API key and money", "broker", args)
         if any(re.fullmatch(r"broker-[0-9a-f]+", a) for a in args):
             return check("parse", "names an example instance", "broker", args)
+        if {"--install-completion", "--show-completion"} & set(args):
+            return check("parse", "edits or prints your shell's startup files", "broker", args)
         if _cloud_providers(args):
             return check("parse", "asks a cloud provider: needs its API key", "broker", args)
         return check("run", "offline (the local provider only)", "broker", args)
@@ -430,6 +432,45 @@ def test_bifrost_pull_job_examples_show_the_outputs() -> None:
             if not any({"-o", "--output"} & set(r.argv) for r in runs):
                 bad.append(c.id)
     assert not bad, bad
+
+
+def test_broker_md_all_take_json() -> None:
+    """docs/broker.md says of the commands in the block before it "All take `--json`": each
+    command there accepts `--json`."""
+    path = ROOT / "docs" / "broker.md"
+    text = path.read_text()
+    at = text.find("All take `--json`")
+    if at < 0:
+        pytest.skip("docs/broker.md no longer says that all the instance commands take --json")
+    claim_line = text[:at].count("\n") + 1
+    block = [b for b in doc_blocks(path) if b.line < claim_line][-1]
+    commands = [c for c in classify_block(block) if c.kind == "broker" and c.action != "skip"]
+    assert len(commands) >= 5, [c.text for c in commands]
+    for c in commands:
+        _parse_only("broker", [*c.argv, "--json"])
+
+
+def test_pytest_plugin_fixtures_outside_this_repo(tmp_path: Path) -> None:
+    """`pytest_plugins = ["broker.testing.pytest_plugin"]` gives another project the fixtures."""
+    (tmp_path / "test_theirs.py").write_text(
+        textwrap.dedent(
+            """
+            import os
+
+            pytest_plugins = ["broker.testing.pytest_plugin"]
+
+            def test_fixtures(runpod_sim, bifrost_home):
+                assert runpod_sim.url.startswith("http://127.0.0.1:")
+                assert os.environ["BIFROST_HOME"] == str(bifrost_home)
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": _pythonpath()}
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_theirs.py"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=[c.id for c in CHECKS])
