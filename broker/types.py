@@ -49,10 +49,17 @@ class StockLevel(StrEnum):
     @property
     def rank(self) -> int:
         """Orders levels so that ``stock>=medium`` means medium or high."""
-        return _STOCK_RANK[self]
+        return STOCK_RANK[self]
 
 
-_STOCK_RANK = {StockLevel.NONE: 0, StockLevel.LOW: 1, StockLevel.MEDIUM: 2, StockLevel.HIGH: 3}
+#: The order of stock levels (the one table; the query evaluator compares these ranks). Keys are
+#: StrEnum members, so the plain words ("low") look them up too.
+STOCK_RANK: dict[str, int] = {
+    StockLevel.NONE: 0,
+    StockLevel.LOW: 1,
+    StockLevel.MEDIUM: 2,
+    StockLevel.HIGH: 3,
+}
 
 
 _COMPUTED = frozenset({"total_vram_gb", "price_per_gpu_hour"})

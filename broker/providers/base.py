@@ -8,15 +8,30 @@ so nothing else needs editing.
 from __future__ import annotations
 
 import importlib
+import logging
 import pkgutil
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
 
-from broker.errors import ConfigError, InvalidRequestError
-from broker.types import CreateRequest, GPUOffer, Instance
+from pydantic import BaseModel, ConfigDict
+
+from broker.errors import (
+    BrokerError,
+    ConfigError,
+    InvalidRequestError,
+    NoCapacityError,
+    ProviderUnavailableError,
+)
+from broker.types import (
+    CreateRequest,
+    GPUOffer,
+    Instance,
+    InstanceStatus,
+    Manufacturer,
+)
 
 if TYPE_CHECKING:
     from pydantic import SecretStr
@@ -24,6 +39,150 @@ if TYPE_CHECKING:
     from broker.config import Settings
     from broker.http import HttpClient
     from broker.query import Query
+
+
+log = logging.getLogger(__name__)
+
+
+class Wire(BaseModel):
+    """Base of every adapter's wire models: unknown fields are ignored (APIs grow fields)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+#: Words the providers use for "no capacity for that offer right now" (RunPod's "There are no
+#: longer any instances available", Lambda's insufficient-capacity, Vast's no_such_ask, Prime's
+#: out of stock). Such an error means: try the next offer.
+CAPACITY_PHRASES = (
+    "no longer any instances available",
+    "no instances available",
+    "not enough free gpus",
+    "there are no instances",
+    "insufficient-capacity",
+    "not enough capacity",
+    "insufficient capacity",
+    "insufficient resources",
+    "out of stock",
+    "no capacity",
+    "not available",
+    "sold out",
+    "no_such_ask",
+    "no longer available",
+    "already rented",
+    "is rented",
+)
+
+
+def is_capacity_message(text: str) -> bool:
+    """Whether a provider's error text says there is no capacity for the offer."""
+    low = text.lower()
+    return any(p in low for p in CAPACITY_PHRASES)
+
+
+def capacity_or_same(e: InvalidRequestError) -> InvalidRequestError | NoCapacityError:
+    """A 4xx whose text says "no capacity" as a NoCapacityError (the caller tries the next
+    offer); any other error unchanged."""
+    if is_capacity_message(e.message):
+        return NoCapacityError(e.message, provider=e.provider, status_code=e.status_code)
+    return e
+
+
+def created_instance(
+    provider: str, request: CreateRequest, instance_id: str, provider_status: str
+) -> Instance:
+    """The instance a create just asked for, described by the offer it was created from (for
+    APIs whose create answers with an id only)."""
+    offer = request.offer
+    return Instance(
+        provider=provider,
+        instance_id=instance_id,
+        name=request.name,
+        status=InstanceStatus.PROVISIONING,
+        provider_status=provider_status,
+        gpu_type=offer.gpu_type,
+        gpu_count=offer.gpu_count,
+        price_per_hour=offer.price_per_hour,
+        spot=offer.spot,
+        offer=offer,
+    )
+
+
+def cpu_only_offer(**fields: Any) -> GPUOffer:
+    """The offer of a machine without GPUs (``local`` and ``ssh`` hosts without nvidia-smi)."""
+    return GPUOffer(
+        **fields,
+        gpu_type="CPU only",
+        gpu_provider_name="none",
+        manufacturer=Manufacturer.NONE,
+        gpu_known=True,
+        gpu_count=0,
+        vram_gb=None,
+    )
+
+
+W = TypeVar("W", bound=BaseModel)
+
+
+def parse_listing(
+    provider: str,
+    model: type[W],
+    items: Any,
+    what: str,
+    build: Callable[[W], Instance],
+    *,
+    status_of: Callable[[Mapping[str, Any]], InstanceStatus],
+    status_key: str = "status",
+    name_key: str = "name",
+) -> list[Instance]:
+    """An instance listing parsed entry by entry.
+
+    One odd entry (a field missing or of a new type) must not fail the whole listing: that would
+    hide every live instance from ``find_by_name`` and reconcile. An entry that does not parse
+    keeps its id, name and status, is marked with ``extra["unparsed"]`` (the rest unknown) and
+    logged as a warning; only an entry without an id is left out (and warned about).
+    """
+    from broker.http import parse_as
+
+    if not isinstance(items, list):
+        raise ProviderUnavailableError(
+            f"unexpected {what} response shape: not a list ({type(items).__name__})",
+            provider=provider,
+        )
+    out: list[Instance] = []
+    for i, raw in enumerate(items):
+        try:
+            out.append(build(parse_as(provider, model, raw, what)))
+            continue
+        except (BrokerError, ValueError, TypeError, AttributeError) as e:
+            problem = getattr(e, "message", None) or str(e)
+        ident = raw.get("id") if isinstance(raw, Mapping) else None
+        if ident is None or isinstance(ident, dict | list):
+            log.warning("%s: %s entry %d has no id, left out: %s", provider, what, i, problem)
+            continue
+        name = raw.get(name_key)
+        status_word = raw.get(status_key)
+        try:
+            status = status_of(raw)
+        except (ValueError, TypeError, AttributeError):
+            status = InstanceStatus.UNKNOWN
+        log.warning(
+            "%s: %s entry %s did not parse (%s); kept with its id, name and status only",
+            provider,
+            what,
+            ident,
+            problem,
+        )
+        out.append(
+            Instance(
+                provider=provider,
+                instance_id=str(ident),
+                name=name if isinstance(name, str) else None,
+                status=status,
+                provider_status=status_word if isinstance(status_word, str) else None,
+                extra={"unparsed": problem},
+            )
+        )
+    return out
 
 
 @dataclass(frozen=True)
@@ -215,10 +374,17 @@ def get_provider_class(name: str) -> type[Provider]:
 
 
 __all__ = [
+    "CAPACITY_PHRASES",
     "Capabilities",
     "HttpProvider",
     "Provider",
+    "Wire",
+    "capacity_or_same",
+    "cpu_only_offer",
+    "created_instance",
     "get_provider_class",
+    "is_capacity_message",
+    "parse_listing",
     "provider_classes",
     "register",
 ]

@@ -14,18 +14,25 @@ import re
 from datetime import datetime
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from broker import catalog
 from broker.errors import (
     ConfigError,
     InvalidRequestError,
-    NoCapacityError,
     NotFoundError,
     ProviderUnavailableError,
 )
 from broker.http import AmbiguousRequestError, create_once, parse_as
-from broker.providers.base import Capabilities, HttpProvider, register
+from broker.providers.base import (
+    Capabilities,
+    HttpProvider,
+    Wire,
+    capacity_or_same,
+    created_instance,
+    parse_listing,
+    register,
+)
 from broker.query import Query
 from broker.types import (
     CloudType,
@@ -44,7 +51,6 @@ API_URL = "https://cloud.lambda.ai/api/v1"
 SOURCE = "lambda GET /instance-types"
 SSH_USER = "ubuntu"
 _VRAM = re.compile(r"(\d+(?:\.\d+)?)\s*GB", re.IGNORECASE)
-_CAPACITY_PHRASES = ("insufficient-capacity", "not enough capacity", "insufficient capacity")
 
 _STATUS = {
     "booting": InstanceStatus.STARTING,
@@ -58,11 +64,7 @@ _STATUS = {
 # -- wire format ------------------------------------------------------------------------------
 
 
-class _Wire(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class Specs(_Wire):
+class Specs(Wire):
     """Hardware of an instance type."""
 
     vcpus: float | None = None
@@ -71,7 +73,7 @@ class Specs(_Wire):
     gpus: int = 0
 
 
-class InstanceType(_Wire):
+class InstanceType(Wire):
     """``instance_type`` object."""
 
     name: str
@@ -81,27 +83,27 @@ class InstanceType(_Wire):
     specs: Specs = Field(default_factory=Specs)
 
 
-class Region(_Wire):
+class Region(Wire):
     """A Lambda region."""
 
     name: str
     description: str | None = None
 
 
-class TypeAvailability(_Wire):
+class TypeAvailability(Wire):
     """One value of ``GET /instance-types``'s ``data`` map."""
 
     instance_type: InstanceType
     regions_with_capacity_available: list[Region] = Field(default_factory=list)
 
 
-class InstanceTypesResponse(_Wire):
+class InstanceTypesResponse(Wire):
     """``GET /instance-types``."""
 
     data: dict[str, TypeAvailability]
 
 
-class LambdaInstance(_Wire):
+class LambdaInstance(Wire):
     """One instance of ``GET /instances``."""
 
     id: str
@@ -114,7 +116,7 @@ class LambdaInstance(_Wire):
     ssh_key_names: list[str] = Field(default_factory=list)
 
 
-class SSHKey(_Wire):
+class SSHKey(Wire):
     """A named key of the account."""
 
     id: str | None = None
@@ -253,11 +255,7 @@ class LambdaProvider(HttpProvider):
             try:
                 raw = self._http.post("/instance-operations/launch", body, idempotent=False)
             except InvalidRequestError as e:
-                if any(p in e.message.lower() for p in _CAPACITY_PHRASES):
-                    raise NoCapacityError(
-                        e.message, provider=self.name, status_code=e.status_code
-                    ) from None
-                raise
+                raise capacity_or_same(e) from None
             data = raw.get("data") if isinstance(raw, dict) else None
             ids = data.get("instance_ids") if isinstance(data, dict) else None
             if not isinstance(ids, list) or not ids:
@@ -265,17 +263,7 @@ class LambdaProvider(HttpProvider):
                 raise AmbiguousRequestError(
                     "launch answered without an instance id", provider=self.name
                 )
-            return Instance(
-                provider=self.name,
-                instance_id=str(ids[0]),
-                name=request.name,
-                status=InstanceStatus.PROVISIONING,
-                provider_status="launched",
-                gpu_type=offer.gpu_type,
-                gpu_count=offer.gpu_count,
-                price_per_hour=offer.price_per_hour,
-                offer=offer,
-            )
+            return created_instance(self.name, request, str(ids[0]), "launched")
 
         return create_once(self.name, request.name, send, self.find_by_name, sleep=self._sleep)
 
@@ -314,9 +302,14 @@ class LambdaProvider(HttpProvider):
         data = raw.get("data") if isinstance(raw, dict) else None
         if data is None:
             raise ProviderUnavailableError("instances answer has no data", provider=self.name)
-        return [
-            self._instance(v) for v in parse_as(self.name, list[LambdaInstance], data, "instances")
-        ]
+        return parse_listing(
+            self.name,
+            LambdaInstance,
+            data,
+            "instances",
+            self._instance,
+            status_of=lambda r: map_status(r.get("status")),
+        )
 
     def terminate(self, instance_id: str) -> None:
         """``POST /instance-operations/terminate`` (terminating twice is harmless)."""

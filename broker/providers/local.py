@@ -19,14 +19,13 @@ from typing import TYPE_CHECKING, ClassVar
 
 from broker import catalog
 from broker.errors import NotFoundError
-from broker.providers.base import Capabilities, Provider, register
+from broker.providers.base import Capabilities, Provider, cpu_only_offer, register
 from broker.types import (
     CloudType,
     CreateRequest,
     GPUOffer,
     Instance,
     InstanceStatus,
-    Manufacturer,
     StockLevel,
     utcnow,
 )
@@ -117,16 +116,7 @@ class LocalProvider(Provider):
                 form_factor=res.form_factor,
                 source="local:nvidia-smi",
             )
-        return GPUOffer(
-            **common,
-            gpu_type="CPU only",
-            gpu_provider_name="none",
-            manufacturer=Manufacturer.NONE,
-            gpu_known=True,
-            gpu_count=0,
-            vram_gb=None,
-            source="local:cpu",
-        )
+        return cpu_only_offer(**common, source="local:cpu")
 
     def _gpus(self) -> list[tuple[str, float, str]]:
         out = _run(

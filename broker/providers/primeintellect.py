@@ -15,17 +15,23 @@ import shlex
 from datetime import datetime
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, Field
 
 from broker import catalog
 from broker.errors import (
     InvalidRequestError,
-    NoCapacityError,
     NotFoundError,
     ProviderUnavailableError,
 )
 from broker.http import create_once, parse_as
-from broker.providers.base import Capabilities, HttpProvider, register
+from broker.providers.base import (
+    Capabilities,
+    HttpProvider,
+    Wire,
+    capacity_or_same,
+    parse_listing,
+    register,
+)
 from broker.query import Query, hints
 from broker.types import (
     CloudType,
@@ -69,16 +75,11 @@ _STATUS = {
     "terminated": InstanceStatus.TERMINATED,
     "deleted": InstanceStatus.TERMINATED,
 }
-_CAPACITY_PHRASES = ("out of stock", "no capacity", "not available", "insufficient", "sold out")
 
 # -- wire format ------------------------------------------------------------------------------
 
 
-class _Wire(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class Resource(_Wire):
+class Resource(Wire):
     """``disk`` / ``vcpu`` / ``memory`` of an offer."""
 
     minCount: float | None = None
@@ -89,7 +90,7 @@ class Resource(_Wire):
     defaultIncludedInPrice: bool | None = None
 
 
-class Prices(_Wire):
+class Prices(Wire):
     """``prices`` of an offer."""
 
     onDemand: float | None = None
@@ -98,7 +99,7 @@ class Prices(_Wire):
     currency: str | None = None
 
 
-class PrimeOffer(_Wire):
+class PrimeOffer(Wire):
     """One ``/availability/gpus`` item."""
 
     cloudId: str
@@ -121,20 +122,22 @@ class PrimeOffer(_Wire):
     images: list[str] = Field(default_factory=list)
 
 
-class AvailabilityPage(_Wire):
+class AvailabilityPage(Wire):
     """One page of ``/availability/gpus``."""
 
     items: list[PrimeOffer]
     totalCount: int | None = None
 
 
-class Pod(_Wire):
+class Pod(Wire):
     """A pod as ``/pods`` and ``/pods/{id}`` describe it."""
 
     id: str
     name: str | None = None
     status: str | None = None
-    gpuType: str | None = None
+    # Prime's pods carry the GPU as ``gpuName`` (what its own CLI reads); older answers and the
+    # create response used ``gpuType``: either is accepted.
+    gpuType: str | None = Field(default=None, validation_alias=AliasChoices("gpuName", "gpuType"))
     gpuCount: int | None = None
     socket: str | None = None
     priceHr: float | None = None
@@ -187,8 +190,19 @@ def parse_ssh(conn: str | list[str] | None) -> SSHEndpoint | None:
 
 
 def offer_price(o: PrimeOffer) -> float | None:
-    """$/h of the configuration: GPU price plus separately billed default disk/vCPU/RAM."""
-    base = o.prices.onDemand if o.prices.onDemand is not None else o.prices.communityPrice
+    """$/h of the whole configuration (``gpuCount`` GPUs): the price of the offer's own cloud
+    plus separately billed default disk/vCPU/RAM.
+
+    A community-cloud offer is priced at ``communityPrice`` (what Prime's own CLI shows first), a
+    secure-cloud one at ``onDemand``; each falls back to the other when it is the only price.
+    """
+    community = (o.security or "").lower().startswith("community")
+    first, second = (
+        (o.prices.communityPrice, o.prices.onDemand)
+        if community
+        else (o.prices.onDemand, o.prices.communityPrice)
+    )
+    base = first if first is not None else second
     if base is None:
         return None
     extra = 0.0
@@ -397,11 +411,7 @@ class PrimeIntellectProvider(HttpProvider):
             try:
                 raw = self._http.post("/pods", body, idempotent=False)
             except InvalidRequestError as e:
-                if any(p in e.message.lower() for p in _CAPACITY_PHRASES):
-                    raise NoCapacityError(
-                        e.message, provider=self.name, status_code=e.status_code
-                    ) from None
-                raise
+                raise capacity_or_same(e) from None
             inst = self._instance(parse_as(self.name, Pod, raw, "pod"))
             return inst.model_copy(update={"offer": offer, "spot": offer.spot})
 
@@ -447,11 +457,19 @@ class PrimeIntellectProvider(HttpProvider):
             if not isinstance(raw, dict):
                 raise ProviderUnavailableError("pods answer is not an object", provider=self.name)
             items = raw.get("data", raw.get("items"))
-            pods = parse_as(self.name, list[Pod], items, "pods")
-            out.extend(self._instance(p) for p in pods)
+            pods = parse_listing(
+                self.name,
+                Pod,
+                items,
+                "pods",
+                self._instance,
+                status_of=lambda r: map_status(r.get("status")),
+            )
+            out.extend(pods)
             total = raw.get("totalCount", raw.get("total_count"))
-            offset += len(pods)
-            if len(pods) < PAGE_SIZE or (isinstance(total, int) and offset >= total):
+            n = len(items) if isinstance(items, list) else 0  # parse_listing wants a list
+            offset += n
+            if n < PAGE_SIZE or (isinstance(total, int) and offset >= total):
                 return out
         log.warning("primeintellect: stopped after %d pages of pods", MAX_PAGES)
         return out

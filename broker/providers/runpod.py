@@ -17,8 +17,6 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
-
 from broker import catalog
 from broker.config import Settings
 from broker.errors import (
@@ -30,7 +28,14 @@ from broker.errors import (
     RateLimitedError,
 )
 from broker.http import create_once, parse_as, truncate
-from broker.providers.base import Capabilities, HttpProvider, register
+from broker.providers.base import (
+    Capabilities,
+    HttpProvider,
+    Wire,
+    is_capacity_message,
+    parse_listing,
+    register,
+)
 from broker.query import Query, hints
 from broker.query.pushdown import mentioned_values, possible_values
 from broker.types import (
@@ -126,13 +131,6 @@ RESUME = (
     "mutation Resume($input: PodResumeInput!) { podResume(input: $input) { id desiredStatus } }"
 )
 
-#: Phrases of RunPod's capacity errors (the first is the usual one).
-_CAPACITY_PHRASES = (
-    "no longer any instances available",
-    "no instances available",
-    "not enough free gpus",
-    "there are no instances",
-)
 _NOT_FOUND_PHRASES = ("not found", "does not exist", "could not find", "no pod")
 _AUTH_PHRASES = ("unauthorized", "unauthenticated", "not authorized", "api key", "forbidden")
 
@@ -141,11 +139,7 @@ _STOCK = {"HIGH": StockLevel.HIGH, "MEDIUM": StockLevel.MEDIUM, "LOW": StockLeve
 # -- wire format: response models -------------------------------------------------------------
 
 
-class _Wire(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class LowestPrice(_Wire):
+class LowestPrice(Wire):
     """``gpuTypes.lowestPrice``: prices are per GPU."""
 
     minimumBidPrice: float | None = None
@@ -157,7 +151,7 @@ class LowestPrice(_Wire):
     availableGpuCounts: list[int] | None = None
 
 
-class GpuType(_Wire):
+class GpuType(Wire):
     """One ``gpuTypes`` entry; the aliased price selections are read from the raw entry."""
 
     id: str
@@ -169,7 +163,7 @@ class GpuType(_Wire):
     communityCloud: bool | None = None
 
 
-class Port(_Wire):
+class Port(Wire):
     """One mapped port of a running pod."""
 
     ip: str | None = None
@@ -179,21 +173,21 @@ class Port(_Wire):
     type: str | None = None
 
 
-class Runtime(_Wire):
+class Runtime(Wire):
     """Present only once the pod actually runs."""
 
     uptimeInSeconds: float | None = None
     ports: list[Port] | None = None
 
 
-class Machine(_Wire):
+class Machine(Wire):
     """The host a pod landed on."""
 
     gpuDisplayName: str | None = None
     podHostId: str | None = None
 
 
-class Pod(_Wire):
+class Pod(Wire):
     """``pod`` / ``myself.pods`` entry."""
 
     id: str
@@ -250,7 +244,7 @@ def ssh_endpoint(pod: Pod) -> SSHEndpoint | None:
 def classify_graphql_error(message: str) -> type[ProviderError]:
     """Which typed error a GraphQL ``errors[].message`` (sent with HTTP 200) stands for."""
     low = message.lower()
-    if any(p in low for p in _CAPACITY_PHRASES):
+    if is_capacity_message(low):
         return NoCapacityError
     if any(p in low for p in _AUTH_PHRASES):
         return AuthError
@@ -498,8 +492,17 @@ class RunPodProvider(HttpProvider):
             raise InvalidRequestError(
                 "GraphQL answer has no myself", provider=self.name, status_code=200
             )
-        pods = parse_as(self.name, list[Pod], me.get("pods") or [], "myself.pods")
-        return [self._instance(p) for p in pods]
+        return parse_listing(
+            self.name,
+            Pod,
+            me.get("pods") or [],
+            "myself.pods",
+            self._instance,
+            status_of=lambda r: map_status(
+                r.get("desiredStatus"), None if r.get("runtime") is None else Runtime()
+            ),
+            status_key="desiredStatus",
+        )
 
     # -- lifecycle --------------------------------------------------------------------------
 

@@ -45,14 +45,13 @@ from broker.errors import (
     ProviderUnavailableError,
     StaleOfferError,
 )
-from broker.providers.base import Capabilities, Provider, register
+from broker.providers.base import Capabilities, Provider, cpu_only_offer, register
 from broker.types import (
     CloudType,
     CreateRequest,
     GPUOffer,
     Instance,
     InstanceStatus,
-    Manufacturer,
     SSHEndpoint,
     StockLevel,
     utcnow,
@@ -253,11 +252,18 @@ def build_offer(host: SSHHost, facts: HostFacts, *, leased_by: Instance | None =
         "gpus": [{"name": g.name, "memory_mib": g.memory_mib} for g in facts.gpus],
     }
     if leased_by is not None:
+        since = leased_by.created_at.isoformat() if leased_by.created_at else None
         provider_data["leased_by"] = {
             "instance_id": leased_by.instance_id,
             "name": leased_by.name,
-            "since": leased_by.created_at.isoformat() if leased_by.created_at else None,
+            "since": since,
         }
+        # Why this offer has stock=none, in words: a busy box is leased, not "out of stock".
+        provider_data["unavailable"] = (
+            f"leased by {leased_by.instance_id} ({leased_by.name or 'no name'})"
+            + (f" since {since}" if since else "")
+            + f"; `broker instances terminate {leased_by.name or leased_by.instance_id}` frees it"
+        )
     common: dict[str, Any] = {
         "provider": SSHProvider.name,
         "offer_id": host.offer_id,
@@ -272,16 +278,7 @@ def build_offer(host: SSHHost, facts: HostFacts, *, leased_by: Instance | None =
         "provider_data": provider_data,
     }
     if not facts.gpus:
-        return GPUOffer(
-            **common,
-            gpu_type="CPU only",
-            gpu_provider_name="none",
-            manufacturer=Manufacturer.NONE,
-            gpu_known=True,
-            gpu_count=0,
-            vram_gb=None,
-            source="ssh:cpu",
-        )
+        return cpu_only_offer(**common, source="ssh:cpu")
     resolved = [
         catalog.resolve(
             g.name,

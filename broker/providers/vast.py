@@ -13,16 +13,24 @@ import logging
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from broker import catalog
 from broker.errors import (
     InvalidRequestError,
     NoCapacityError,
     NotFoundError,
+    ProviderUnavailableError,
 )
 from broker.http import create_once, parse_as
-from broker.providers.base import Capabilities, HttpProvider, register
+from broker.providers.base import (
+    Capabilities,
+    HttpProvider,
+    Wire,
+    capacity_or_same,
+    created_instance,
+    is_capacity_message,
+    parse_listing,
+    register,
+)
 from broker.query import Query, hints
 from broker.types import (
     CloudType,
@@ -50,23 +58,10 @@ MB_PER_GB = 1000
 #: Pushed-down minimums are loosened by the catalog's VRAM tolerance so snapping can't lose a match.
 _SLACK = 1 - catalog.VRAM_TOLERANCE
 
-_CAPACITY_PHRASES = (
-    "no_such_ask",
-    "no longer available",
-    "not available",
-    "already rented",
-    "is rented",
-    "insufficient",
-)
-
 # -- wire format ------------------------------------------------------------------------------
 
 
-class _Wire(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class VastOffer(_Wire):
+class VastOffer(Wire):
     """One ``/bundles/`` entry (only the fields we map)."""
 
     id: int
@@ -91,20 +86,20 @@ class VastOffer(_Wire):
     machine_id: int | None = None
 
 
-class BundlesResponse(_Wire):
+class BundlesResponse(Wire):
     """``POST /bundles/`` answer."""
 
     offers: list[VastOffer]
 
 
-class PortMap(_Wire):
+class PortMap(Wire):
     """One Docker port binding."""
 
     HostIp: str | None = None
     HostPort: str | int | None = None
 
 
-class VastInstance(_Wire):
+class VastInstance(Wire):
     """One ``/instances/`` entry."""
 
     id: int
@@ -126,13 +121,7 @@ class VastInstance(_Wire):
     image_uuid: str | None = None
 
 
-class InstancesResponse(_Wire):
-    """``GET /instances/?owner=me`` answer."""
-
-    instances: list[VastInstance] = Field(default_factory=list)
-
-
-class CreateResponse(_Wire):
+class CreateResponse(Wire):
     """``PUT /asks/{id}/`` answer."""
 
     success: bool = False
@@ -355,25 +344,14 @@ class VastProvider(HttpProvider):
             try:
                 raw = self._http.put(f"/asks/{offer.offer_id}/", body, idempotent=False)
             except InvalidRequestError as e:
-                raise _reclassify(e) from None
+                raise capacity_or_same(e) from None
             resp = parse_as(self.name, CreateResponse, raw, "asks")
             if not resp.success or resp.new_contract is None:
                 text = resp.msg or resp.error or "create refused"
-                if any(p in text.lower() for p in _CAPACITY_PHRASES):
+                if is_capacity_message(text):
                     raise NoCapacityError(text, provider=self.name)
                 raise InvalidRequestError(text, provider=self.name)
-            return Instance(
-                provider=self.name,
-                instance_id=str(resp.new_contract),
-                name=request.name,
-                status=InstanceStatus.PROVISIONING,
-                provider_status="created",
-                gpu_type=offer.gpu_type,
-                gpu_count=offer.gpu_count,
-                price_per_hour=offer.price_per_hour,
-                spot=offer.spot,
-                offer=offer,
-            )
+            return created_instance(self.name, request, str(resp.new_contract), "created")
 
         return create_once(self.name, request.name, send, self.find_by_name, sleep=self._sleep)
 
@@ -412,8 +390,20 @@ class VastProvider(HttpProvider):
     def list_instances(self) -> list[Instance]:
         """``GET /instances/?owner=me``."""
         raw = self._http.get("/instances/", params={"owner": "me"})
-        resp = parse_as(self.name, InstancesResponse, raw, "instances")
-        return [self._instance(v) for v in resp.instances]
+        if not isinstance(raw, dict):
+            raise ProviderUnavailableError(
+                "unexpected instances response shape: not an object", provider=self.name
+            )
+        return parse_listing(
+            self.name,
+            VastInstance,
+            raw.get("instances", []),
+            "instances",
+            self._instance,
+            status_of=lambda r: map_status(r.get("actual_status"), r.get("intended_status")),
+            status_key="actual_status",
+            name_key="label",
+        )
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -431,13 +421,6 @@ class VastProvider(HttpProvider):
     def resume(self, instance_id: str) -> None:
         """Start a stopped instance again (may wait for the GPU to free up)."""
         self._http.put(f"/instances/{instance_id}/", {"state": "running"})
-
-
-def _reclassify(e: InvalidRequestError) -> InvalidRequestError | NoCapacityError:
-    """A 4xx saying the ask is gone/rented means no capacity: the caller tries the next offer."""
-    if any(p in e.message.lower() for p in _CAPACITY_PHRASES):
-        return NoCapacityError(e.message, provider=e.provider, status_code=e.status_code)
-    return e
 
 
 __all__ = ["VastProvider", "bundles_query", "map_status", "ssh_endpoint"]

@@ -15,7 +15,8 @@ from typing import Any
 from broker import catalog
 from broker.query.fields import BY_NAME, Kind
 from broker.query.ir import And, Between, Cmp, Contains, Expr, Flag, In, Not, Or, Query, SortKey
-from broker.types import GPUOffer, StockLevel
+from broker.types import STOCK_RANK as _STOCK_RANK
+from broker.types import GPUOffer
 
 Tri = bool | None
 Pred = Callable[[GPUOffer], Tri]
@@ -28,7 +29,6 @@ _OPS: dict[str, Callable[[Any, Any], bool]] = {
     ">": operator.gt,
     ">=": operator.ge,
 }
-_STOCK_RANK = {s.value: s.rank for s in StockLevel}
 
 
 @lru_cache(maxsize=4096)

@@ -39,7 +39,7 @@ from broker.providers.ssh import (
     parse_probe,
 )
 from broker.query import as_query
-from broker.types import CreateRequest, GPUOffer, InstanceStatus, Manufacturer, StockLevel
+from broker.types import CreateRequest, GPUOffer, Instance, InstanceStatus, Manufacturer, StockLevel
 
 ALL = as_query(None)
 
@@ -187,6 +187,25 @@ def test_parse_recorded_h100_node() -> None:
     assert offer.compute_capability == "9.0" and offer.price_per_hour == 0.0
     assert offer.offer_id == "root@10.1.2.3:22" and offer.region == "ssh"
     assert offer.datacenter == "gpu-node-7" and offer.source == "ssh:nvidia-smi"
+
+
+def test_leased_host_says_it_is_leased() -> None:
+    from datetime import UTC, datetime
+
+    holder = Instance(
+        provider="ssh",
+        instance_id="ssh-0123456789ab",
+        name="broker-abc",
+        status=InstanceStatus.RUNNING,
+        created_at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+    )
+    offer = build_offer(parse_host("root@10.1.2.3:22"), parse_probe(H100_PROBE), leased_by=holder)
+    assert offer.stock is StockLevel.NONE
+    note = offer.provider_data["unavailable"]
+    assert note.startswith("leased by ssh-0123456789ab (broker-abc) since 2026-01-02")
+    assert "broker instances terminate broker-abc" in note
+    free = build_offer(parse_host("root@10.1.2.3:22"), parse_probe(H100_PROBE))
+    assert "unavailable" not in free.provider_data
 
 
 def test_parse_mixed_gpus_is_not_passed_off_as_one_kind() -> None:

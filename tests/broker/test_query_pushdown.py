@@ -87,8 +87,9 @@ ADAPTERS: dict[str, Callable[[respx.MockRouter], Provider]] = {
 
 
 def _ident(offers: list[GPUOffer]) -> list[str]:
-    """Offers as comparable text (the quote time differs between two searches)."""
-    return sorted(o.model_dump_json(exclude={"observed_at"}) for o in offers)
+    """Offers as comparable text. The quote time differs between two searches, and so may
+    ``provider_data`` (Vast records the disk the price was quoted for: the query's disk>=)."""
+    return sorted(o.model_dump_json(exclude={"observed_at", "provider_data"}) for o in offers)
 
 
 def _both(name: str, q: Query) -> tuple[list[str], list[str]]:
