@@ -19,7 +19,7 @@ from broker.cli import PipeConsole, _dump, _errors, app, print_error
 from broker.client import GPUClient
 from broker.errors import ConfigError
 from broker.launch.records import LaunchStore
-from broker.launch.runner import EXIT_BAD_INPUT, Launch, LaunchError, LaunchResult, Plan
+from broker.launch.runner import Launch, LaunchError, LaunchResult, Plan
 from broker.launch.sweep import SweepResult, SweepRow, SweepRunner, load_sweep, sweep_status
 from broker.launch.task import Task, load_task
 from broker.signals import exit_code, interrupts_as_keyboard
@@ -205,9 +205,8 @@ def _attach(
     if rec is None:
         raise ConfigError(f"no launch named {name!r} in {store.path}")
     if rec.final:
-        raise LaunchError(
-            f"launch {name!r} already ended ({rec.state}); results: {rec.results_dir or 'none'}",
-            exit_code=EXIT_BAD_INPUT,
+        raise ConfigError(
+            f"launch {name!r} already ended ({rec.state}); results: {rec.results_dir or 'none'}"
         )
     task = Task.model_validate_json(rec.task_json)
     run = Launch(

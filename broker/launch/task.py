@@ -35,6 +35,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True)
 
 
+def _query_text(q: str | dict[str, Any] | None) -> str:
+    if q is None:
+        return ""
+    if isinstance(q, str):
+        return q
+    parts: list[str] = []
+    for key, value in q.items():
+        if isinstance(value, bool):
+            parts.append(key if value else f"!{key}")
+        elif isinstance(value, list | tuple):
+            parts.append(f"{key} in [{', '.join(str(x) for x in value)}]")
+        elif isinstance(value, str) and value.strip().startswith(_OPS):
+            parts.append(f"{key}{value.strip()}")
+        else:
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
 class Resources(_Strict):
     """What to rent. ``query`` is a query string (``docs/query.md``) or its builder form: a
     mapping of field to value or condition, e.g. ``{gpu: "~A100", vram: ">=80GB", spot: false}``.
@@ -81,28 +99,10 @@ class Resources(_Strict):
             return to_text(v)
         raise ValueError("must be a query string, a mapping of field to condition, or a Query")
 
-    def query_text(self) -> str:
-        """The query in the string language (the builder form rendered)."""
-        q = self.query
-        if q is None:
-            return ""
-        if isinstance(q, str):
-            return q
-        parts: list[str] = []
-        for key, value in q.items():
-            if isinstance(value, bool):
-                parts.append(key if value else f"!{key}")
-            elif isinstance(value, list | tuple):
-                parts.append(f"{key} in [{', '.join(str(x) for x in value)}]")
-            elif isinstance(value, str) and value.strip().startswith(_OPS):
-                parts.append(f"{key}{value.strip()}")
-            else:
-                parts.append(f"{key}={value}")
-        return " ".join(parts)
-
-    @model_validator(mode="after")
-    def _parses(self) -> Resources:
-        text = self.query_text()
+    @field_validator("query", mode="after")
+    @classmethod
+    def _parses(cls, v: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        text = _query_text(v)
         if text:
             from broker.query import parse
 
@@ -110,7 +110,11 @@ class Resources(_Strict):
                 parse(text)
             except QueryError as e:
                 raise ValueError(f"bad query {text!r}: {e}") from None
-        return self
+        return v
+
+    def query_text(self) -> str:
+        """The query in the string language (the builder form rendered)."""
+        return _query_text(self.query)
 
 
 class Retries(_Strict):
@@ -280,7 +284,9 @@ def explain_validation(err: ValidationError, model: type[BaseModel], source: str
     if kind == "extra_forbidden":
         valid = [f for f in _fields_of(model, loc) if f != "base_dir"]
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+        parent = ".".join(str(p) for p in loc[:-1] if isinstance(p, str))
+        full = [f"{parent}.{c}" if parent else c for c in close]
+        hint = f"; did you mean {full[0]!r}?" if full else f"; valid keys: {', '.join(valid)}"
         return TaskError(f"{source}: unknown key {key!r}{hint}")
     if kind == "missing":
         return TaskError(f"{source}: {key!r} is required")
