@@ -72,6 +72,24 @@ _SPLIT = re.compile(r"[\s_\-(),/]+")
 _MEM = re.compile(r"(\d+)\s*(gb|gib|g)\b", re.IGNORECASE)
 
 
+# Provider spellings without spaces ("RTX4090", "RTXA6000", "H100SXM", "A100PCIE", "RTX6000Ada"):
+# a series prefix glued to a model number, and a form factor (or "Ada") glued to its end.
+_GLUED_PREFIX = re.compile(r"^(rtx|gtx)(?=[a-z]?\d)")
+_GLUED_SUFFIX = re.compile(r"^(.*\d[a-z]?)(sxm\d?|pcie|nvl|oam|ada)$")
+
+
+def _unglue(word: str) -> list[str]:
+    out: list[str] = []
+    m = _GLUED_PREFIX.match(word)
+    if m:
+        out.append(m.group(1))
+        word = word[m.end() :]
+    m = _GLUED_SUFFIX.match(word)
+    if m:
+        return [*out, m.group(1), m.group(2)]
+    return [*out, word]
+
+
 def tokens(name: str) -> frozenset[str]:
     """Normalised token set of a GPU name (case, punctuation and vendor words removed)."""
     s = _COUNT_PREFIX.sub("", name)
@@ -80,7 +98,8 @@ def tokens(name: str) -> frozenset[str]:
     for raw in _SPLIT.split(s.lower()):
         if not raw or raw in _VENDOR_WORDS or raw == "hbm3" or raw == "hbm3e":
             continue
-        out.add(_FORM_FACTORS.get(raw, raw))
+        for word in _unglue(raw):
+            out.add(_FORM_FACTORS.get(word, word))
     return frozenset(out)
 
 
@@ -239,6 +258,29 @@ def query_tokens(text: str) -> frozenset[str]:
     return tokens(text)
 
 
+_CONFUSABLE = str.maketrans({"o": "0", "O": "0", "I": "1", "l": "1"})
+
+
+def typo_suggestion(name: str) -> str | None:
+    """A catalog name for a GPU name that only a typo keeps from matching, else None.
+
+    Only letter/digit look-alikes count (``A1OO`` → A100, ``H1OO`` → H100): a name the catalog
+    does not know is otherwise legitimate (an offer's own spelling, a new GPU), so it is never
+    refused on similarity alone (B300 is not a typo of B200).
+    """
+    if candidates(name):
+        return None
+    fixed = " ".join(
+        w.translate(_CONFUSABLE) if any(c.isdigit() for c in w) else w for w in name.split()
+    )
+    if fixed == name:
+        return None
+    cands = candidates(fixed)
+    if not cands:
+        return None
+    return fixed if len(cands) > 1 else cands[0].name
+
+
 def name_matches(text: str, gpu_type: str, provider_name: str | None = None) -> bool:
     """Whether a user's GPU name (``gpu=TEXT``) denotes this offer's GPU.
 
@@ -275,4 +317,5 @@ __all__ = [
     "query_tokens",
     "resolve",
     "tokens",
+    "typo_suggestion",
 ]

@@ -14,7 +14,20 @@ from typing import Any
 
 from broker import catalog
 from broker.query.fields import BY_NAME, Kind
-from broker.query.ir import And, Between, Cmp, Contains, Expr, Flag, In, Not, Or, Query, SortKey
+from broker.query.ir import (
+    And,
+    Between,
+    Cmp,
+    Contains,
+    Expr,
+    Flag,
+    In,
+    Not,
+    Or,
+    Query,
+    SortKey,
+    as_expr,
+)
 from broker.types import STOCK_RANK as _STOCK_RANK
 from broker.types import GPUOffer
 
@@ -33,8 +46,12 @@ _OPS: dict[str, Callable[[Any, Any], bool]] = {
 
 @lru_cache(maxsize=4096)
 def version_tuple(v: str) -> tuple[int, ...]:
-    """``"12.4"`` → ``(12, 4)`` so that 12.10 > 12.4."""
-    return tuple(int(p) for p in v.split("."))
+    """``"12.4"`` → ``(12, 4)`` so that 12.10 > 12.4; trailing zeros do not count (12.4.0 ==
+    12.4, 12.0 == 12)."""
+    parts = [int(p) for p in v.split(".")]
+    while len(parts) > 1 and parts[-1] == 0:
+        parts.pop()
+    return tuple(parts)
 
 
 def _getter(field: str) -> Callable[[GPUOffer], Any]:
@@ -69,6 +86,8 @@ def _gpu_eq(text: str) -> Pred:
 
 def compile_expr(expr: Expr) -> Pred:
     """Turn an expression into a function offer → True / False / None (unknown)."""
+    if not isinstance(expr, Cmp | Contains | In | Between | Flag | Not | And | Or):
+        expr = as_expr(expr)  # a bare boolean field such as F.spot
     if isinstance(expr, Cmp):
         if BY_NAME[expr.field].kind is Kind.GPU_NAME:
             eq = _gpu_eq(str(expr.value))

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal, TypeAlias, Union
 
-from broker.catalog import normalize_manufacturer
+from broker.catalog import normalize_manufacturer, typo_suggestion
 from broker.errors import QueryError
 from broker.query.fields import BY_NAME, FIELDS, LOOKUP, NUMERIC, ORDERED, FieldSpec, Kind, Unit
 from broker.types import Manufacturer
@@ -147,6 +147,9 @@ class Query:
     limit: int | None = None
 
     def __post_init__(self) -> None:
+        if self.where is not None and not isinstance(self.where, _NODES):
+            # A bare boolean field (Query(c.spot)) is a condition like everywhere else.
+            object.__setattr__(self, "where", as_expr(self.where))
         if self.limit is not None and self.limit < 1:
             raise QueryError(f"limit must be a positive integer, got {self.limit}")
 
@@ -167,6 +170,14 @@ class Query:
 
     def __str__(self) -> str:
         return to_text(self)
+
+
+_NODES = (Cmp, Contains, In, Between, Flag, Not, And, Or)
+
+
+def as_expr(x: object) -> Expr:
+    """An expression from an expression or a builder field (``c.spot`` → ``Flag("spot")``)."""
+    return _ExprOps._coerce(x)
 
 
 def and_(*items: Expr) -> Expr:
@@ -254,7 +265,16 @@ def normalize_value(spec: FieldSpec, value: object) -> Value:
         )
     if spec.name == "provider":
         return v.lower()
+    if k is Kind.GPU_NAME:
+        check_gpu_name(v)
     return v
+
+
+def check_gpu_name(name: str) -> None:
+    """Refuse a GPU name that is a look-alike typo of a known one (``A1OO``): did you mean?"""
+    fix = typo_suggestion(name)
+    if fix is not None:
+        raise QueryError(f"unknown GPU {name!r}", suggestion=fix)
 
 
 def check_op(spec: FieldSpec, op: str) -> None:
@@ -281,6 +301,8 @@ def contains(spec: FieldSpec, text: object) -> Expr:
         raise QueryError(f"{spec.short} is not text; '~' works on gpu, provider, region, ...")
     if not isinstance(text, str) or not text.strip():
         raise QueryError(f"{spec.short}~ needs a non-empty text value, got {text!r}")
+    if spec.kind is Kind.GPU_NAME:
+        check_gpu_name(text.strip())
     return Contains(spec.name, text.strip())
 
 

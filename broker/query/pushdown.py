@@ -68,7 +68,7 @@ def _min(a: float | None, b: float) -> float:
 
 def hints(query: Query | Expr | None) -> Hints:
     """Hints implied by the top-level conjunction of ``query``."""
-    where = query.where if isinstance(query, Query) else query
+    where = Query(query).where if not isinstance(query, Query) else query.where
     h = Hints()
     if where is None:
         return h

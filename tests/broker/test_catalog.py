@@ -118,3 +118,61 @@ def test_name_matching_for_queries() -> None:
     assert not catalog.name_matches("A6000", "RTX 6000 Ada 48GB")
     assert catalog.name_matches("NVIDIA GeForce RTX 4090", "RTX 4090 24GB")
     assert catalog.name_contains("409", "RTX 4090 24GB")
+
+
+def _fixture_gpu_names() -> list[tuple[str, str, float | None, str | None]]:
+    """(provider, name, VRAM GB, form factor) of every GPU in the providers' fixtures."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent / "fixtures"
+
+    def load(p: str) -> dict:  # type: ignore[type-arg]
+        return json.loads((root / p).read_text())  # type: ignore[no-any-return]
+
+    out: list[tuple[str, str, float | None, str | None]] = []
+    for gt in load("runpod/gpu_types.json")["data"]["gpuTypes"]:
+        out.append(("runpod", gt["id"], gt.get("memoryInGb"), None))
+    for f in ("vast/bundles_on_demand.json", "vast/bundles_bid.json"):
+        for o in load(f)["offers"]:
+            out.append(("vast", o["gpu_name"], o["gpu_ram"] / 1024, None))
+    for v in load("lambdalabs/instance_types.json")["data"].values():
+        out.append(("lambdalabs", v["instance_type"]["gpu_description"], None, None))
+    for f in ("availability_page1.json", "availability_mixed.json"):
+        for i in load(f"primeintellect/{f}")["items"]:
+            out.append(("primeintellect", i["gpuType"], i["gpuMemory"], i.get("socket")))
+    return sorted(set(out), key=str)
+
+
+# Deliberately unknown GPUs in the fixtures (they must stay unknown, never be guessed).
+_UNKNOWN = {"NVIDIA Future X1", "Quantum Q1", "X9000_77GB", "B300 (288 GB SXM6)"}
+
+
+@pytest.mark.parametrize(("provider", "name", "vram", "socket"), _fixture_gpu_names())
+def test_every_fixture_gpu_name_resolves(
+    provider: str, name: str, vram: float | None, socket: str | None
+) -> None:
+    r = catalog.resolve(name, vram_gb=vram, form_factor=socket)
+    assert r.known is (name not in _UNKNOWN), (provider, name, r)
+
+
+@pytest.mark.parametrize(
+    ("name", "canonical"),
+    [
+        ("RTX4090", "RTX 4090 24GB"),
+        ("RTX3090", "RTX 3090 24GB"),
+        ("RTXA6000", "RTX A6000 48GB"),
+        ("RTXA4000", "RTX A4000 16GB"),
+        ("RTX6000Ada", "RTX 6000 Ada 48GB"),
+        ("H100SXM", "H100 SXM 80GB"),
+        ("H100SXM5", "H100 SXM 80GB"),
+        ("H100PCIe", "H100 PCIe 80GB"),
+        ("H100NVL", "H100 NVL 94GB"),
+        ("A100SXM4 80GB", "A100 SXM 80GB"),
+        ("A100PCIE 40GB", "A100 PCIe 40GB"),
+        ("MI300X", "MI300X 192GB"),
+    ],
+)
+def test_spellings_without_spaces_resolve(name: str, canonical: str) -> None:
+    assert catalog.resolve(name).name == canonical
+    assert catalog.name_matches(name, canonical)

@@ -283,3 +283,42 @@ def test_query_object_helpers() -> None:
     assert to_text(q) == "gpus>=2 sort=-vram,price limit=3"
     with pytest.raises(QueryError, match="limit must be a positive integer"):
         Query(limit=0)
+
+
+def test_versions_compare_numerically_ignoring_trailing_zeros() -> None:
+    a = offer(offer_id="a", cuda_version="12.4")
+    b = offer(offer_id="b", cuda_version="12.10")
+    d = offer(offer_id="d", cuda_version="12.4.0")
+    assert run_query(parse("cuda=12.4.0"), [a, b, d]) == [a, d]
+    assert run_query(parse("cuda=12.4"), [a, b, d]) == [a, d]
+    assert run_query(parse("cuda>12.4.0"), [a, b, d]) == [b]
+    assert run_query(parse("cuda in [12.4.0]"), [a, b]) == [a]
+
+
+def test_bare_boolean_field_is_a_query_everywhere() -> None:
+    from broker.query import filter_offers, matches
+
+    s = offer(offer_id="s", spot=True)
+    o = offer(offer_id="o", spot=False)
+    assert Query(c.spot) == Query(Flag("spot")) == parse("spot")
+    assert run_query(c.spot, [s, o]) == [s]
+    assert filter_offers(c.spot, [s, o]) == [s]
+    assert matches(c.spot, s) and not matches(c.spot, o)
+    assert to_text(c.spot) == "spot" and str(Query(c.spot)) == "spot"
+    assert hints(c.spot).spot is True
+    with pytest.raises(QueryError, match="not a true/false field"):
+        Query(c.gpu_count)  # type: ignore[arg-type]
+
+
+def test_gpu_name_typo_gets_a_did_you_mean() -> None:
+    with pytest.raises(QueryError) as e:
+        parse("gpu=A1OO")
+    assert e.value.suggestion == "A100" and "did you mean 'A100'" in str(e.value)
+    assert e.value.column == 5
+    with pytest.raises(QueryError, match="did you mean 'H100'"):
+        parse("gpu~H1OO")
+    with pytest.raises(QueryError, match="did you mean 'A100'"):
+        c.gpu_type == "A1OO"  # noqa: B015 - the builder checks the name too
+    # Names the catalog does not know are still fine (new GPUs, providers' own spellings).
+    assert parse("gpu=B300").where == Cmp("gpu_type", "==", "B300")
+    assert parse("gpu='Quantum Q1'").where == Cmp("gpu_type", "==", "Quantum Q1")
