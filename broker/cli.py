@@ -163,7 +163,9 @@ def _report_lines(result: SearchResult) -> list[str]:
                 f"({r.latency_s:.2f}s)"
             )
         elif r.status == "skipped":
-            lines.append(f"[dim]skipped {r.provider}: excluded by the query[/dim]")
+            # Skipped because the query excludes it, or (with a message) not configured.
+            why = (r.error or {}).get("message") or "excluded by the query"
+            lines.append(f"[dim]skipped {r.provider}: {escape(str(why))}[/dim]")
         else:
             msg = (r.error or {}).get("message", "")
             kind = (r.error or {}).get("type", r.status)

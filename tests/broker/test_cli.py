@@ -350,3 +350,22 @@ def test_missing_api_key_exits_2_and_says_how_to_set_it() -> None:
     assert r.exit_code == 2
     (rep,) = json.loads(r.stdout)["providers"]
     assert rep["error"]["type"] == "ConfigError"
+
+
+def test_search_names_the_clouds_left_out_and_how_to_add_them() -> None:
+    r = runner.invoke(app, ["search"])
+    assert r.exit_code == 0, r.output
+    lines = r.stderr.splitlines()
+    for name, env in [
+        ("runpod", "RUNPOD_API_KEY"),
+        ("primeintellect", "PRIME_API_KEY"),
+        ("lambdalabs", "LAMBDA_API_KEY"),
+        ("vast", "VAST_API_KEY"),
+    ]:
+        assert any(f"skipped {name}: " in ln and env in ln for ln in lines), r.stderr
+    assert "excluded by the query" not in r.stderr
+    # Asked for by name (or by the providers setting): nothing to add.
+    r = runner.invoke(app, ["search", "--provider", "local"])
+    assert "not configured" not in r.stderr
+    r = runner.invoke(app, ["search"], env={"BROKER_PROVIDERS": "local"})
+    assert "not configured" not in r.stderr
