@@ -109,15 +109,19 @@ def _identity(value: str | None, remembered: str | None = None) -> str | None:
     return str(Path(value).expanduser())
 
 
-def _host(spec: str, identity: str | None) -> Host:
+def _host(spec: str, identity: str | None, *, hold: bool = False) -> Host:
+    """``hold``: reach the host through its connection holder (see ``bifrost.holder``): the
+    commands a user repeats (exec, run, status, logs, wait, kill, jobs) skip the handshake."""
     from bifrost.host import Host
 
-    return Host(spec, identity_file=identity)
+    return Host(spec, identity_file=identity, hold=hold)
 
 
 def _group(targets: list[str], identity: str | None, concurrency: int = 16) -> Group:
     from bifrost.group import Group
 
+    if len(targets) == 1:  # one host: the held connection, as for `status`
+        return Group([_host(targets[0], identity, hold=True)], concurrency=concurrency)
     return Group(targets, concurrency=concurrency, identity_file=identity)
 
 
@@ -144,7 +148,7 @@ def _targets(spec: str) -> list[str]:
 
 
 def _env(pairs: list[str] | None) -> dict[str, str]:
-    from bifrost.exec import check_env_name
+    from bifrost._wire import check_env_name
 
     env: dict[str, str] = {}
     for pair in pairs or []:
@@ -160,7 +164,7 @@ def _env(pairs: list[str] | None) -> dict[str, str]:
 
 
 def _secrets(names: list[str] | None) -> dict[str, str]:
-    from bifrost.exec import check_env_name
+    from bifrost._wire import check_env_name
 
     secrets: dict[str, str] = {}
     for name in names or []:
@@ -224,6 +228,8 @@ def cmd_exec(a: argparse.Namespace) -> None:
         )  # fmt: skip
         _report_outcomes(outcomes, a.json)
         raise _Exit(0 if all(o.ok for o in outcomes) else 1)
+    if _exec_held(targets[0], identity, cmd, envs, secrets, a):
+        return
     host = _host(targets[0], identity)
     try:
         result = host.exec(
@@ -239,6 +245,68 @@ def cmd_exec(a: argparse.Namespace) -> None:
     if a.json:
         _print_json(result.to_dict())
     raise _Exit(result.exit_code)
+
+
+def _exec_held(
+    spec: str,
+    identity: str | None,
+    cmd: str,
+    envs: dict[str, str],
+    secrets: dict[str, str],
+    a: argparse.Namespace,
+) -> bool:
+    """`exec` through the host's connection holder: no asyncio/asyncssh import, no handshake.
+    Exits (raises _Exit) when the holder ran the command; False when there is no usable holder
+    (one is started for next time) and the caller connects directly."""
+    from bifrost import holder
+
+    if not holder.enabled():
+        return False
+    from bifrost.paths import known_hosts_path
+    from bifrost.target import parse_target
+
+    target = parse_target(spec)
+    if target.is_local:
+        return False
+    if identity is not None:
+        target = target.with_identity(str(Path(identity).expanduser().absolute()))
+        identity = target.identity_files[0]
+    out: list[bytes] = []
+    err: list[bytes] = []
+
+    def sink(stream: Any, parts: list[bytes]) -> Callable[[bytes], None]:
+        def write(data: bytes) -> None:
+            parts.append(data)
+            if not a.json:
+                stream.buffer.write(data)
+                stream.flush()
+
+        return write
+
+    request = {"command": cmd, "env": envs, "secrets": secrets, "cwd": a.cwd,
+               "timeout": a.timeout, "merge": a.merge}  # fmt: skip
+    answer = holder.exec_via_holder(
+        target, spec, identity, known_hosts_path(), request,
+        sink(sys.stdout, out), sink(sys.stderr, err),
+    )  # fmt: skip
+    if answer is None:
+        return False
+    result = {
+        "target": target.display, "command": cmd, "exit_code": answer["exit_code"],
+        "stdout": b"".join(out).decode("utf-8", "replace"),
+        "stderr": b"".join(err).decode("utf-8", "replace"),
+        "duration": round(float(answer.get("duration", 0.0)), 4),
+    }  # fmt: skip
+    if answer.get("timed_out"):
+        message = f"command timed out after {a.timeout:g}s on {target.display}: {cmd!r}"
+        if a.json:
+            _print_json({**result, "error": message})
+        else:
+            sys.stderr.write(f"error: {message}\n")
+        raise _Exit(124)
+    if a.json:
+        _print_json(result)
+    raise _Exit(int(answer["exit_code"]))
 
 
 def _report_outcomes(outcomes: list[HostOutcome[Any]], as_json: bool) -> None:
@@ -306,7 +374,7 @@ def cmd_run(a: argparse.Namespace) -> None:
             for o in outcomes:
                 _print(f"[{o.host}] {o.value.id if o.value else 'FAILED: ' + str(o.error)}")
         raise _Exit(0 if all(o.ok for o in outcomes) else 1)
-    host = _host(targets[0], identity)
+    host = _host(targets[0], identity, hold=True)
     job = host.run(cmd, **opts)
     if a.json:
         _print_json({"job": job.id, "target": host.spec})
@@ -372,7 +440,7 @@ def cmd_jobs(a: argparse.Namespace) -> None:
 def cmd_status(a: argparse.Namespace) -> None:
     """Show a job's state: running, succeeded, failed, cancelled, lost (reboot) or died."""
     target, job_id, identity = _job_args(a.target_or_job, a.job, a.identity)
-    st = _host(target, identity).job(job_id).status()
+    st = _host(target, identity, hold=True).job(job_id).status()
     if a.json:
         _print_json(st.to_dict())
     else:
@@ -384,7 +452,7 @@ def cmd_logs(a: argparse.Namespace) -> None:
     if a.tail is not None and not 0 <= a.tail <= MAX_TAIL:
         _fail(f"--tail {a.tail}: give a number of lines between 0 and {MAX_TAIL}")
     target, job_id, identity = _job_args(a.target_or_job, a.job, a.identity)
-    j = _host(target, identity).job(job_id)
+    j = _host(target, identity, hold=True).job(job_id)
     if a.follow:
         if a.json:
             # JSON Lines: one object per log line as it comes, then the final status.
@@ -405,7 +473,7 @@ def cmd_wait(a: argparse.Namespace) -> None:
     _check_seconds("--timeout", a.timeout)
     target, job_id, identity = _job_args(a.target_or_job, a.job, a.identity)
     try:
-        st = _host(target, identity).job(job_id).wait(a.timeout)
+        st = _host(target, identity, hold=True).job(job_id).wait(a.timeout)
     except JobTimeout as exc:
         _fail(str(exc), 124)
     if a.json:
@@ -419,7 +487,7 @@ def cmd_wait(a: argparse.Namespace) -> None:
 def cmd_kill(a: argparse.Namespace) -> None:
     """Cancel a job: TERM its whole process group, KILL after --grace seconds."""
     target, job_id, identity = _job_args(a.target_or_job, a.job, a.identity)
-    result = _host(target, identity).job(job_id).kill(a.grace)
+    result = _host(target, identity, hold=True).job(job_id).kill(a.grace)
     if a.json:
         _print_json({"job": job_id, "target": target, "result": result})
     else:
@@ -531,7 +599,8 @@ def cmd_ssh(a: argparse.Namespace) -> None:
 def cmd_attach(a: argparse.Namespace) -> None:
     """Watch a running job in its tmux session on the box (detach: tmux prefix + d)."""
     target, job_id, identity = _job_args(a.target_or_job, a.job, a.identity)
-    j = _host(target, identity).job(job_id)
+    host = _host(target, identity)
+    j = host.job(job_id)
     st, session = j.attach_info()
     if st.done:
         code = "" if st.exit_code is None else f", exit code {st.exit_code}"
@@ -550,10 +619,10 @@ def cmd_attach(a: argparse.Namespace) -> None:
                 "(Ctrl-C stops following; the job keeps running)\n"
             )
         raise _Exit(_ended(j.follow(_emit_line)))
-    j.host.close()
-    if j.host.target.is_local:
+    host.close()
+    if host.target.is_local:
         os.execvp("bash", ["bash", "--norc", "--noprofile", "-c", j.tmux_command(session)])  # noqa: S606
-    argv = _ssh_argv(j.host, tty=True)
+    argv = _ssh_argv(host, tty=True)
     os.execvp("ssh", [*argv, j.tmux_command(session)])  # noqa: S606 - hand the terminal over
 
 

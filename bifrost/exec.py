@@ -12,11 +12,20 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from bifrost._wire import check_env_name, env_lines, quote_path
 from bifrost.transport.base import OutputSink, StdinSource, Transport
 
-__all__ = ["Result", "build_command", "capture", "env_lines", "nul_join", "nul_split", "quote_path"]
+__all__ = [
+    "Result",
+    "build_command",
+    "capture",
+    "check_env_name",
+    "env_lines",
+    "nul_join",
+    "nul_split",
+    "quote_path",
+]
 
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 BASE_PATH = 'export PATH="$HOME/.local/bin:$PATH" PYTHONUNBUFFERED=1'
 
 
@@ -93,30 +102,6 @@ async def capture(
     if check and rc != 0:
         raise CommandError(result)
     return result
-
-
-def quote_path(path: str) -> str:
-    """Shell-quote a remote path, keeping a leading ``~`` meaning the remote home."""
-    if path == "~":
-        return '"$HOME"'
-    if path.startswith("~/"):
-        return '"$HOME"/' + shlex.quote(path[2:])
-    return shlex.quote(path)
-
-
-def check_env_name(name: str) -> str:
-    """Reject names that cannot be shell variables (they would be an injection vector)."""
-    if not _ENV_NAME.match(name):
-        raise ValueError(
-            f"invalid environment variable name {name!r}: use letters, digits and _ "
-            "(not starting with a digit)"
-        )
-    return name
-
-
-def env_lines(env: Mapping[str, str]) -> str:
-    """``export K='v'`` lines, values quoted with shlex (sshd would drop ``env=`` anyway)."""
-    return "".join(f"export {check_env_name(k)}={shlex.quote(str(v))}\n" for k, v in env.items())
 
 
 def build_command(

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from bifrost.host import Host
+    from bifrost.session import Session
 
 _QUERY = (
     "if ! command -v nvidia-smi >/dev/null 2>&1; then echo BIFROST_NO_NVIDIA_SMI; exit 0; fi; "
@@ -84,9 +84,11 @@ def parse_nvidia_smi(host: str, text: str) -> GPUReport:
     return GPUReport(host, True, gpus)
 
 
-async def agpus(host: Host) -> GPUReport:
+async def agpus(host: Session) -> GPUReport:
     """Coroutine behind :meth:`bifrost.Host.gpus`."""
-    result = await host.aexec(_QUERY, warn=True)
+    from bifrost.exec import run_command
+
+    result, _ = await run_command(await host.atransport(), _QUERY)
     if result.exit_code != 0:
         msg = (result.stderr or result.stdout).strip().splitlines()
         return GPUReport(

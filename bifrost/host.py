@@ -46,6 +46,7 @@ class Host:
         keepalive_interval: float = 15.0,
         retries: int = 4,
         known_hosts: KnownHosts | Path | None = None,
+        hold: bool = False,
     ) -> None:
         self.spec = target if isinstance(target, str) else str(target)
         parsed = parse_target(target)
@@ -62,8 +63,14 @@ class Host:
         self.known_hosts = (
             known_hosts if isinstance(known_hosts, KnownHosts) else KnownHosts(known_hosts)
         )
-        self._transport: Transport | None = None
-        self._lock: asyncio.Lock | None = None
+        #: Share one SSH connection between processes through a per-host holder (what the CLI
+        #: does, see ``bifrost.holder``); off for the API, whose Host already reuses one.
+        self.hold = hold
+        # One connection (and lock) per event loop: an asyncssh connection belongs to the loop
+        # that opened it, and the same Host may be used from the synchronous facade (bifrost's
+        # private loop) and from the caller's own loop in turn.
+        self._transports: dict[asyncio.AbstractEventLoop, Transport] = {}
+        self._locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
 
     def __repr__(self) -> str:
         return f"Host({self.target.display!r})"
@@ -74,35 +81,68 @@ class Host:
         return self.target.display
 
     # -- connection -------------------------------------------------------------------------
+    def current_transport(self) -> Transport | None:
+        """The open transport of the running loop (else of bifrost's own loop), if any."""
+        from bifrost import _loop
+
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = _loop._loop
+        return self._transports.get(loop) if loop is not None else None
+
+    @property
+    def _transport(self) -> Transport | None:
+        return self.current_transport()
+
+    def _prune(self) -> None:
+        for loop in [lp for lp in self._transports if lp.is_closed()]:
+            self._transports.pop(loop, None)
+            self._locks.pop(loop, None)
+
+    async def _open(self) -> Transport:
+        if self.target.is_local:
+            from bifrost.transport.local import LocalTransport
+
+            return LocalTransport()  # and no asyncssh import (~1 s)
+        if self.hold:
+            from bifrost import holder
+
+            if holder.enabled():
+                via = await holder.aopen(self)
+                if via is not None:
+                    return via
+        from bifrost.transport.ssh import open_transport
+
+        return await open_transport(
+            self.target,
+            known_hosts=self.known_hosts,
+            connect_timeout=self.connect_timeout,
+            keepalive_interval=self.keepalive_interval,
+            retries=self.retries,
+        )
+
     async def atransport(self) -> Transport:
         """The open transport, connecting (with retries) if needed."""
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:
-            if self._transport is None or self._transport.closed:
-                if self._transport is not None:
-                    await self._transport.close()
-                if self.target.is_local:
-                    from bifrost.transport.local import LocalTransport
-
-                    self._transport = LocalTransport()  # and no asyncssh import (~1 s)
-                    return self._transport
-                from bifrost.transport.ssh import open_transport
-
-                self._transport = await open_transport(
-                    self.target,
-                    known_hosts=self.known_hosts,
-                    connect_timeout=self.connect_timeout,
-                    keepalive_interval=self.keepalive_interval,
-                    retries=self.retries,
-                )
-            return self._transport
+        loop = asyncio.get_running_loop()
+        self._prune()
+        lock = self._locks.setdefault(loop, asyncio.Lock())
+        async with lock:
+            transport = self._transports.get(loop)
+            if transport is None or transport.closed:
+                if transport is not None:
+                    await transport.close()
+                transport = self._transports[loop] = await self._open()
+            return transport
 
     async def areconnect(self) -> Transport:
         """Drop the current connection and open a new one."""
-        if self._transport is not None:
-            await self._transport.close()
-            self._transport = None
+        loop = asyncio.get_running_loop()
+        transport = self._transports.pop(loop, None)
+        if transport is not None:
+            if type(transport).__name__ == "HolderTransport":
+                self.hold = False  # its holder lost the link: connect directly from now on
+            await transport.close()
         return await self.atransport()
 
     async def aretrying(self, fn: Callable[[Transport], Awaitable[T]], *, attempts: int = 3) -> T:
@@ -123,10 +163,10 @@ class Host:
         return self
 
     async def aclose(self) -> None:
-        """Close the connection."""
-        if self._transport is not None:
-            await self._transport.close()
-            self._transport = None
+        """Close the connection (of the running event loop)."""
+        transport = self._transports.pop(asyncio.get_running_loop(), None)
+        if transport is not None:
+            await transport.close()
 
     def close(self) -> None:
         """Close the connection (a later call reconnects)."""

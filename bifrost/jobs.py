@@ -35,7 +35,7 @@ from bifrost.paths import bifrost_home
 from bifrost.transport.base import Transport
 
 if TYPE_CHECKING:
-    from bifrost.host import Host
+    from bifrost.session import Session
 
 __all__ = ["Job", "JobStatus", "LogDecoder", "check_job_id"]
 
@@ -216,7 +216,7 @@ def remembered_target(job_id: str) -> str | None:
 
 
 async def astart(
-    host: Host,
+    host: Session,
     command: str,
     *,
     name: str | None = None,
@@ -264,7 +264,7 @@ async def astart(
     return Job(host, job_id)
 
 
-async def astatuses(host: Host, job_ids: Sequence[str] | None) -> list[JobStatus]:
+async def astatuses(host: Session, job_ids: Sequence[str] | None) -> list[JobStatus]:
     """Status of the given jobs (all jobs when None), one round trip."""
     ids = [check_job_id(j) for j in job_ids or []]
 
@@ -340,7 +340,7 @@ def _job_dir(job_id: str) -> str:
 class Job:
     """A handle on a detached job on one host. Methods reconnect when the link drops."""
 
-    def __init__(self, host: Host, job_id: str) -> None:
+    def __init__(self, host: Session, job_id: str) -> None:
         self.host = host
         self.id = check_job_id(job_id)
 

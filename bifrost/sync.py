@@ -23,7 +23,7 @@ from bifrost.exec import capture, nul_join, nul_split
 from bifrost.transport.base import Transport
 
 if TYPE_CHECKING:
-    from bifrost.host import Host
+    from bifrost.session import Session
 
 __all__ = ["PushResult", "list_files"]
 
@@ -344,7 +344,7 @@ def _git_listing(root: Path, with_submodules: bool) -> tuple[list[str], list[str
 
 
 async def apush(
-    host: Host,
+    host: Session,
     root: Path,
     *,
     name: str | None = None,

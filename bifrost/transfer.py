@@ -20,8 +20,8 @@ from bifrost.errors import TransferError
 from bifrost.transport.base import Progress, Transport
 
 if TYPE_CHECKING:
-    from bifrost.host import Host
     from bifrost.jobs import Job
+    from bifrost.session import Session
 
 PROGRESS_MIN_BYTES = 8 << 20
 
@@ -121,7 +121,7 @@ def _bar(total: int, label: str, enabled: bool) -> Iterator[Progress | None]:
         yield bar.update
 
 
-async def apull(host: Host, remote: str, local: Path, *, progress: bool = False) -> Path:
+async def apull(host: Session, remote: str, local: Path, *, progress: bool = False) -> Path:
     """Download ``remote`` (file or tree). Like ``scp -r``: into ``local`` if it is an existing
     directory, else as ``local``. Returns the local path written.
 
@@ -160,7 +160,7 @@ async def _get_atomic(
             await asyncio.to_thread(_remove, part)
 
 
-async def aupload(host: Host, local: Path, remote: str, *, progress: bool = False) -> str:
+async def aupload(host: Session, local: Path, remote: str, *, progress: bool = False) -> str:
     """Upload ``local`` (file or tree); into ``remote`` if it is an existing remote directory,
     else as ``remote``. Parent directories are created. Returns the absolute remote path.
 

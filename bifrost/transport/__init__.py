@@ -7,7 +7,6 @@ which `local` targets and CLI usage errors should not pay.
 from typing import Any
 
 from bifrost.transport.base import Transport
-from bifrost.transport.local import LocalTransport
 
 __all__ = ["LocalTransport", "SSHTransport", "Transport", "open_transport"]
 
@@ -17,4 +16,8 @@ def __getattr__(name: str) -> Any:
         from bifrost.transport import ssh
 
         return getattr(ssh, name)
+    if name == "LocalTransport":
+        from bifrost.transport import local
+
+        return local.LocalTransport
     raise AttributeError(name)

@@ -13,7 +13,10 @@ from bifrost.testing import SSHServer
 
 
 @pytest.fixture(autouse=True)
-def _isolated_home(bifrost_home: Path) -> Path:
+def _isolated_home(bifrost_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    # CLI calls would otherwise leave a connection holder per host behind (each one a Python
+    # process with asyncssh loaded): only the holder tests turn them on.
+    monkeypatch.setenv("BIFROST_HOLD", "0")
     return bifrost_home
 
 

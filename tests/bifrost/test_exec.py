@@ -172,3 +172,19 @@ def test_cli_bad_env_name_is_exit_2(sshd: SSHServer, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("MYSEC", "hush")
     args = ["exec", "-i", str(sshd.client_key), sshd.target, "--secret-env", "MYSEC"]
     assert main([*args, "-e", "BAD-NAME=1", "true"]) == 2
+
+
+def test_sync_and_async_api_on_different_loops(host: Host) -> None:
+    """The same Host from the caller's own event loops and from the synchronous facade, in
+    turn: an asyncssh connection belongs to the loop that opened it, so each loop gets its own
+    (before, the second loop reused the first loop's connection and failed or hung)."""
+    import asyncio
+
+    async def from_user_loop() -> str:
+        return (await host.aexec("echo async")).stdout
+
+    assert host.exec("echo sync").stdout == "sync\n"
+    assert asyncio.run(asyncio.wait_for(from_user_loop(), 30)) == "async\n"
+    assert host.exec("echo sync-again").stdout == "sync-again\n"
+    assert asyncio.run(asyncio.wait_for(from_user_loop(), 30)) == "async\n"  # a new loop
+    assert host.job(host.run("true").id).wait(timeout=30).state == "succeeded"
