@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm  # type: ignore[import-untyped]
 
 from bifrost.errors import TransferError
+from bifrost.exec import capture, nul_join, nul_split
 from bifrost.transport.base import Progress, Transport
 
 if TYPE_CHECKING:
@@ -44,7 +45,6 @@ def resolve_remote(path: str, home: str) -> str:
 async def _remote_size(t: Transport, path: str) -> tuple[str, int]:
     """(kind, total bytes) of an absolute remote path in one round trip; kind is ``dir``,
     ``file``, ``none`` or ``denied`` (it, or a directory on the way, is not readable)."""
-    out: list[bytes] = []
     q = shlex.quote(path)
     parent = shlex.quote(posixpath.dirname(path.rstrip("/")) or "/")
     cmd = (
@@ -58,8 +58,7 @@ async def _remote_size(t: Transport, path: str) -> tuple[str, int]:
         "else echo none; fi; "
         f"du -sb {q} 2>/dev/null | cut -f1 || echo 0"
     )
-    await t.run(cmd, on_stdout=out.append)
-    lines = b"".join(out).decode().split()
+    lines = (await capture(t, cmd)).stdout.split()
     kind = lines[0] if lines else "none"
     size = int(lines[1]) if len(lines) > 1 and lines[1].isdigit() else 0
     return kind, size
@@ -209,29 +208,16 @@ async def _put_merge(t: Transport, local: Path, dst: str, cb: Progress | None) -
         files += [prefix + f for f in sorted(filenames)]
     q = shlex.quote(dst)
 
-    def nul(items: list[str]) -> bytes:
-        return b"".join(i.encode("utf-8", "surrogateescape") + b"\0" for i in items)
-
     # A directory there where we have a file would make SFTP copy the file *into* it.
     check = 'for f; do if [ -d "$f" ] && ! [ -L "$f" ]; then printf \'%s\\n\' "$f"; fi; done'
-    err: list[bytes] = []
-    clash: list[bytes] = []
-    rc = await t.run(
-        f"cd {q} && xargs -0 -r mkdir -p --",
-        stdin=nul(dirs),
-        on_stderr=err.append,
+    made = await capture(t, f"cd {q} && xargs -0 -r mkdir -p --", stdin=nul_join(dirs))
+    if made.exit_code != 0:
+        raise TransferError(f"cannot create directories under {dst}: {made.stderr.strip()}")
+    clash = await capture(
+        t, f"cd {q} && xargs -0 -r sh -c {shlex.quote(check)} sh", stdin=nul_join(files)
     )
-    if rc != 0:
-        raise TransferError(
-            f"cannot create directories under {dst}: {b''.join(err).decode(errors='replace')}"
-        )
-    rc = await t.run(
-        f"cd {q} && xargs -0 -r sh -c {shlex.quote(check)} sh",
-        stdin=nul(files),
-        on_stdout=clash.append,
-    )
-    if b"".join(clash).strip():
-        first = b"".join(clash).decode(errors="replace").splitlines()[0]
+    if clash.stdout.strip():
+        first = clash.stdout.splitlines()[0]
         raise TransferError(f"cannot upload file {first!r} into {dst}: it is a directory there")
     for rel in files:
         await t.put(local / rel, posixpath.join(dst, rel), progress=cb)
@@ -249,15 +235,14 @@ async def apull_results(job: Job, dest: Path, *, progress: bool = False) -> Path
     out_dir = dest / job.id
     (out_dir / "job").mkdir(parents=True, exist_ok=True)
     job_dir = f"{home}/.bifrost/jobs/{job.id}"
-    listing: list[bytes] = []
-    rc = await t.run(
+    listing = await capture(
+        t,
         f"cd {shlex.quote(job_dir)} && for f in *; do "
         '[ -f "$f" ] && [ ! -L "$f" ] && [ "$f" != env ] && printf \'%s\\0\' "$f"; done; true',
-        on_stdout=listing.append,
     )
-    if rc != 0:
+    if listing.exit_code != 0:
         raise TransferError(f"cannot list {job_dir} on {job.host.name}")
-    names = [n for n in b"".join(listing).decode("utf-8", "surrogateescape").split("\0") if n]
+    names = nul_split(listing.stdout.encode("utf-8", "surrogateescape"))
     for name in names:
         if name == "env" or "/" in name:  # belt and braces: the listing already left env out
             continue
