@@ -473,6 +473,55 @@ def test_pytest_plugin_fixtures_outside_this_repo(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_the_rules_themselves(tmp_path: Path) -> None:
+    """Markers override the rules; cloud, instance and host lines are parsed, not run; unknown
+    commands and block kinds are reported, never passed over."""
+    doc = tmp_path / "x.md"
+    doc.write_text(
+        textwrap.dedent(
+            """\
+            ```bash
+            broker search 'gpus>=1'   # offline
+            broker search --provider vast --json
+            broker create 'gpu~A100' --ttl 3h; broker instances ssh broker-3f2a
+            broker create --provider local -y
+            RUNPOD_API_URL=http://127.0.0.1:8765 broker search --provider runpod
+            uv run --extra experiments python experiments/x.py --model a \\
+                --out b
+            make docs
+            ```
+
+            <!-- doc-test: skip: needs a GPU -->
+            ```bash
+            broker search
+            ```
+
+            ```python
+            with GPUClient().create("gpus=1") as inst: ...
+            ```
+
+            ```yaml
+            a: 1
+            ```
+            """
+        )
+    )
+    checks = [c for b in doc_blocks(doc) for c in classify_block(b)]
+    got = [(c.action, c.kind, c.text, c.argv) for c in checks]
+    assert got[0] == ("run", "broker", "broker search 'gpus>=1'", ["search", "gpus>=1"])
+    assert got[1][:2] == ("parse", "broker")
+    assert [g[:2] for g in got[2:4]] == [("parse", "broker"), ("parse", "broker")]
+    assert got[3][3] == ["instances", "ssh", "broker-3f2a"]
+    assert got[4][:2] == ("run", "broker")
+    assert got[5][:2] == ("run", "sim-client")
+    assert got[6][:2] == ("help", "script") and got[6][3] == ["experiments/x.py"]
+    assert got[7][:2] == ("fail", "none")
+    assert got[8][:3] == ("skip", "broker", "broker search")
+    assert checks[8].reason == "needs a GPU"
+    assert got[9][:2] == ("parse", "python")
+    assert got[10][:2] == ("fail", "none")
+
+
 @pytest.mark.parametrize("check", CHECKS, ids=[c.id for c in CHECKS])
 def test_doc_block(check: Check, offline_env: dict[str, str], tmp_path: Path) -> None:
     if check.action == "skip":
