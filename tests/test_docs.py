@@ -610,9 +610,12 @@ def _check_sim(check: Check, env: dict[str, str], tmp_path: Path) -> None:
     )  # fmt: skip
     try:
         assert proc.stdout is not None
-        first = proc.stdout.readline()
-        m = re.search(r"http://127\.0\.0\.1:(\d+)", first)
-        assert m, f"simulator said {first!r}"
+        said: list[str] = []
+        m = None
+        while m is None and len(said) < 50 and (line := proc.stdout.readline()):
+            said.append(line)  # a warning may come before the URL line
+            m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        assert m, f"simulator said {''.join(said)!r}"
         for other in others:
             line_env, words = _strip_env(_words(other.text))
             line_env = {k: v.replace(":8765", f":{m.group(1)}") for k, v in line_env.items()}
