@@ -201,7 +201,13 @@ def reap(
             if e.instance_id is None:
                 found = client.get_provider(e.provider).find_by_name(e.name)
                 if found is None:
-                    continue  # not listed (yet): reconcile closes it after the grace period
+                    sent = e.sent_at or e.created_at
+                    if e.state != Phase.SENT or (utcnow() - sent).total_seconds() >= (
+                        AMBIGUOUS_GRACE_S
+                    ):
+                        # Never listed within the grace period (or never sent): nothing bills.
+                        journal.record_failed(e.name, "reap: not listed by the provider")
+                    continue
                 journal.record_created(e.name, found.instance_id, found.status)
                 journal.record_event(e.name, "adopted", "listed after an unanswered create")
             done.append((terminate(client, e.name, timeout=timeout), None))

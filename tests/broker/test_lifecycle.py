@@ -533,3 +533,34 @@ def test_concurrent_creates_cannot_both_slip_under_the_budget(make_client) -> No
     made = [r for r in results if isinstance(r, Instance)]
     assert len(made) == 1 and len(fake.instances) == 1
     c.terminate(made[0])
+
+
+def test_reap_finishes_a_terminate_whose_process_died(make_client) -> None:  # type: ignore[no-untyped-def]
+    # Issue 16.5: SIGKILL between "terminate requested" and the confirmation.
+    c, fake = make_client([offer("a", 1.0)])
+    inst = c.create(None, wait=False, detach=True)
+    host = current_owner().split(":")[0]
+    c.journal.record_terminate_requested(inst.name or "", "test", owner=f"{host}:999999:1")
+    (entry,) = c.journal.open_entries()
+    assert entry.state == "terminating" and entry.status == "terminating"
+    c.journal.record_status(entry.name, InstanceStatus.RUNNING)  # a stale reading cannot undo it
+    assert c.journal.get(entry.name).status == "terminating"  # type: ignore[union-attr]
+    assert [(e.name, err) for e, err in c.reap(timeout=5)] == [(entry.name, None)]
+    assert fake.instances == {} and not c.journal.open_entries()
+
+
+def test_reap_closes_a_pending_create_never_listed_after_the_grace(make_client) -> None:  # type: ignore[no-untyped-def]
+    c, fake = make_client([offer("a", 1.0)])
+
+    def lost(inst: Instance) -> None:
+        raise ProviderUnavailableError("read timeout", provider="fake")
+
+    fake.create_faults = {"a": lost}
+    with pytest.raises(ProvisionError):
+        c.create(None, wait=False)
+    (entry,) = c.journal.open_entries()
+    assert c.reap(timeout=5) == [] and c.journal.open_entries()  # within the grace: kept
+    old = (utcnow() - timedelta(minutes=16)).isoformat()
+    with sqlite3.connect(c.journal.path) as db:
+        db.execute("UPDATE instances SET sent_at = ? WHERE name = ?", (old, entry.name))
+    assert c.reap(timeout=5) == [] and not c.journal.open_entries()
