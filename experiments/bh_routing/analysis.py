@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from experiments.common.io import atomic_write_json, atomic_write_text
+from experiments.common.provenance import git_commit
 
 SCALAR_COLUMNS = [
     "config_name",
@@ -564,7 +565,9 @@ def build_report(
     atomic_write_text(output / "per_layer_k_histograms.csv", hist.to_csv(index=False))
     atomic_write_json(
         output / "bh_routing_results.json",
-        _clean({"meta": meta, "experiments": exps, "perplexity": ppls}),
+        _clean(
+            {"git_commit": git_commit(), "meta": meta, "experiments": exps, "perplexity": ppls}
+        ),
     )
     configs = {r["config_name"]: r["routing_config"] for r in exps}
     if baseline not in configs:
@@ -606,6 +609,7 @@ def build_report(
         else None
     )
     analysis = {
+        "git_commit": git_commit(),
         "baseline": baseline,
         "meta": meta,
         "configs": configs,

@@ -13,6 +13,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import experiments.common.extras_core  # noqa: F401  (exits with an install hint)
+
+# isort: split
+
 from experiments.bh_routing.cli_common import run_cli
 
 

@@ -16,6 +16,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import experiments.common.extras_torch  # noqa: F401  (exits with an install hint)
+
+# isort: split
+
 from experiments.bh_routing.cli_common import run_cli, setup_logging
 from experiments.bh_routing.models import TINY_MODELS
 from experiments.bh_routing.runner import (

@@ -24,6 +24,7 @@ from experiments.bh_routing.adapters import RoutingController, model_summary, pa
 from experiments.bh_routing.models import LoadedModel, load_model
 from experiments.bh_routing.selector import NULL_METHODS, PVALUE_METHODS, RoutingConfig
 from experiments.common.io import atomic_write_json
+from experiments.common.provenance import git_commit
 
 log = logging.getLogger("bh_routing")
 
@@ -383,6 +384,7 @@ class Checkpoint:
             {
                 "fingerprint": self.fingerprint,
                 "saved_at": datetime.now(UTC).isoformat(),
+                "git_commit": git_commit(),
                 "completed": sorted(self.results),
                 "results": self.results,
             },
@@ -465,6 +467,7 @@ class ExperimentRunner:
             **summary,
             "null": null_info,
             "torch": torch.__version__,
+            "git_commit": git_commit(),
             "configs": {n: c.as_dict() for n, c in self.configs.items()},
             "grid": {
                 "nulls": list(s.grid_nulls),
@@ -757,6 +760,9 @@ class ExperimentRunner:
             bar.set_postfix_str(key)
             res = self.run_one(cfg, pidx) if pidx is not None else self.perplexity(cfg)
             res["fingerprint"] = fp
+            # Not part of the fingerprint: a result stays reusable across commits, but says which
+            # code produced it.
+            res["git_commit"] = git_commit()
             ckpt.save_experiment(key, res)
             if pidx is not None:
                 log.info(

@@ -155,21 +155,12 @@ def result_path(output_dir: Path, key: str) -> Path:
 
 
 def git_commit(cwd: Path | None = None) -> str | None:
-    """Short commit hash of the checkout (None outside git), so a result names the code it ran."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
+    """Short commit hash of the project (``cwd``: another repository), so a result names the code
+    it ran; taken from the project's own checkout whatever the process's working directory."""
+    from experiments.common.provenance import REPO_ROOT
+    from experiments.common.provenance import git_commit as _commit
+
+    return _commit(Path(cwd) if cwd is not None else REPO_ROOT)
 
 
 def load_result(path: Path) -> dict[str, Any] | None:

@@ -15,6 +15,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import experiments.common.extras_core  # noqa: F401  (exits with an install hint)
+
+# isort: split
+
 import pandas as pd
 
 from experiments.common.io import atomic_write_text

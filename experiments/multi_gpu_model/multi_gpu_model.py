@@ -26,9 +26,14 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import experiments.common.extras_core  # noqa: F401  (exits with an install hint)
+
+# isort: split
+
 import pandas as pd
 
 from experiments.common.io import atomic_write_json, atomic_write_text
+from experiments.common.provenance import git_commit
 from experiments.multi_gpu_model.model import (
     DEFAULT_CONFIG,
     Config,
@@ -318,7 +323,9 @@ def run(args: argparse.Namespace) -> int:
             out / "data" / "validation_deepep_tables.csv",
             pd.DataFrame(v["rows"]).to_csv(index=False),
         )
-        atomic_write_json(out / "data" / "validation_deepep_tables.json", v)
+        atomic_write_json(
+            out / "data" / "validation_deepep_tables.json", {**v, "git_commit": git_commit()}
+        )
     frames = []
     for s in cfg.systems:
         rows = evaluate(s, cfg.workload, cfg.prefetch, cfg.tokens_per_month)
@@ -351,7 +358,9 @@ def run(args: argparse.Namespace) -> int:
                 )
     all_df = pd.concat(frames, ignore_index=True)
     atomic_write_text(out / "data" / "all_systems_comparison.csv", all_df.to_csv(index=False))
-    atomic_write_json(out / "data" / "config_used.json", config_as_dict(cfg))
+    atomic_write_json(
+        out / "data" / "config_used.json", {**config_as_dict(cfg), "git_commit": git_commit()}
+    )
     if not args.no_plots:
         figs = make_figures(all_df, out)
         log.info("wrote %d figure files under %s", len(figs), out / "figures")

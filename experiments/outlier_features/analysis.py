@@ -266,6 +266,16 @@ def cross_batch(
         freq[list(s)] += 1
     need = math.ceil(k / 2)
     pairs = [jaccard(a, b) for a, b in combinations(sets, 2)]
+    # A dim can pass in half of the batches and still fail on the full data (e.g. 10 % of the
+    # positions in two batches, none in the others: 5 % overall). The stable set is meant as the
+    # reproducible part of the full-data result, so it only keeps dims the full data detects;
+    # the others are listed with the reason instead of being dropped silently.
+    full = set(
+        np.flatnonzero(
+            detect(fractions(stats, threshold, drop_pos0=drop_pos0), layer_pct, seq_pct)
+        ).tolist()
+    )
+    often = set(np.flatnonzero(freq >= need).tolist())
     return {
         "k": k,
         "batch_sizes": [len(s) for s in splits],
@@ -274,8 +284,12 @@ def cross_batch(
         # K = 1 compares nothing: no agreement figure rather than a perfect one.
         "mean_jaccard": float(np.mean(pairs)) if pairs else None,
         "min_jaccard": float(np.min(pairs)) if pairs else None,
-        "stable_rule": f"detected in >= ceil(K/2) = {need} of {k} batches",
-        "stable_dims": np.flatnonzero(freq >= need).tolist(),
+        "stable_rule": f"detected in >= ceil(K/2) = {need} of {k} batches and on the full data",
+        "stable_dims": sorted(often & full),
+        "stable_excluded": {
+            "dims": sorted(often - full),
+            "reason": "detected in enough batches but failing the criteria on the full data",
+        },
         "_detect_freq": freq / k,
     }
 

@@ -24,10 +24,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 if __package__ in (None, ""):  # run as a file (python experiments/outlier_features/run.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import experiments.common.extras_core  # noqa: F401  (exits with an install hint)
+
+# isort: split
+
+import pandas as pd
 
 from experiments.common.io import atomic_path, atomic_write_text
 
@@ -217,10 +221,10 @@ def render(df: pd.DataFrame, fmt: str) -> str:
     return t.to_string(index=False) + "\n"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The CLI of ``compare.py``."""
+def build_parser(prog: str = "compare.py") -> argparse.ArgumentParser:
+    """The CLI of ``compare.py`` (also ``generate_comparison_plots.py``, the seed's name)."""
     p = argparse.ArgumentParser(
-        prog="compare.py",
+        prog=prog,
         description="Comparison plots and tables over saved outlier-feature runs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -236,9 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "compare.py") -> int:
     """Entry point; returns the exit code (2 when there is nothing valid to compare)."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     try:
         df = load_rows(args.results)
     except CompareError as e:
@@ -270,9 +274,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run_cli(prog: str = "compare.py") -> None:
+    """``main`` for a script: exit with its code; a reader leaving early is not an error."""
     try:
-        sys.exit(main())
+        sys.exit(main(prog=prog))
     except BrokenPipeError:  # e.g. `compare.py --terminal | head`: the reader left early
         sys.stderr.close()
         sys.exit(0)
+
+
+if __name__ == "__main__":
+    run_cli()

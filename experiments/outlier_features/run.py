@@ -26,7 +26,12 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file (python experiments/outlier_features/run.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import experiments.common.extras_torch  # noqa: F401  (exits with an install hint)
+
+# isort: split
+
 from experiments.common.io import atomic_write_json, atomic_write_text
+from experiments.common.provenance import git_commit
 from experiments.outlier_features.configs import (
     ALL_SPECS,
     ConfigError,
@@ -319,6 +324,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   **_model_sizes(spec, lm.module), "spec": spec.to_dict()},
         "run": {
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "git_commit": git_commit(),
             "device": device, "device_map": str(lm.device_map), "dtype": str(lm.dtype),
             "backend": args.backend, "batch_size": spec.batch_size,
             "chunk_layers": spec.chunk_layers, "layers_observed": stats.layer_indices,
@@ -336,6 +342,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          "nnsight": getattr(nnsight, "__version__", "?")},
         },
         **summary,
+        "git_commit": git_commit(),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "per_dim.csv", table.to_csv(index=False))
@@ -381,6 +388,10 @@ def _print_result(s: dict[str, Any], out_dir: Path | None) -> None:
               f"layers affected {100 * b['layers_affected']:.1f}%, positions affected "
               f"{100 * b['positions_affected']:.1f}%; cross-batch K={xb['k']} mean Jaccard "
               f"{_fmt(xb['mean_jaccard'])}, stable {len(xb['stable_dims'])}")
+        dropped = (xb.get("stable_excluded") or {}).get("dims") or []
+        if dropped:
+            print(f"    not in the stable set although detected in >= ceil(K/2) batches "
+                  f"(they fail the criteria on the full data): {dropped[:16]}")
     t = s["run"]["timings_s"]
     print(f"  load {t['load']:.1f}s, extract {t['extract']:.1f}s, analysis {t['analysis']:.1f}s;"
           f" peak RSS {s['run']['peak_rss_gib']:.2f} GiB")

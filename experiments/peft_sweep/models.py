@@ -409,8 +409,23 @@ def save_backbone(backbone: nn.Module, path: Path) -> None:
     torch.save(backbone.state_dict(), path / "model.pt")
 
 
+#: Said in ``--help`` and in errors: what ``--size pretrained`` can and cannot load.
+PRETRAINED_NOTE = (
+    "Only AST and HTS-AT use published pretrained weights; BEATs and EfficientAT are this "
+    "project's re-implementations (random init; --size pretrained loads only a directory written "
+    "by save_backbone, not the official checkpoints)."
+)
+
+
 def load_pretrained_backbone(kind: str, source: str) -> tuple[nn.Module, int, InputSpec]:
-    """Load from a hub id or a directory; returns the backbone, its width and its input shape."""
+    """Load from a hub id or a directory; returns the backbone, its width and its input shape.
+
+    BEATs and EfficientAT load only this project's own format (``save_backbone``): the official
+    checkpoints (BEATs' ``BEATs_iter3*.pt`` with ``cfg`` + ``model``, EfficientAT's ``mn*.pt``
+    state dicts) are for architectures the re-implementations here do not match (BEATs: no gated
+    relative position bias, no deep-norm; EfficientAT: a scaled block table), so their weights
+    cannot be mapped onto them faithfully; such a source is refused with that reason.
+    """
     if kind in ("ast", "htsat"):
         from transformers import ASTModel, ClapAudioModel
 
@@ -421,8 +436,12 @@ def load_pretrained_backbone(kind: str, source: str) -> tuple[nn.Module, int, In
         return model, c.hidden_size, InputSpec(c.num_mel_bins, frames)
     root = Path(source)
     cfg_path = root / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{kind}: no config.json in {root} (write it with save_backbone)")
+    if root.is_file() or not cfg_path.is_file():
+        what = "a file" if root.is_file() else f"a directory without config.json ({root})"
+        raise ValueError(
+            f"{kind}: {source} is {what}; official {kind} checkpoints cannot be loaded. "
+            + PRETRAINED_NOTE
+        )
     raw = json.loads(cfg_path.read_text())
     raw.pop("kind", None)
     if kind == "beats":

@@ -23,11 +23,16 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import experiments.common.extras_torch  # noqa: F401  (exits with an install hint)
+
+# isort: split
+
 import numpy as np
 import torch
 from torch import nn
 
 from experiments.common.io import atomic_write_json
+from experiments.common.provenance import git_commit
 from experiments.common.sweep import parse_bool, write_metrics
 from experiments.peft_sweep.data import (
     CLIP_SECONDS,
@@ -38,7 +43,13 @@ from experiments.peft_sweep.data import (
     spec_augment,
 )
 from experiments.peft_sweep.features import log_mel, num_frames
-from experiments.peft_sweep.models import MODELS, SIZES, TARGETS, build_classifier
+from experiments.peft_sweep.models import (
+    MODELS,
+    PRETRAINED_NOTE,
+    SIZES,
+    TARGETS,
+    build_classifier,
+)
 
 STRATEGIES = ("lora", "adalora", "ia3")
 
@@ -107,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The CLI of one training run."""
     p = argparse.ArgumentParser(
         description="Fine-tune an audio classifier with one PEFT strategy "
-        "on rudiment audio and report val/test metrics."
+        "on rudiment audio and report val/test metrics. " + PRETRAINED_NOTE
     )
     p.add_argument("--model", required=True, choices=MODELS)
     p.add_argument("--strategy", required=True, choices=STRATEGIES)
@@ -129,9 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--size",
         default="tiny",
         choices=SIZES,
-        help="tiny/base: random init at that size; pretrained: load --checkpoint",
+        help="tiny/base: random init at that size; pretrained: load --checkpoint (AST and "
+        "HTS-AT: published weights; BEATs/EfficientAT: only a save_backbone directory)",
     )
-    p.add_argument("--checkpoint", help="hub id or directory for --size pretrained")
+    p.add_argument(
+        "--checkpoint",
+        help="hub id or directory for --size pretrained (BEATs/EfficientAT: a directory "
+        "written by save_backbone; their official checkpoints cannot be loaded)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output-json", type=Path, help="also write the metrics payload here")
     return p
@@ -280,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     write_metrics(payload["metrics"], payload["efficiency"])
     if args.output_json:
-        atomic_write_json(args.output_json, payload)
+        atomic_write_json(args.output_json, {**payload, "git_commit": git_commit()})
     if not os.environ.get("SWEEP_METRICS_FILE") and not args.output_json:
         print("(no $SWEEP_METRICS_FILE or --output-json: metrics printed only)")
     return 0

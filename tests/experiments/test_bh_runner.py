@@ -95,6 +95,13 @@ def test_cli_end_to_end_writes_seed_outputs(run_dir: Path) -> None:
     assert "experts per token against" in report
     log = (run_dir / "experiment_log.txt").read_text()
     assert "bh_moderate__p01" in log
+    from experiments.common.provenance import git_commit
+
+    commit = git_commit()
+    assert commit
+    one = json.loads((run_dir / "checkpoints" / "experiments" / "bh_moderate__p00.json").read_text())
+    assert one["git_commit"] == commit == summary["git_commit"]
+    assert json.loads((run_dir / "checkpoints" / "run_meta.json").read_text())["git_commit"] == commit
 
 
 def test_sensitivity_and_quality_from_saved_json(run_dir: Path) -> None:

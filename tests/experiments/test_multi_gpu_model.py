@@ -206,6 +206,10 @@ def test_cli_end_to_end_and_analyzer(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "same split as expert_parallel" in hyb["strategy_note"]
     ep = two[(two.strategy == "expert_parallel") & (two.variant == hyb["variant"])].iloc[0]
     assert hyb["throughput_tok_s"] == ep["throughput_tok_s"]
+    from experiments.common.provenance import git_commit
+
+    used = json.loads((out / "data" / "config_used.json").read_text())
+    assert used["git_commit"] == git_commit() and used["git_commit"]
     tables = pd.read_csv(out / "data" / "validation_deepep_tables.csv")
     assert len(tables) == 2 * (6 + 4)
     assert set(df["variant"]) == {"baseline", "prefetch"}

@@ -121,6 +121,23 @@ def test_cross_batch_jaccard_and_stable_set() -> None:
         an.cross_batch(stats_from_activations(x), k=5)
 
 
+def test_stable_set_never_holds_a_dim_failing_on_the_full_data() -> None:
+    """Dim 1 hits 10 % of the positions in two of four batches and none in the others: it passes
+    in ceil(K/2) batches but has 5 % < 6 % of the positions on the full data."""
+    x = _acts(b=4, layers=4, s=100, h=3)
+    x[:, :, 0, :, 0] = 7.0  # everywhere: stable and on the full data
+    x[:2, :, 0, :10, 1] = 7.0
+    stats = stats_from_activations(x)
+    full = set(np.flatnonzero(an.detect(an.fractions(stats))).tolist())
+    assert full == {0}
+    xb = an.cross_batch(stats, k=4)
+    assert xb["_detect_freq"][1] == 0.5  # the old rule (>= ceil(K/2) batches) would keep it
+    assert xb["stable_dims"] == [0]
+    assert set(xb["stable_dims"]) <= full
+    assert xb["stable_excluded"]["dims"] == [1]
+    assert "full data" in xb["stable_excluded"]["reason"] and "full data" in xb["stable_rule"]
+
+
 def test_sensitivity_grid_shape_and_monotonicity() -> None:
     rng = np.random.default_rng(3)
     x = (rng.standard_t(df=3, size=(4, 6, 2, 40, 16)) * 2).astype(np.float32)

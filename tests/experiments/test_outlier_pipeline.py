@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +123,9 @@ def test_run_end_to_end_then_compare(tmp_path: Path, capsys: pytest.CaptureFixtu
         "B_sequences": 4, "S_positions": 96, "L_blocks": 4, "sites_per_block": 2,
         "H_hidden": 128, "positions_total": 384, "positions_without_pos0": 380}
     assert len(s["sensitivity_grid"]) == 36
+    from experiments.common.provenance import git_commit
+
+    assert s["git_commit"] == s["run"]["git_commit"] == git_commit() and s["git_commit"]
     assert s["model"]["total_params"] == s["model"]["total_params_counted"] > 0
     assert 0 < s["model"]["active_params"] < s["model"]["total_params"]
     table = pd.read_csv(res / "planted" / "per_dim.csv")
@@ -145,6 +150,22 @@ def test_run_end_to_end_then_compare(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert compare.main([str(res), "--terminal"]) == 0
     text = capsys.readouterr().out
     assert "layers affected (%) vs total_params" in text and "M" in text
+
+    # The seed's entry point, as a real process from another directory, with the seed's flags:
+    # the same program as compare.py, so the same bytes on stdout.
+    script = Path(compare.__file__).with_name("generate_comparison_plots.py")
+    for fmt in ("csv", "json"):
+        proc = subprocess.run(
+            [sys.executable, str(script), str(res), "--terminal", "--format", fmt],
+            capture_output=True, text=True, cwd=tmp_path, check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert compare.main([str(res), "--terminal", "--format", fmt]) == 0
+        assert proc.stdout == capsys.readouterr().out
+    helped = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
+                            text=True, check=False)
+    assert helped.returncode == 0 and "generate_comparison_plots.py" in helped.stdout
+    assert "--terminal" in helped.stdout and "--format" in helped.stdout
 
 
 def test_bad_input_gives_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

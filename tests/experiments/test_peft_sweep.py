@@ -301,3 +301,24 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
     )
     assert r.returncode == 2
     assert "run the sweep first" in r.stderr
+
+
+def test_official_beats_efficientat_checkpoints_are_refused_and_help_says_so(
+    tmp_path: Path,
+) -> None:
+    """Issue 18 item 5: only AST and HTS-AT use published weights, and the CLIs say so."""
+    from experiments.peft_sweep.models import PRETRAINED_NOTE, load_pretrained_backbone
+
+    official = tmp_path / "BEATs_iter3_plus_AS2M.pt"
+    official.write_bytes(b"not ours")
+    for kind, source in (("beats", official), ("efficientat", tmp_path)):
+        with pytest.raises(ValueError, match="official .* checkpoints cannot be loaded") as e:
+            load_pretrained_backbone(kind, str(source))
+        assert PRETRAINED_NOTE in str(e.value)
+    for script in ("experiments/peft_sweep/train.py", "experiments/peft_sweep/scripts/run_sweep.py"):
+        r = subprocess.run(
+            [sys.executable, script, "--help"], capture_output=True, text=True, check=False,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        assert r.returncode == 0
+        assert "Only AST and HTS-AT use published pretrained weights" in " ".join(r.stdout.split())

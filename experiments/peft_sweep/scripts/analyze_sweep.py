@@ -17,6 +17,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
+import experiments.common.extras_torch  # noqa: F401  (exits with an install hint)
+
+# isort: split
+
 from experiments.common.sweep import STATUSES, parse_bool
 from experiments.peft_sweep.analyze import analyze
 from experiments.peft_sweep.models import MODELS

@@ -17,6 +17,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
+import experiments.common.extras_torch  # noqa: F401  (exits with an install hint)
+
+# isort: split
+
 from experiments.common.sweep import (
     ExperimentSpec,
     SweepError,
@@ -27,7 +31,7 @@ from experiments.common.sweep import (
     run_sweep,
 )
 from experiments.peft_sweep.data import DATA_PRESETS
-from experiments.peft_sweep.models import MODELS, SIZES
+from experiments.peft_sweep.models import MODELS, PRETRAINED_NOTE, SIZES
 from experiments.peft_sweep.train import STRATEGIES
 
 REPO = Path(__file__).resolve().parents[3]
@@ -37,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The CLI (the seed's flags plus the harness's)."""
     p = argparse.ArgumentParser(
         description="Sweep audio models x PEFT strategies x augmentation "
-        "on rudiment classification."
+        "on rudiment classification. " + PRETRAINED_NOTE
     )
     p.add_argument("--models", nargs="+", choices=MODELS, help="default: all")
     p.add_argument("--strategies", nargs="+", choices=STRATEGIES, help="default: all")
@@ -56,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--size",
         default="tiny",
         choices=SIZES,
-        help="backbone size: tiny (random, CPU), base (random, full size), pretrained",
+        help="backbone size: tiny (random, CPU), base (random, full size), pretrained "
+        "(published weights for AST and HTS-AT only)",
     )
     p.add_argument(
         "--checkpoint",
