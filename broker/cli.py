@@ -322,12 +322,20 @@ def init(
     path: Annotated[
         Path | None, typer.Option("--path", help="Where to write (default: platform config dir).")
     ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Write a commented config file (mode 0600). Never overwrites an existing one."""
     with _errors():
         target = path or default_config_path()
         written = write_config_template(target)
-        out.print(f"wrote {written} (mode 0600); put your API keys there or in the environment")
+        if as_json:
+            _dump({"path": str(written), "mode": "0600"})
+            return
+        out.print(
+            f"wrote {written} (mode 0600); put your API keys there or in the environment",
+            markup=False,
+            highlight=False,
+        )
 
 
 def version() -> str:

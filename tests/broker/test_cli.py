@@ -369,3 +369,25 @@ def test_search_names_the_clouds_left_out_and_how_to_add_them() -> None:
     assert "not configured" not in r.stderr
     r = runner.invoke(app, ["search"], env={"BROKER_PROVIDERS": "local"})
     assert "not configured" not in r.stderr
+
+
+def test_every_command_takes_json(tmp_path: Path) -> None:
+    """Every broker command prints data, so every one takes --json (a new one must too)."""
+    import typer.main
+
+    leaves: list[str] = []
+
+    def walk(cmd: object, path: list[str]) -> None:
+        subs = getattr(cmd, "commands", None)
+        if subs:
+            for name, sub in subs.items():
+                walk(sub, [*path, name])
+        elif "--json" not in {o for p in getattr(cmd, "params", []) for o in p.opts}:
+            leaves.append(" ".join(path))
+
+    walk(typer.main.get_command(app), [])
+    assert leaves == []
+    target = tmp_path / "c" / "config.toml"
+    r = runner.invoke(app, ["init", "--path", str(target), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == {"path": str(target), "mode": "0600"}
