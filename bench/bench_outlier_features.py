@@ -253,6 +253,10 @@ def main() -> int:
         # A preset replaces the defaults only: explicit size flags still win (quick runs).
         p.set_defaults(**PRESETS[preset])
     args = p.parse_args()
+    from experiments.common.deps import require_extras
+
+    # The children import these; say how to install them rather than fail in a child.
+    require_extras("numpy", "pandas", "torch", "transformers", "nnsight")
     if args.dtype is None:
         args.dtype = "float32" if args.device == "cpu" else "bfloat16"
     if args.device != "cpu" and not args.child:
