@@ -376,6 +376,10 @@ def _root(
     # forgotten box dies the next time anyone uses broker, even without `reap` in cron.
     if ctx.resilient_parsing or ctx.invoked_subcommand in (None, "init", "providers"):
         return
+    try:
+        load_settings()
+    except ConfigError:
+        return  # the command itself reports the bad setting, once, and exits 2
     from broker.cli_instances import auto_reap
 
     auto_reap()
