@@ -38,8 +38,10 @@ def _wide() -> Console:
 
 def market(spot: bool, cloud_type: str | None) -> str:
     """``spot`` or ``on-demand``, plus ``secure``/``community`` when the provider says."""
+    if cloud_type == "local":
+        return "local"  # this machine or your own: neither rented nor interruptible
     kind = "spot" if spot else "on-demand"
-    return f"{kind} {cloud_type}" if cloud_type and cloud_type not in ("unknown", "none") else kind
+    return f"{kind} {cloud_type}" if cloud_type in ("secure", "community") else kind
 
 
 def _cloud_type(e: JournalEntry) -> str | None:

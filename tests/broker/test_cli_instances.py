@@ -225,7 +225,7 @@ def test_list_marks_a_dead_holder_and_no_ttl_for_closed_ones() -> None:
     (row,) = json.loads(runner.invoke(app, ["list", "--json"]).stdout)
     assert row["holder"] == "dead" and row["holder_alive"] is False
     table = runner.invoke(app, ["list"])
-    assert "(holder dead)" in table.stdout and "on-demand" in table.stdout
+    assert "(holder dead)" in table.stdout and "local" in table.stdout
     assert runner.invoke(app, ["terminate", held, "-y"]).exit_code == 0
     (row,) = json.loads(runner.invoke(app, ["list", "--all", "--json"]).stdout)
     assert row["ttl_left_s"] is None
