@@ -1,84 +1,169 @@
-"""Benchmark: parse + filter + sort 100,000 offers with a 5-predicate query (target < 200 ms).
+"""Benchmark: the query language against gpuhunt's filter, side by side, on the same 100k offers.
 
-Run by hand: ``uv run python bench/bench_query.py``. Writes ``bench/results/query.json``.
-Offer construction is not timed (it happens once, in the adapters); parsing, compiling the filter,
-filtering, sorting and limiting are. Runs on one thread (so on one core).
+Run by hand (gpuhunt is in the ``bench`` dependency group)::
+
+    python3 -m uv run --group bench python bench/bench_query.py
+
+Both sides get the same 100,000 offers (built once, untimed: adapters build them) and the same five
+predicates, and both filter, sort (price ascending, then VRAM descending) and keep the first 50:
+
+* broker: ``parse(QUERY)`` + :func:`broker.query.run_query` (compile, filter, sort, limit);
+* gpuhunt: ``QueryFilter(...)`` + ``[i for i in items if matches(i, q)]`` + ``sorted(...)[:50]``.
+
+Rounds alternate between the two, so load on the machine hits both alike; the ratio of the medians
+is the figure (target ≤ 1.0, moonshot ≤ 0.5). Before timing, the script checks that both select
+exactly the same offers. Results go to ``bench/results/query.json``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from broker.query import parse, run_query
 from broker.types import CloudType, GPUOffer, Manufacturer
 
+try:
+    from gpuhunt import AcceleratorVendor, CatalogItem, QueryFilter
+    from gpuhunt._internal.constraints import matches as gpuhunt_matches
+    from gpuhunt.version import __version__ as gpuhunt_version
+except ImportError:  # pragma: no cover - a hint for running it by hand
+    sys.exit("gpuhunt is missing: run `python3 -m uv run --group bench python bench/bench_query.py`")
+
 QUERY = "gpu~A100 gpus>=2 vram>=80GB manufacturer=nvidia price<=6/h sort=price,-vram limit=50"
+LIMIT = 50
 N = 100_000
+ROUNDS = 15
+#: (canonical name, gpuhunt's name, VRAM GB, vendor)
 GPUS = [
-    ("A100 SXM 80GB", 80.0),
-    ("A100 PCIe 80GB", 80.0),
-    ("A100 SXM 40GB", 40.0),
-    ("H100 SXM 80GB", 80.0),
-    ("RTX 4090 24GB", 24.0),
-    ("RTX A6000 48GB", 48.0),
-    ("L40S 48GB", 48.0),
+    ("A100 SXM 80GB", "A100", 80.0, "nvidia"),
+    ("A100 PCIe 80GB", "A100", 80.0, "nvidia"),
+    ("A100 SXM 40GB", "A100", 40.0, "nvidia"),
+    ("H100 SXM 80GB", "H100", 80.0, "nvidia"),
+    ("RTX 4090 24GB", "RTX4090", 24.0, "nvidia"),
+    ("RTX A6000 48GB", "A6000", 48.0, "nvidia"),
+    ("L40S 48GB", "L40S", 48.0, "nvidia"),
+    ("MI300X 192GB", "MI300X", 192.0, "amd"),
 ]
+PROVIDERS = ["runpod", "vast", "lambdalabs", "primeintellect"]
 
 
-def make_offers(n: int, seed: int = 0) -> list[GPUOffer]:
+def make_offers(n: int, seed: int = 0) -> tuple[list[GPUOffer], list[CatalogItem]]:
+    """The same n offers as broker GPUOffers and as gpuhunt CatalogItems."""
     rng = random.Random(seed)
-    out = []
+    ours: list[GPUOffer] = []
+    theirs: list[CatalogItem] = []
     for i in range(n):
-        name, vram = rng.choice(GPUS)
+        name, short, vram, vendor = rng.choice(GPUS)
         count = rng.choice([1, 1, 2, 4, 8])
-        out.append(
+        known_vram = vram if rng.random() > 0.02 else None
+        price = round(rng.uniform(0.2, 3.5) * count, 3)
+        spot = rng.random() < 0.3
+        provider = rng.choice(PROVIDERS)
+        ours.append(
             GPUOffer.model_construct(
-                provider=rng.choice(["runpod", "vast", "lambdalabs", "primeintellect"]),
+                provider=provider,
                 offer_id=str(i),
                 gpu_type=name,
                 gpu_provider_name=name,
-                manufacturer=Manufacturer.NVIDIA,
+                manufacturer=Manufacturer(vendor),
                 gpu_known=True,
                 gpu_count=count,
-                vram_gb=vram if rng.random() > 0.02 else None,
-                price_per_hour=round(rng.uniform(0.2, 3.5) * count, 3),
-                spot=rng.random() < 0.3,
+                vram_gb=known_vram,
+                price_per_hour=price,
+                spot=spot,
                 cloud_type=CloudType.COMMUNITY,
                 stock=None,
                 source="bench",
             )
         )
-    return out
+        theirs.append(
+            CatalogItem(
+                provider=provider,
+                instance_name=str(i),
+                location="somewhere",
+                price=price,
+                cpu=8 * count,
+                memory=64.0 * count,
+                gpu_count=count,
+                gpu_name=short,
+                gpu_memory=known_vram,
+                spot=spot,
+                disk_size=None,
+                gpu_vendor=AcceleratorVendor.NVIDIA if vendor == "nvidia" else AcceleratorVendor.AMD,
+            )
+        )
+    return ours, theirs
+
+
+def run_broker(offers: list[GPUOffer]) -> list[str]:
+    q = parse(QUERY)
+    return [o.offer_id for o in run_query(q, offers)]
+
+
+def run_gpuhunt(items: list[CatalogItem]) -> list[str]:
+    q = QueryFilter(
+        gpu_name=["A100"],
+        min_gpu_count=2,
+        min_gpu_memory=80,
+        gpu_vendor=AcceleratorVendor.NVIDIA,
+        max_price=6.0,
+    )
+    kept = [i for i in items if gpuhunt_matches(i, q)]
+    kept.sort(key=lambda i: (i.price, -(i.gpu_memory or 0)))
+    return [i.instance_name for i in kept[:LIMIT]]
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def main() -> None:
-    offers = make_offers(N)
-    times = []
-    for _ in range(7):
-        t0 = time.perf_counter()
-        q = parse(QUERY)
-        result = run_query(q, offers)
-        times.append(time.perf_counter() - t0)
-    best, median = min(times), statistics.median(times)
+    ours, theirs = make_offers(N)
+    # Equivalence first: the same offers, in the same order, from both.
+    a, b = run_broker(ours), run_gpuhunt(theirs)
+    if a != b:
+        sys.exit(f"the two queries disagree: {a[:5]} vs {b[:5]}")
+    broker_s: list[float] = []
+    gpuhunt_s: list[float] = []
+    for r in range(ROUNDS):
+        # Alternate which goes first, so neither always runs on a warmer cache.
+        pair = [("b", lambda: run_broker(ours)), ("g", lambda: run_gpuhunt(theirs))]
+        for tag, fn in pair if r % 2 == 0 else reversed(pair):
+            (broker_s if tag == "b" else gpuhunt_s).append(timed(fn))
+    bm, gm = statistics.median(broker_s), statistics.median(gpuhunt_s)
     data = {
-        "benchmark": "parse + filter + sort + limit",
+        "benchmark": "parse + filter + sort + limit, broker vs gpuhunt, same offers, one run",
         "query": QUERY,
+        "gpuhunt_filter": "QueryFilter(gpu_name=['A100'], min_gpu_count=2, min_gpu_memory=80, "
+        "gpu_vendor=nvidia, max_price=6) + matches() + sort(price, -gpu_memory)[:50]",
         "offers": N,
-        "matched_after_limit": len(result),
-        "runs": len(times),
-        "best_ms": round(best * 1000, 1),
-        "median_ms": round(median * 1000, 1),
-        "target_ms": 200,
-        "meets_target": median * 1000 < 200,
+        "matched_after_limit": len(a),
+        "same_result": a == b,
+        "rounds": ROUNDS,
+        "broker_median_ms": round(bm * 1000, 1),
+        "broker_best_ms": round(min(broker_s) * 1000, 1),
+        "gpuhunt_median_ms": round(gm * 1000, 1),
+        "gpuhunt_best_ms": round(min(gpuhunt_s) * 1000, 1),
+        "ratio_broker_to_gpuhunt": round(bm / gm, 3),
+        "target_ratio": 1.0,
+        "moonshot_ratio": 0.5,
+        "meets_target": bm <= gm,
+        "gpuhunt": gpuhunt_version,
         "python": sys.version.split()[0],
         "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
     }
     path = Path(__file__).parent / "results" / "query.json"
     path.parent.mkdir(exist_ok=True)

@@ -245,3 +245,51 @@ def test_round_trip_examples_from_the_audit() -> None:
     for v in (1e-05, 0.1 + 0.2, 1e300, -2.5, 5e-324, 123456789.123456789):
         q = Query(Cmp("price_per_hour", "<=", v))
         assert parse(to_text(q)) == q, to_text(q)
+
+
+def _reference_sort(offers: list[GPUOffer], keys: list[SortKey]) -> list[GPUOffer]:
+    """Stable sorts from the last key to the first, unknown values last in either direction."""
+    out = list(offers)
+    for k in reversed(keys):
+        get = (lambda o, f=k.field: o.gpu_type.lower()) if k.field == "gpu_type" else None
+        if get is None:
+
+            def get(o: GPUOffer, f: str = k.field) -> Any:
+                v = getattr(o, f)
+                if f == "stock" and v is not None:
+                    return v.rank
+                if f in ("cuda_version", "compute_capability") and v is not None:
+                    return _ver(v)
+                return v.lower() if isinstance(v, str) and f in ("provider", "region") else v
+
+        known = [o for o in out if get(o) is not None]
+        unknown = [o for o in out if get(o) is None]
+        known.sort(key=get, reverse=k.descending)
+        out = known + unknown
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    offers=st.lists(offers_st, max_size=15),
+    fields=st.lists(
+        st.sampled_from(
+            ["price_per_hour", "vram_gb", "gpu_count", "ram_gb", "stock", "provider", "region"]
+        ),
+        min_size=1,
+        max_size=3,
+        unique=True,
+    ),
+    desc=st.lists(st.booleans(), min_size=3, max_size=3),
+    limit=st.none() | st.integers(1, 20),
+)
+def test_sort_equals_the_reference(
+    offers: list[GPUOffer], fields: list[str], desc: list[bool], limit: int | None
+) -> None:
+    from broker.query import sort_offers
+
+    keys = [SortKey(f, d) for f, d in zip(fields, desc, strict=False)]
+    expected = _reference_sort(offers, keys)
+    if limit is not None:
+        expected = expected[:limit]
+    assert sort_offers(offers, keys, limit) == expected
