@@ -36,7 +36,7 @@ try:
     from gpuhunt._internal.constraints import matches as gpuhunt_matches
     from gpuhunt.version import __version__ as gpuhunt_version
 except ImportError:  # pragma: no cover - a hint for running it by hand
-    sys.exit("gpuhunt is missing: run `python3 -m uv run --group bench python bench/bench_query.py`")
+    sys.exit("gpuhunt is missing: `python3 -m uv run --group bench python bench/bench_query.py`")
 
 QUERY = "gpu~A100 gpus>=2 vram>=80GB manufacturer=nvidia price<=6/h sort=price,-vram limit=50"
 LIMIT = 50
@@ -63,6 +63,7 @@ def make_offers(n: int, seed: int = 0) -> tuple[list[GPUOffer], list[CatalogItem
     theirs: list[CatalogItem] = []
     for i in range(n):
         name, short, vram, vendor = rng.choice(GPUS)
+        accel = AcceleratorVendor.NVIDIA if vendor == "nvidia" else AcceleratorVendor.AMD
         count = rng.choice([1, 1, 2, 4, 8])
         known_vram = vram if rng.random() > 0.02 else None
         price = round(rng.uniform(0.2, 3.5) * count, 3)
@@ -98,7 +99,7 @@ def make_offers(n: int, seed: int = 0) -> tuple[list[GPUOffer], list[CatalogItem
                 gpu_memory=known_vram,
                 spot=spot,
                 disk_size=None,
-                gpu_vendor=AcceleratorVendor.NVIDIA if vendor == "nvidia" else AcceleratorVendor.AMD,
+                gpu_vendor=accel,
             )
         )
     return ours, theirs
