@@ -16,11 +16,12 @@ from pydantic import BaseModel, Field
 from broker import lifecycle
 from broker.config import Settings, load_settings
 from broker.errors import BrokerError, ConfigError, NotFoundError, ProvisionError
+from broker.journal import Phase
 from broker.providers.base import Provider, get_provider_class, provider_classes
 from broker.query import Expr, Query, QueryFields, as_query, hints, run_query, to_text
 from broker.query import ir as qir
 from broker.query.fields import BY_NAME
-from broker.types import GPUOffer, Instance, InstanceStatus
+from broker.types import GPUOffer, Instance, InstanceStatus, utcnow
 
 if TYPE_CHECKING:
     from broker.journal import Journal, JournalEntry
@@ -456,8 +457,12 @@ class GPUClient(QueryFields):
                     inst = self.get_provider(e.provider).get(e.instance_id)
                 except NotFoundError:
                     # The provider no longer knows it (RunPod forgets terminated pods): it does
-                    # not bill, so it must not show as running nor count in $/h.
-                    self.journal.record_terminated(e.name, "provider no longer knows it")
+                    # not bill, so it must not show as running nor count in $/h. Only once the
+                    # provider has shown it (ready) or after a minute: some APIs answer 404 for
+                    # an instance created a moment ago.
+                    age = (utcnow() - e.updated_at).total_seconds()
+                    if e.state in (Phase.READY, Phase.TERMINATING) or age > 60:
+                        self.journal.record_terminated(e.name, "provider no longer knows it")
                     continue
                 except BrokerError:
                     continue
@@ -472,8 +477,6 @@ class GPUClient(QueryFields):
     def _adopt_if_listed(self, e: JournalEntry) -> None:
         # A create that got no answer: if the provider lists it now, give the entry its id so
         # it shows and counts (it stays abandoned, so the next reap terminates it).
-        from broker.journal import Phase
-
         if e.state != Phase.SENT or lifecycle.owner_alive(e.owner) is True:
             return
         try:

@@ -278,7 +278,7 @@ def test_list_shows_a_provider_terminated_box_as_gone(
 ) -> None:
     monkeypatch.setenv("BROKER_NO_AUTO_REAP", "1")
     with GPUClient() as c:
-        inst = c.create("gpu~4090 !spot", gpu_count=1, ttl="1h", wait=False, detach=True)
+        inst = c.create("gpu~4090 !spot", gpu_count=1, ttl="1h", detach=True)
     env.terminate_pod(inst.instance_id)  # console terminate: RunPod then forgets the pod
     r = runner.invoke(app, ["instances", "list"])
     assert r.exit_code == 0 and "0 open, $0.00/h" not in r.stdout
