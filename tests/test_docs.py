@@ -239,6 +239,10 @@ def classify_command(block: Block, offset: int, command: str) -> Check:
             return check("parse", "rents on a cloud: needs an API key and money", "broker", args)
         if any(re.fullmatch(r"broker-[0-9a-f]+", a) for a in args):
             return check("parse", "names an example instance", "broker", args)
+        if args[:1] in (["launch"], ["sweep"]) and not {"-h", "--help"} & set(args):
+            return check(
+                "parse", "runs whole jobs: tests/broker/test_launch.py runs them", "broker", args
+            )
         if {"--install-completion", "--show-completion"} & set(args):
             return check("parse", "edits or prints your shell's startup files", "broker", args)
         if _cloud_providers(args):
@@ -296,6 +300,8 @@ def classify_block(block: Block) -> list[Check]:
         return one("skip", "prose", "none")
     if lang == "toml":
         return one("run", "loaded as the config file", "toml")
+    if lang in ("yaml", "yml"):
+        return one("run", "loaded as a task or sweep file", "yaml")
     return one("fail", f"no rule for {lang!r} blocks", "none")
 
 
@@ -500,8 +506,8 @@ def test_the_rules_themselves(tmp_path: Path) -> None:
             with GPUClient().create("gpus=1") as inst: ...
             ```
 
-            ```yaml
-            a: 1
+            ```ini
+            a = 1
             ```
             """
         )
@@ -522,6 +528,23 @@ def test_the_rules_themselves(tmp_path: Path) -> None:
     assert got[10][:2] == ("fail", "none")
 
 
+def test_yaml_blocks_load_as_task_or_sweep_files(tmp_path: Path) -> None:
+    from broker.errors import ConfigError
+
+    doc = tmp_path / "launch.md"
+    doc.write_text(
+        "```yaml\nname: t\nrun: python train.py\n```\n\n"
+        "```yaml\nname: s\ntask:\n  name: t\n  run: echo {lr}\nmatrix:\n  lr: [1, 2]\n```\n\n"
+        "```yaml\nname: t\nrnu: python train.py\n```\n"
+    )
+    good_task, good_sweep, bad = (c for b in doc_blocks(doc) for c in classify_block(b))
+    assert good_task.kind == good_sweep.kind == bad.kind == "yaml"
+    _check_yaml(good_task, {}, tmp_path)
+    _check_yaml(good_sweep, {}, tmp_path)
+    with pytest.raises(ConfigError):
+        _check_yaml(bad, {}, tmp_path)
+
+
 @pytest.mark.parametrize("check", CHECKS, ids=[c.id for c in CHECKS])
 def test_doc_block(check: Check, offline_env: dict[str, str], tmp_path: Path) -> None:
     if check.action == "skip":
@@ -539,6 +562,7 @@ def test_doc_block(check: Check, offline_env: dict[str, str], tmp_path: Path) ->
         "transcript": _check_transcript,
         "toml": _check_toml,
         "query": _check_query,
+        "yaml": _check_yaml,
     }[check.kind](check, offline_env, tmp_path)
 
 
@@ -656,3 +680,19 @@ def _check_query(check: Check, env: dict[str, str], tmp_path: Path) -> None:
 
     for text in check.block.body.strip().splitlines():
         parse(text)
+
+
+def _check_yaml(check: Check, env: dict[str, str], tmp_path: Path) -> None:
+    """A task file (or a sweep file: one with a `task` or `matrix`) loads without an error."""
+    import yaml
+
+    from broker.launch.sweep import load_sweep
+    from broker.launch.task import load_task
+
+    path = tmp_path / "doc.yaml"
+    path.write_text(check.block.body)
+    data = yaml.safe_load(check.block.body)
+    if isinstance(data, dict) and ({"task", "matrix"} & set(data)):
+        load_sweep(path)
+    else:
+        load_task(path)
