@@ -44,6 +44,7 @@ class LocalTransport(Transport):
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT if merge_stderr else asyncio.subprocess.PIPE,
             start_new_session=True,  # as sshd does: the command leads its own process group
+            preexec_fn=_default_signal_mask,
         )
 
         async def pump(reader: asyncio.StreamReader | None, sink: OutputSink | None) -> None:
@@ -107,3 +108,13 @@ def _copy(src: Path, dst: Path, progress: Progress | None) -> None:
         shutil.copytree(src, dst, dirs_exist_ok=True, copy_function=copy_file)
     else:
         copy_file(str(src), str(dst))
+
+
+def _default_signal_mask() -> None:
+    """Give the child an empty signal mask, as sshd's children have.
+
+    The command is spawned from bifrost's event-loop thread, which blocks SIGINT/SIGTERM/SIGHUP
+    (so they reach the main thread); a blocked mask is inherited across fork and exec, and a
+    local job would then ignore the TERM of ``kill`` and a follower ``tail`` would never end.
+    """
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
