@@ -56,6 +56,7 @@ from experiments.bh_routing.models import load_model
 from experiments.bh_routing.runner import DATA
 from experiments.bh_routing.selector import RoutingConfig
 from experiments.common.io import atomic_write_json
+from experiments.common.provenance import git_commit
 
 PROMPT = "The Benjamini-Hochberg procedure controls the false discovery rate by ordering p-values"
 BASELINE = "adapter_topk"
@@ -302,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "torch": torch.__version__,
         "measured_at": datetime.now(UTC).isoformat(),
+        "git_commit": git_commit(),
     }
     atomic_write_json(args.out, result)
 

@@ -322,8 +322,9 @@ def main() -> int:
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     from experiments.common.io import atomic_write_json
+    from experiments.common.provenance import git_commit
 
-    atomic_write_json(args.output, out)
+    atomic_write_json(args.output, {**out, "git_commit": git_commit()})
     print(json.dumps(out["ratios_naive_over_ours"], indent=2))
     for r in results.values():
         r.pop("table_sha", None)
