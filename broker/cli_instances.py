@@ -254,6 +254,8 @@ def _create(
         last_stage = stage
 
     def attempt(a: ProvisionAttempt) -> None:
+        nonlocal last_stage
+        last_stage = ""  # the next offer's stages get their own lines
         if not as_json:
             err.print(_attempt_line(a), highlight=False)
         if not a.ok:

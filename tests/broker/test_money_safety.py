@@ -161,12 +161,14 @@ def test_unanswered_create_never_listed_is_closed_after_the_grace_period(
     dry = runner.invoke(app, ["instances", "reconcile", "--dry-run"])
     assert dry.exit_code == 0 and "pending" in dry.stdout  # nothing to fix yet
     backdate_sent(name, timedelta(minutes=16))  # past the documented 15 minutes
+    with GPUClient() as c:  # reconcile's own verdict (the CLI's auto-reap would close it first)
+        (finding,) = c.reconcile().findings
+        assert (finding.kind, finding.name) == ("ghost", name)
     r = runner.invoke(app, ["instances", "reconcile", "-y", "--json"])
     assert r.exit_code == 0, r.output
-    (finding,) = json.loads(r.stdout)["findings"]
-    assert (finding["kind"], finding["name"]) == ("ghost", name)
     with journal() as j:
         assert not j.open_entries()
+        assert any("not listed" in (d or "") for _, _, d in j.events(name))
 
 
 # -- 16.2 another journal's pods --------------------------------------------------------------
