@@ -296,9 +296,9 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as e:
         problems = []
         for error in e.errors():
-            field = _field_name(str(error["loc"][0])) if error["loc"] else None
+            field = _field_name(str(error["loc"][0])) if error["loc"] else "settings"
             message = str(error["msg"]).removeprefix("Value error, ")
-            where = _source_of(field, overrides) if field else "settings"
+            where = _source_of(field, overrides) if field in Settings.model_fields else field
             problems.append(f"{where}: {message}")
         raise ConfigError(f"invalid setting: {'; '.join(problems)}") from None
 
