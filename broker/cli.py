@@ -38,8 +38,9 @@ app = typer.Typer(
     name="broker",
     help="Find and rent the cheapest GPU box that fits, across clouds.",
     no_args_is_help=True,
-    # typer's completion: `broker --install-completion` (bash, zsh, fish, powershell) or
-    # `broker --show-completion SHELL` to print the script.
+    # typer's completion: `broker --install-completion` for the shell it is run from (bash, zsh,
+    # fish), `broker --show-completion` to print that script, `_BROKER_COMPLETE=source_fish
+    # broker` to print a given shell's.
     add_completion=True,
     pretty_exceptions_enable=False,
     # Plain click help, like bifrost's: flags show no `<bool>` type that invites `--json true`.
