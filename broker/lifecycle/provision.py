@@ -314,13 +314,24 @@ def _create_one(
             journal.set_owner(name, None)
         return managed
     except BaseException as e:
-        # Exceptions before the provider acted were recorded already; readiness failures were
-        # cleaned up above. Anything else (Ctrl-C included) may leave a box behind.
-        if isinstance(e, Exception) and (created is None or isinstance(e, ReadinessError)):
-            raise
-        # Ctrl-C (or any crash) after the provider may have acted: never leave a box behind.
+        # What to do is read from the entry's phase, not guessed from local variables.
+        if isinstance(e, ReadinessError):
+            raise  # cleaned up (or kept) above
+        try:
+            entry = journal.get(name)
+        except BrokerError:
+            entry = None  # the journal itself failed: still try to end the box
+        if entry is not None:
+            if entry.state == Phase.CLOSED:
+                raise  # refused by the provider: nothing exists
+            if isinstance(e, Exception) and entry.state == Phase.SENT and not entry.instance_id:
+                raise  # unanswered: pending, handled by _recover_ambiguous
+        # Ctrl-C, SIGTERM/SIGHUP (inside interrupts_as_keyboard) or a crash at any other phase:
+        # never leave a box behind (an intent never sent is simply closed).
         if not opts.keep_on_failure:
-            iid = created.instance_id if created is not None else None
+            iid = entry.instance_id if entry is not None else None
+            if iid is None and created is not None:
+                iid = created.instance_id
             _cleanup(client, provider, name, iid, f"interrupted: {type(e).__name__}")
         raise
 
