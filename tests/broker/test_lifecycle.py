@@ -564,3 +564,19 @@ def test_reap_closes_a_pending_create_never_listed_after_the_grace(make_client) 
     with sqlite3.connect(c.journal.path) as db:
         db.execute("UPDATE instances SET sent_at = ? WHERE name = ?", (old, entry.name))
     assert c.reap(timeout=5) == [] and not c.journal.open_entries()
+
+
+def test_interrupt_before_the_request_is_sent_closes_the_intent(make_client, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from broker.journal import Journal
+
+    c, fake = make_client([offer("a", 1.0)])
+
+    def interrupted(self: Journal, name: str) -> None:
+        raise KeyboardInterrupt  # e.g. SIGTERM between the intent and the request
+
+    monkeypatch.setattr(Journal, "record_sent", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        c.create(None, wait=False)
+    assert fake.create_calls == [] and not c.journal.open_entries()
+    (entry,) = c.journal.all_entries()
+    assert entry.state == "closed"
