@@ -319,13 +319,23 @@ def _range(xs: list[float | None]) -> list[float] | None:
     return [min(v), max(v)] if v else None
 
 
+def _same_selection_model(c: dict[str, Any]) -> dict[str, Any]:
+    """``unselected`` at T = 1 selects exactly as ``probability`` at T = 1 (log softmax(l) is a
+    monotone map of the probabilities, against the same skipped experts), so it counts as that."""
+    c = dict(c)
+    if c.get("p_value") == "unselected" and c.get("temperature") == 1.0:
+        c["p_value"] = "probability"
+    return c
+
+
 def temperature_pairs(configs: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
-    """Pairs of configs identical except for temperature (and name/description), lower T first."""
+    """Pairs of configs identical except for temperature (and name/description), lower T first;
+    ``unselected`` at T = 1 pairs with ``probability`` (the seed's bh_moderate / bh_adaptive)."""
     names = sorted(configs)
     pairs = []
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
-            ca, cb = dict(configs[a]), dict(configs[b])
+            ca, cb = _same_selection_model(configs[a]), _same_selection_model(configs[b])
             ta, tb = ca.pop("temperature"), cb.pop("temperature")
             for c in (ca, cb):
                 c.pop("name", None)
@@ -565,9 +575,7 @@ def build_report(
     atomic_write_text(output / "per_layer_k_histograms.csv", hist.to_csv(index=False))
     atomic_write_json(
         output / "bh_routing_results.json",
-        _clean(
-            {"git_commit": git_commit(), "meta": meta, "experiments": exps, "perplexity": ppls}
-        ),
+        _clean({"git_commit": git_commit(), "meta": meta, "experiments": exps, "perplexity": ppls}),
     )
     configs = {r["config_name"]: r["routing_config"] for r in exps}
     if baseline not in configs:

@@ -36,7 +36,8 @@ BASELINE = "topk_8"
 #: The seed's five configurations. min_k = 1 (not stated in the seed) keeps every MoE layer active
 #: for every token; set min_k = 0 in a custom config to allow skipping a layer's experts entirely.
 #: A BH config that names no ``p_value`` gets the run's default (``--p-value``, ``unselected``):
-#: under the audit's ``empirical`` null every one of them collapsed to min_k.
+#: under the audit's ``empirical`` null every one of them collapsed to min_k. ``bh_adaptive``
+#: names ``probability``, so its temperature changes the selection.
 ROUTING_CONFIGS: dict[str, dict[str, Any]] = {
     "topk_8": {
         "method": "topk",
@@ -69,7 +70,10 @@ ROUTING_CONFIGS: dict[str, dict[str, Any]] = {
         "alpha": 0.05,
         "temperature": 2.0,
         "max_k": 8,
-        "description": "BH, alpha=0.05 with temperature 2.0 on the mixing weights",
+        # The seed's "calibrated probabilities": the one model where T enters the p-values. At
+        # T = 1 it selects exactly like `unselected` (bh_moderate), so the pair isolates T.
+        "p_value": "probability",
+        "description": "BH, alpha=0.05, temperature 2.0 in the p-values and the mixing weights",
     },
 }
 
