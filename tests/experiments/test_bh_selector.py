@@ -101,7 +101,8 @@ def test_k_is_non_decreasing_in_alpha(null: EmpiricalNull) -> None:
     scores = torch.randn(3000, 32, generator=torch.Generator().manual_seed(6)) * 1.5
     prev = None
     for alpha in (0.001, 0.01, 0.05, 0.1, 0.3, 0.7, 1.0):
-        for method in ("empirical", "gaussian"):
+        # unselected/probability run the same thresholds on their own nulls (here: one null).
+        for method in ("empirical", "gaussian", "unselected", "probability"):
             k = select_from_scores(
                 scores, alpha=alpha, min_k=0, max_k=32, method=method, null=null
             ).k
