@@ -96,7 +96,7 @@ def _result_json(result: LaunchResult, plan: Plan | None = None) -> dict[str, An
 
 def plan_dict(plan: Plan) -> dict[str, Any]:
     """The plan as JSON-ready data."""
-    d = json.loads(plan.model_dump_json())
+    d: dict[str, Any] = json.loads(plan.model_dump_json())
     d["summary"] = plan.summary()
     return d
 

@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field
 
 from broker.errors import BrokerError, ConfigError, NoCapacityError, NotFoundError, ProvisionError
 from broker.launch.records import LaunchRecord, LaunchStore
-from broker.launch.task import Task, TaskError
+from broker.launch.task import Task, TaskError, split_output
 from broker.types import GPUOffer, InstanceStatus
 
 if TYPE_CHECKING:
@@ -633,7 +633,7 @@ class Launch:
                 workspace=node.workspace if self.task.workdir is not None else None,
                 env=self._node_env(node),
                 secrets=secrets,
-                outputs=self.task.outputs,
+                outputs=[split_output(o)[0] for o in self.task.outputs],
             )
 
         try:
@@ -844,18 +844,15 @@ class Launch:
                     continue
                 base = f"~/.bifrost/workspaces/{node.workspace}" if t.workdir is not None else "~"
                 for out in t.outputs:
-                    dest = sub / out
-                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    src, dst = split_output(out)
                     try:
-                        node.host.pull(f"{base}/{out}", dest)
+                        _pull_into(node.host, f"{base}/{src}", sub, dst)
                     except BifrostError as e:
-                        msg = str(e)
-                        if "does not exist" in msg:
-                            missing.append(
-                                out if len(pull_from) == 1 else f"node-{node.rank}/{out}"
-                            )
+                        if "does not exist" in str(e):
+                            where = src if len(pull_from) == 1 else f"node-{node.rank}/{src}"
+                            missing.append(where)
                             continue
-                        raise LaunchError(f"pulling {out} failed: {e}") from None
+                        raise LaunchError(f"pulling {src} failed: {e}") from None
             record = self._result(
                 "succeeded" if failed is None else "failed", exit_code, 0, results=str(final)
             ).model_dump(mode="json")
@@ -1030,6 +1027,30 @@ class Launch:
                 holder_pid=None,
             )
         return result
+
+
+def _pull_into(host: Host, remote: str, root: Path, dest: str) -> None:
+    """Pull ``remote`` to ``root/dest``; ``dest`` ``.`` merges its contents into ``root``."""
+    if dest != ".":
+        target = root / dest
+        target.parent.mkdir(parents=True, exist_ok=True)
+        host.pull(remote, target)
+        return
+    staging = Path(tempfile.mkdtemp(prefix=".pull-", dir=root))
+    try:
+        got = host.pull(remote, staging / "x")
+        if got.is_dir():
+            for child in got.iterdir():
+                final = root / child.name
+                if final.is_dir() and not final.is_symlink():
+                    shutil.rmtree(final)
+                elif final.exists() or final.is_symlink():
+                    final.unlink()
+                child.rename(final)
+        else:
+            got.rename(root / Path(remote).name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _replace_dir(new: Path, final: Path) -> None:

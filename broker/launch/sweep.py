@@ -56,6 +56,17 @@ class Sweep(BaseModel):
     max_parallel: int = Field(default=4, ge=1, le=256)
     #: Where the file was loaded from (the template's relative workdir resolves against it).
     base_dir: str | None = Field(default=None, exclude=True)
+    #: Tasks given one by one (:meth:`of_tasks`) instead of a template and a matrix.
+    explicit: list[Task] | None = Field(default=None, exclude=True)
+
+    @classmethod
+    def of_tasks(cls, name: str, tasks: Sequence[Task], *, max_parallel: int = 4) -> Sweep:
+        """A sweep over tasks built in Python (each may rent something different)."""
+        names = [t.name for t in tasks]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise TaskError(f"sweep {name}: task names must be unique; repeated: {', '.join(dup)}")
+        return cls(name=name, task={}, max_parallel=max_parallel, explicit=list(tasks))
 
     @field_validator("name")
     @classmethod
@@ -101,6 +112,8 @@ class Sweep(BaseModel):
 
     def tasks(self) -> list[Task]:
         """One task per combination, names unique (checked)."""
+        if self.explicit is not None:
+            return list(self.explicit)
         out: list[Task] = []
         seen: dict[str, dict[str, Scalar]] = {}
         template_name = str(self.task.get("name", self.name))

@@ -27,6 +27,25 @@ _OPS = ("~", ">=", "<=", "!=", ">", "<", "=")
 _TEXT_KEYS = {"name", "run", "setup", "workdir", "expected_duration", "resources.ttl"}
 
 
+def _inside(path: str, item: str, where: str) -> str:
+    """``path`` normalised; a ValueError when it is empty, absolute or climbs out with ``..``."""
+    if not path.strip():
+        raise ValueError(f"output {item!r} has an empty path")
+    if path.startswith(("/", "~")):
+        raise ValueError(f"{item!r} is absolute: outputs are paths inside the {where}")
+    norm = posixpath.normpath(path)
+    if norm == ".." or norm.startswith("../"):
+        raise ValueError(f"{item!r} escapes the {where}: outputs are paths inside it")
+    return norm
+
+
+def split_output(item: str) -> tuple[str, str]:
+    """``"remote"`` → (remote, remote); ``"remote:local"`` → (remote, local); ``local`` is
+    relative to ``<results>/<task>/`` (``.`` = the folder itself)."""
+    src, sep, dest = item.partition(":")
+    return src, (dest if sep else src)
+
+
 class TaskError(ConfigError):
     """A task or sweep file (or a ``--set`` override) is invalid; the message names the key."""
 
@@ -145,6 +164,8 @@ class Task(_Strict):
     run: str
     env: dict[str, str] = Field(default_factory=dict)
     secrets: list[str] = Field(default_factory=list)
+    #: Paths (relative to the workdir) pulled back after the run; ``src:dest`` puts ``src``
+    #: at ``<results>/<task>/<dest>`` (``dest`` ``.``: its contents right in that folder).
     outputs: list[str] = Field(default_factory=list)
     retries: Retries = Field(default_factory=Retries)
     expected_duration: str | None = None
@@ -203,17 +224,17 @@ class Task(_Strict):
     @classmethod
     def _outputs(cls, v: list[str]) -> list[str]:
         clean = []
-        for p in v:
-            if not p.strip():
-                raise ValueError("an output path is empty")
-            if p.startswith(("/", "~")):
-                raise ValueError(f"{p!r} is absolute: outputs are paths inside the workdir")
-            norm = posixpath.normpath(p)
-            if norm == ".." or norm.startswith("../"):
-                raise ValueError(f"{p!r} escapes the workdir: outputs are paths inside it")
-            if norm == ".":
-                raise ValueError(f"{p!r} is the whole workdir: name the files or folders to pull")
-            clean.append(norm)
+        for item in v:
+            src, sep, dest = item.partition(":")
+            src_n = _inside(src, item, "workdir")
+            if src_n == ".":
+                raise ValueError(
+                    f"{item!r} is the whole workdir: name the files or folders to pull"
+                )
+            if sep:
+                clean.append(f"{src_n}:{_inside(dest, item, 'results folder')}")
+            else:
+                clean.append(src_n)
         return clean
 
     @field_validator("expected_duration")
