@@ -429,6 +429,8 @@ class ExperimentRunner:
         )
         self.lm: LoadedModel | None = None
         self.ctl: RoutingController | None = None
+        #: native top-k log-probs of each held-out chunk, by chunk start (see _native_logprobs)
+        self._native_cache: dict[int, torch.Tensor] = {}
         self.meta: dict[str, Any] = {}
 
     # -- setup ----------------------------------------------------------------------------------
@@ -632,7 +634,7 @@ class ExperimentRunner:
         """Native top-k next-token log-probs of one held-out chunk (cached when small enough)."""
         assert self.lm is not None
         assert self.ctl is not None
-        cache: dict[int, torch.Tensor] = self.__dict__.setdefault("_native_cache", {})
+        cache = self._native_cache
         hit = cache.get(start)
         if hit is not None:
             return hit.to(self.lm.device)
@@ -673,7 +675,6 @@ class ExperimentRunner:
                 continue
             nat = self._native_logprobs(start, piece)
             ctl.set_config(cfg)
-            ctl.recording = True
             got = torch.log_softmax(self.lm.model(piece).logits.float()[0, :-1], dim=-1)
             target = piece[0, 1:]
             nll = ce(got, target, reduction="sum").item()
