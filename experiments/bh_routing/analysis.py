@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from experiments.common.io import atomic_write_json, atomic_write_text
+from experiments.common.io import atomic_path, atomic_write_json, atomic_write_text
 from experiments.common.provenance import git_commit
 
 SCALAR_COLUMNS = [
@@ -525,6 +525,43 @@ def make_plots(df: pd.DataFrame, hist: pd.DataFrame, out: Path) -> list[str]:
     return written
 
 
+def plot_sensitivity(sens: dict[str, Any], out: Path) -> list[str]:
+    """Mean experts/token and ΔNLL vs alpha, one line per (null, temperature)."""
+    rows = sens["rows"]
+    if not rows:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    keys = sorted({(r["p_value"], r["temperature"]) for r in rows})
+    for null, t in keys:
+        sub = sorted(
+            (r for r in rows if r["p_value"] == null and r["temperature"] == t),
+            key=lambda r: r["alpha"],
+        )
+        label = f"{null}, T={t:g}"
+        style = "-" if t == min(k[1] for k in keys) else "--"
+        a1.plot([r["alpha"] for r in sub], [r["mean_k"] for r in sub], style, marker="o",
+                label=label)  # fmt: skip
+        a2.plot([r["alpha"] for r in sub], [r["delta_nll"] or 0.0 for r in sub], style,
+                marker="o", label=label)  # fmt: skip
+    a1.set_xlabel("alpha")
+    a1.set_ylabel("mean experts per token (held-out)")
+    a2.set_xlabel("alpha")
+    a2.set_ylabel("ΔNLL vs native top-k (nats/token)")
+    a1.legend(fontsize=7)
+    fig.tight_layout()
+    name = "sensitivity_null_alpha_temperature.png"
+    with atomic_path(out / name) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return [name]
+
+
 # -- report -----------------------------------------------------------------------------------
 def _f(x: Any, nd: int = 3) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
@@ -605,6 +642,7 @@ def build_report(
         sort=False,
     )
     plots = make_plots(df, hist, output / "plots")
+    plots += plot_sensitivity(sens, output / "plots")
     layer_avg = (
         (
             hist.assign(kc=hist.k * hist["count"])

@@ -134,6 +134,7 @@ def test_sensitivity_and_quality_from_saved_json(run_dir: Path) -> None:
     assert "temperature changes which experts are kept under `probability`" in report
     assert "| unselected | 0.01 | 1 |" in report
     assert (run_dir / "sensitivity.csv").is_file()
+    assert (run_dir / "plots" / "sensitivity_null_alpha_temperature.png").stat().st_size > 1000
     # Two prompts: below the documented minimum, so nothing may be called significant.
     for metric_rows in summary["tests"].values():
         for r in metric_rows:
