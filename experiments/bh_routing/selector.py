@@ -610,9 +610,13 @@ class RoutingConfig:
     """One routing configuration of the experiment (the seed's ``ROUTING_CONFIGS`` entries).
 
     ``renormalize=None`` keeps the model's native behaviour (OLMoE: no renormalisation, Mixtral:
-    always);
-    True/False forces it. ``temperature`` divides the router logits before the mixing weights are
-    computed; it never enters the p-values (see module docs of ``adapters``).
+    always); True/False forces it. ``temperature`` divides the router logits before the mixing
+    weights are computed; it enters the p-values only for ``p_value`` ``probability`` and
+    ``seed_probability`` (see module docs of ``adapters``).
+
+    The dataclass default ``p_value="empirical"`` keeps the API stable for existing callers (the
+    benchmark, tests); the experiment runner fills configs that name none with ``--p-value``
+    (default ``unselected``), because ``empirical`` collapses to min_k.
     """
 
     name: str
