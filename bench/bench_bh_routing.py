@@ -26,7 +26,7 @@ Two measurements:
 Also: fixed torch threads, discarded warm-up, ``gc.collect()`` before each round / run.
 
 Example:
-    uv run python bench/bench_bh_routing.py --model tiny-olmoe --device cpu
+    uv run --extra experiments python bench/bench_bh_routing.py --model tiny-olmoe --device cpu
 """
 
 from __future__ import annotations

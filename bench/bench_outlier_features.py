@@ -18,9 +18,10 @@ On a GPU (``--device cuda``) each method also records tokens/s and peak GPU memo
 OLMoE-1B-7B's real size (h 2048, 16 layers, 64 experts, top-8, 16 heads, vocab 50304).
 
 Run by hand (takes minutes on a CPU):
-    uv run python bench/bench_outlier_features.py                       # 16 x 2048, h 2048
-    uv run python bench/bench_outlier_features.py --seq-len 512        # quicker
-    uv run python bench/bench_outlier_features.py --device cuda --preset olmoe
+    uv run --extra experiments python bench/bench_outlier_features.py                       # 16 \
+        x 2048, h 2048
+    uv run --extra experiments python bench/bench_outlier_features.py --seq-len 512        # quicker
+    uv run --extra experiments python bench/bench_outlier_features.py --device cuda --preset olmoe
 """
 
 from __future__ import annotations

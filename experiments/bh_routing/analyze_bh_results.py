@@ -1,7 +1,8 @@
 """Rebuild CSV, plots, analysis_summary.json and REPORT.md from a results directory's saved JSON.
 
 No model is loaded. Example:
-    uv run python experiments/bh_routing/analyze_bh_results.py --output ./results
+    uv run --extra experiments python experiments/bh_routing/analyze_bh_results.py --output \
+        ./results
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """Run the BH-vs-top-k routing experiment: configs x prompts, checkpointed, then analyse and report.
 
 Examples:
-    uv run python experiments/bh_routing/run_bh_experiments.py --model tiny-olmoe --device cpu
-    uv run python experiments/bh_routing/run_bh_experiments.py --max-tokens 20 \
+    uv run --extra experiments python experiments/bh_routing/run_bh_experiments.py --model \
+        tiny-olmoe --device cpu
+    uv run --extra experiments python experiments/bh_routing/run_bh_experiments.py --max-tokens 20 \
         --checkpoint-interval 3
-    uv run python experiments/bh_routing/run_bh_experiments.py --no-resume --output ./results
+    uv run --extra experiments python experiments/bh_routing/run_bh_experiments.py --no-resume \
+        --output ./results
 """
 
 from __future__ import annotations

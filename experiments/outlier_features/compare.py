@@ -10,9 +10,10 @@ Reads every ``summary.json`` under the given directories (default: ``results/``)
   carries only the data, so ``> results.csv`` works).
 
 Examples:
-    uv run python -m experiments.outlier_features.compare
-    uv run python -m experiments.outlier_features.compare --terminal
-    uv run python -m experiments.outlier_features.compare --terminal --format csv > results.csv
+    uv run --extra experiments python -m experiments.outlier_features.compare
+    uv run --extra experiments python -m experiments.outlier_features.compare --terminal
+    uv run --extra experiments python -m experiments.outlier_features.compare --terminal \
+        --format csv > results.csv
 """
 
 from __future__ import annotations

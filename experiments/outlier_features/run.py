@@ -1,10 +1,12 @@
 """Analyse one model for systematic outlier features on the current machine.
 
 Examples:
-    uv run python -m experiments.outlier_features.run --model tiny-moe-planted
-    uv run python -m experiments.outlier_features.run --model 03 --device cuda
-    uv run python -m experiments.outlier_features.run --model ./my_ckpt --dtype bfloat16
-    uv run python -m experiments.outlier_features.run --model 06 --dry-run   # plan only
+    uv run --extra experiments python -m experiments.outlier_features.run --model tiny-moe-planted
+    uv run --extra experiments python -m experiments.outlier_features.run --model 03 --device cuda
+    uv run --extra experiments python -m experiments.outlier_features.run --model ./my_ckpt \
+        --dtype bfloat16
+    uv run --extra experiments python -m experiments.outlier_features.run --model 06 --dry-run \
+        # plan only
 
 Writes ``<output-dir>/summary.json`` and ``<output-dir>/per_dim.csv`` atomically.
 """

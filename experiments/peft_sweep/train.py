@@ -2,7 +2,8 @@
 
 Run by the sweep harness as a subprocess; usable on its own::
 
-    uv run python -m experiments.peft_sweep.train --model ast --strategy lora --augmentation true \
+    uv run --extra experiments python -m experiments.peft_sweep.train --model ast --strategy \
+        lora --augmentation true \
         --data tiny --max-epochs 5 --size tiny
 
 Writes ``{"metrics": ..., "efficiency": ...}`` to ``$SWEEP_METRICS_FILE`` (set by the harness)

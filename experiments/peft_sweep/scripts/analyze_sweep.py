@@ -1,7 +1,8 @@
 """Analyse PEFT sweep results (complete or partial).
 
-    uv run python experiments/peft_sweep/scripts/analyze_sweep.py
-    uv run python experiments/peft_sweep/scripts/analyze_sweep.py --filter-models ast htsat \
+    uv run --extra experiments python experiments/peft_sweep/scripts/analyze_sweep.py
+    uv run --extra experiments python experiments/peft_sweep/scripts/analyze_sweep.py \
+        --filter-models ast htsat \
         --filter-augmentation true --no-plots --output-dir /tmp/analysis
 
 Writes comparison_table.csv, summary_report.md and plots/{accuracy_comparison,

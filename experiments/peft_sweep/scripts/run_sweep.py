@@ -1,7 +1,9 @@
 """Run the PEFT sweep: models x strategies x augmentation, one subprocess per experiment.
 
-    uv run python experiments/peft_sweep/scripts/run_sweep.py --data tiny --max-epochs 5
-    uv run python experiments/peft_sweep/scripts/run_sweep.py --models ast htsat \
+    uv run --extra experiments python experiments/peft_sweep/scripts/run_sweep.py --data tiny \
+        --max-epochs 5
+    uv run --extra experiments python experiments/peft_sweep/scripts/run_sweep.py --models ast \
+        htsat \
         --strategies lora adalora --augmentation true --data tiny --resume
 
 Results: ``<output-dir>/runs/<model>_<strategy>_<aug|noaug>_<data>.json`` in the seed's format;
