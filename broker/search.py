@@ -19,9 +19,9 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from broker.errors import BrokerError
 from broker.http import DeadlineExceededError, deadline
@@ -116,6 +116,49 @@ def _timeout_dict(name: str, timeout_s: float) -> dict[str, Any]:
     }
 
 
+T = TypeVar("T")
+
+
+def run_concurrently(
+    jobs: Mapping[str, Callable[[], T]], timeout_s: float, *, label: str = "job"
+) -> dict[str, tuple[T | None, BaseException | None, float]]:
+    """Run every job on its own daemon thread; collect what finished within ``timeout_s``.
+
+    Returns ``{key: (result, error, seconds)}`` for the jobs that finished in time; the others are
+    simply absent. Their threads are daemons and run under :func:`broker.http.deadline`, so
+    neither this call nor interpreter exit waits for them (a ``ThreadPoolExecutor``'s workers are
+    joined at exit, which kept ``broker search`` alive behind one slow provider or SSH host).
+    """
+    started = time.monotonic()
+    until = started + timeout_s
+    done: queue.Queue[tuple[str, T | None, BaseException | None, float]] = queue.Queue()
+
+    def work(key: str, job: Callable[[], T]) -> None:
+        result: T | None = None
+        error: BaseException | None = None
+        try:
+            with deadline(until):
+                result = job()
+        except BaseException as e:  # reported to the caller, never raised on this thread
+            error = e
+        done.put((key, result, error, round(time.monotonic() - started, 3)))
+
+    for key, job in jobs.items():
+        name = f"broker-{label}-{key}"
+        threading.Thread(target=work, args=(key, job), name=name, daemon=True).start()
+    out: dict[str, tuple[T | None, BaseException | None, float]] = {}
+    while len(out) < len(jobs):
+        left = until - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            key, result, error, seconds = done.get(timeout=left)
+        except queue.Empty:
+            break
+        out[key] = (result, error, seconds)
+    return out
+
+
 def fan_out(
     names: Sequence[str],
     search_one: Callable[[str], list[GPUOffer]],
@@ -129,44 +172,25 @@ def fan_out(
     called for each (from this thread). Their threads are daemons and their requests are bounded
     by the same deadline, so neither this call nor the process waits for them.
     """
-    started = time.monotonic()
-    until = started + timeout_s
-    done: queue.Queue[tuple[str, list[GPUOffer] | None, BaseException | None, float]] = (
-        queue.Queue()
-    )
-
-    def work(name: str) -> None:
-        offers: list[GPUOffer] | None = None
-        error: BaseException | None = None
-        try:
-            with deadline(until):
-                offers = search_one(name)
-        except BaseException as e:  # reported per provider, never raised here
-            error = e
-        done.put((name, offers, error, round(time.monotonic() - started, 3)))
-
-    for n in names:
-        threading.Thread(target=work, args=(n,), name=f"broker-search-{n}", daemon=True).start()
+    jobs: dict[str, Callable[[], list[GPUOffer]]] = {
+        n: (lambda n=n: search_one(n))  # type: ignore[misc]
+        for n in names
+    }
+    finished = run_concurrently(jobs, timeout_s, label="search")
     out: dict[str, Outcome] = {}
-    while len(out) < len(names):
-        left = until - time.monotonic()
-        if left <= 0:
-            break
-        try:
-            name, offers, error, latency = done.get(timeout=left)
-        except queue.Empty:
-            break
-        if error is None:
-            out[name] = Outcome(name, "ok", offers or [], latency)
-        elif isinstance(error, DeadlineExceededError):
-            out[name] = Outcome(name, "timeout", [], timeout_s, _timeout_dict(name, timeout_s))
-        else:
-            out[name] = Outcome(name, "error", [], latency, _error_dict(name, error))
     for n in names:
-        if n not in out:
+        if n not in finished:
             out[n] = Outcome(n, "timeout", [], timeout_s, _timeout_dict(n, timeout_s))
             if on_timeout is not None:
                 on_timeout(n)
+            continue
+        offers, error, latency = finished[n]
+        if error is None:
+            out[n] = Outcome(n, "ok", offers or [], latency)
+        elif isinstance(error, DeadlineExceededError):
+            out[n] = Outcome(n, "timeout", [], timeout_s, _timeout_dict(n, timeout_s))
+        else:
+            out[n] = Outcome(n, "error", [], latency, _error_dict(n, error))
     return out
 
 
@@ -176,6 +200,7 @@ __all__ = [
     "fan_out",
     "how_to_configure",
     "mentions",
+    "run_concurrently",
     "unconfigured_clouds",
     "with_defaults",
 ]

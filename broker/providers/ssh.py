@@ -27,7 +27,6 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,6 +45,7 @@ from broker.errors import (
     StaleOfferError,
 )
 from broker.providers.base import Capabilities, Provider, cpu_only_offer, register
+from broker.search import run_concurrently
 from broker.types import (
     CloudType,
     CreateRequest,
@@ -552,35 +552,23 @@ class SSHProvider(Provider):
         """Probe every host concurrently: (offers of hosts that answered, errors by entry)."""
         offers: dict[str, GPUOffer] = {}
         errors: dict[str, ProviderError] = {}
-        pool = ThreadPoolExecutor(max_workers=min(16, len(self.hosts)), thread_name_prefix="ssh")
-        futures: dict[Future[GPUOffer], SSHHost] = {
-            pool.submit(self.probe_host, h): h for h in self.hosts
-        }
-        deadline = time.monotonic() + self.probe_deadline
-        pending = set(futures)
-        try:
-            while pending:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                done, pending = wait(pending, timeout=left, return_when=FIRST_COMPLETED)
-                for f in done:
-                    h = futures[f]
-                    exc = f.exception()
-                    if exc is None:
-                        offers[h.entry] = f.result()
-                    elif isinstance(exc, ProviderError):
-                        errors[h.entry] = exc
-                    else:
-                        errors[h.entry] = _bifrost_error(h, exc, "probe")
-            for f in pending:
-                h = futures[f]
+        # Daemon threads (not a pool): a mute host must not keep the process alive past the
+        # search, and interpreter exit joins a ThreadPoolExecutor's workers.
+        jobs = {h.entry: (lambda h=h: self.probe_host(h)) for h in self.hosts}
+        finished = run_concurrently(jobs, self.probe_deadline, label="ssh-probe")
+        for h in self.hosts:
+            if h.entry not in finished:
                 errors[h.entry] = ProviderUnavailableError(
                     f"{h.entry}: no answer within {self.probe_deadline:g}s", provider=self.name
                 )
-        finally:
-            # A straggler's thread ends on bifrost's own timeouts; never wait for it here.
-            pool.shutdown(wait=False, cancel_futures=True)
+                continue
+            result, exc, _ = finished[h.entry]
+            if exc is None and result is not None:
+                offers[h.entry] = result
+            elif isinstance(exc, ProviderError):
+                errors[h.entry] = exc
+            elif exc is not None:
+                errors[h.entry] = _bifrost_error(h, exc, "probe")
         ordered = [offers[h.entry] for h in self.hosts if h.entry in offers]
         return ordered, {h.entry: errors[h.entry] for h in self.hosts if h.entry in errors}
 

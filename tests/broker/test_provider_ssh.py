@@ -359,6 +359,10 @@ def test_silent_host_is_cut_off_at_the_deadline(box: SSHServer, state_dir: Path)
         t0 = time.monotonic()
         offers = p.search(ALL)
         assert time.monotonic() - t0 < 1.5
+        # The probe still waiting on the mute host is a daemon thread: it cannot keep the
+        # process alive after the search (a ThreadPoolExecutor's workers are joined at exit).
+        stragglers = [t for t in threading.enumerate() if t.name.startswith("broker-ssh-probe")]
+        assert stragglers and all(t.daemon for t in stragglers)
     assert [o.offer_id for o in offers] == [box.target]
     assert "no answer within 0.8s" in p.last_probe_errors[silent].message
 
