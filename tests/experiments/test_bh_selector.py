@@ -444,3 +444,37 @@ def test_set_config_refuses_uncalibrated_new_nulls() -> None:
     ctl.set_config(RoutingConfig("s", p_value="seed_probability"))  # needs no calibration
     with pytest.raises(ValueError, match="p_value must be one of"):
         RoutingConfig.from_dict("x", {"p_value": "bogus"})
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_new_nulls_run_on_every_router_family(name: str) -> None:
+    """Calibration collects the new nulls for each family (GLM's group-excluded experts left out)
+    and every p-value model routes with k inside [min_k, max_k] and finite logits."""
+    lm = load_model(name, device="cpu", experts_implementation="eager")
+    ctl = patch_model(lm.model)
+    ctl.begin_calibration()
+    with torch.no_grad():
+        lm.model(
+            lm.tokenizer("calibration text for every family " * 8, return_tensors="pt").input_ids
+        )
+    ctl.end_calibration()
+    sizes = ctl.null_sizes()
+    assert set(sizes) == {"empirical", "unselected", "probability"}
+    for layer, n in sizes["unselected"].items():
+        assert 0 < n < sizes["empirical"][layer]
+    ids = lm.tokenizer("Every family routes under every null.", return_tensors="pt").input_ids
+    k_native = model_summary(lm.model, ctl)["native_top_k"]
+    for p_value in ("unselected", "probability", "seed_probability"):
+        for t in (1.0, 2.0):
+            ctl.set_config(
+                RoutingConfig(
+                    "x", alpha=0.2, temperature=t, p_value=p_value, min_k=0, max_k=k_native
+                )
+            )
+            ctl.start_recording()
+            with torch.no_grad():
+                out = lm.model(ids).logits
+            rec = ctl.stop_recording()
+            assert bool(torch.isfinite(out).all())
+            for h in rec["k_hist"].values():
+                assert len(h) <= k_native + 1
