@@ -255,3 +255,16 @@ def test_no_significance_from_zero_variance_or_small_n() -> None:
     ok = paired_test(b, b + 1.0 + rng.normal(scale=0.1, size=n))
     assert ok["no_test"] is None and ok["p_t"] is not None and ok["p_t"] < 0.05
     assert ok["d_z"] > 1 and ok["ci_low"] < ok["mean_diff"] < ok["ci_high"]
+
+
+def test_k_distribution_quantiles_and_shares() -> None:
+    from experiments.bh_routing.runner import k_distribution, pooled_hist
+
+    total = pooled_hist({"0": [0, 1, 2, 1], "1": [0, 1, 1, 4]})
+    assert total == [0, 2, 3, 5]
+    d = k_distribution(total, min_k=1, max_k=3)
+    assert d["n"] == 10 and d["mean"] == pytest.approx(2.3)
+    assert (d["q10"], d["q25"], d["q50"], d["q75"], d["q90"]) == (1, 2, 2, 3, 3)
+    assert d["share_at_min_k"] == pytest.approx(0.2) and d["share_at_max_k"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="no routing decisions"):
+        k_distribution([0, 0], 0, 1)
