@@ -763,6 +763,8 @@ def _sensitivity_lines(sens: dict[str, Any]) -> list[str]:
                 f"- {name}: pinned at min_k (≥ 99 % of decisions) in every row, so neither alpha "
                 "nor temperature can matter under it"
             )
+        elif v["alphas"][0] == v["alphas"][1]:
+            s = f"- {name}: alpha not varied (mean k {_f(v['mean_k_low_alpha'])})"
         else:
             a_lo, a_hi = v["alphas"]
             s = (
@@ -936,7 +938,8 @@ def render_report(
         "later layers and tokens. Under `probability` (log softmax(logits / T) against a null "
         "calibrated at the same T) and `seed_probability` (1 − softmax(logits / T)) temperature "
         "enters the p-values; the sensitivity table above measures how much. Pairs of named "
-        "configs that differ only in temperature:"
+        "configs that differ only in temperature (`unselected` at T = 1 counts as `probability` "
+        "at T = 1: they select identically):"
     )
     for t in a["temperature"]:
         frac = (
@@ -944,8 +947,11 @@ def render_report(
             if t["first_layer_tokens"]
             else float("nan")
         )
+        nulls = {a["configs"][t["low_t"]].get("p_value"), a["configs"][t["high_t"]].get("p_value")}
         s = (
-            f"- `{t['low_t']}` (T = {t['t_low']}) vs `{t['high_t']}` (T = {t['t_high']}): at the "
+            f"- `{t['low_t']}` (T = {t['t_low']}) vs `{t['high_t']}` (T = {t['t_high']}"
+            f"{', nulls ' + ' / '.join(sorted(n for n in nulls if n)) if len(nulls) > 1 else ''}"
+            "): at the "
             "first MoE "
             f"layer on the prompt tokens, where both see identical inputs, k agreed on "
             f"{t['first_layer_same_k']}/{t['first_layer_tokens']} tokens ({_f(frac * 100, 1)} %). "
