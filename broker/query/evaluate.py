@@ -378,6 +378,19 @@ def sort_offers(
     key = _sort_key(keys)
     if key is not None:
         if limit is not None and limit < len(offers):
+            first = keys[0]
+            if first.field in _ALWAYS and BY_NAME[first.field].kind in (Kind.INT, Kind.FLOAT):
+                # Only offers up to the limit-th first-key value can make the cut: find it with
+                # a C attrgetter, then sort just those (ties included, original order kept, so
+                # the result is exactly sorted(...)[:limit]).
+                get = operator.attrgetter(first.field)
+                if first.descending:
+                    edge = get(heapq.nlargest(limit, offers, key=get)[-1])
+                    cut = [o for o in offers if get(o) >= edge]
+                else:
+                    edge = get(heapq.nsmallest(limit, offers, key=get)[-1])
+                    cut = [o for o in offers if get(o) <= edge]
+                return sorted(cut, key=key)[:limit]
             # Same result as sorted(...)[:limit] (heapq documents it), in O(n log limit).
             return heapq.nsmallest(limit, offers, key=key)
         return sorted(offers, key=key)
