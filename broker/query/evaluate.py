@@ -383,13 +383,13 @@ def sort_offers(
                 # Only offers up to the limit-th first-key value can make the cut: find it with
                 # a C attrgetter, then sort just those (ties included, original order kept, so
                 # the result is exactly sorted(...)[:limit]).
-                get = operator.attrgetter(first.field)
+                first_key = operator.attrgetter(first.field)
                 if first.descending:
-                    edge = get(heapq.nlargest(limit, offers, key=get)[-1])
-                    cut = [o for o in offers if get(o) >= edge]
+                    edge = first_key(heapq.nlargest(limit, offers, key=first_key)[-1])
+                    cut = [o for o in offers if first_key(o) >= edge]
                 else:
-                    edge = get(heapq.nsmallest(limit, offers, key=get)[-1])
-                    cut = [o for o in offers if get(o) <= edge]
+                    edge = first_key(heapq.nsmallest(limit, offers, key=first_key)[-1])
+                    cut = [o for o in offers if first_key(o) <= edge]
                 return sorted(cut, key=key)[:limit]
             # Same result as sorted(...)[:limit] (heapq documents it), in O(n log limit).
             return heapq.nsmallest(limit, offers, key=key)

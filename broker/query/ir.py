@@ -154,9 +154,10 @@ class Query:
             raise QueryError(f"limit must be a positive integer, got {self.limit}")
 
     def and_where(self, expr: Expr | None) -> Query:
-        """This query with ``expr`` added as one more condition."""
+        """This query with ``expr`` added as one more condition (a bare ``c.spot`` too)."""
         if expr is None:
             return self
+        expr = as_expr(expr)
         where = expr if self.where is None else and_(self.where, expr)
         return Query(where, self.sort, self.limit)
 

@@ -306,6 +306,10 @@ def test_bare_boolean_field_is_a_query_everywhere() -> None:
     assert matches(c.spot, s) and not matches(c.spot, o)
     assert to_text(c.spot) == "spot" and str(Query(c.spot)) == "spot"
     assert hints(c.spot).spot is True
+    assert Query().and_where(c.spot) == Query(Flag("spot"))  # type: ignore[arg-type]
+    assert Query(c.gpu_count >= 2).and_where(c.spot).where == And(  # type: ignore[arg-type]
+        (Cmp("gpu_count", ">=", 2), Flag("spot"))
+    )
     with pytest.raises(QueryError, match="not a true/false field"):
         Query(c.gpu_count)  # type: ignore[arg-type]
 
