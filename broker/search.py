@@ -82,8 +82,8 @@ def how_to_configure(cls: type[Provider]) -> str:
     key_field = var.lower()
     in_file = f" or {key_field} in the config file" if key_field in Settings.model_fields else ""
     return (
-        f"{cls.display_name} is not configured: set {var} in the environment or a .env "
-        f"file{in_file} (`broker init` writes one)"
+        f"{cls.display_name} is not configured: set {var} (environment or .env file){in_file}; "
+        "`broker init` writes a config file"
     )
 
 
