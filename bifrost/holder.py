@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from bifrost.host import Host
+    from bifrost.session import Session
     from bifrost.target import Target
 
 __all__ = ["HolderTransport", "aopen", "enabled", "exec_via_holder", "socket_path"]
@@ -366,7 +367,9 @@ class HolderTransport(Transport):
 
 # -- the holder process ------------------------------------------------------------------------
 class _Holder:
-    def __init__(self, host: Host, path: Path, idle: float) -> None:
+    """Serves requests on one connection: the holder process, and push's rsync tunnel."""
+
+    def __init__(self, host: Session, path: Path, idle: float) -> None:
         self.host = host
         self.path = path
         self.idle = idle
@@ -408,7 +411,8 @@ class _Holder:
 
         from bifrost.exec import run_command
 
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        # Bounded: a fast writer (rsync's sender) waits for the channel instead of filling RAM.
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=16)
 
         async def stdin() -> AsyncIterator[bytes]:
             while (chunk := await queue.get()) is not None:
@@ -448,7 +452,7 @@ class _Holder:
                 except (asyncio.IncompleteReadError, OSError):
                     return
                 if not fed and kind == b"i":
-                    queue.put_nowait(payload or None)
+                    await queue.put(payload or None)
                     fed = not payload
 
         task = asyncio.create_task(work())
@@ -489,13 +493,13 @@ class _Holder:
                 await asyncio.sleep(0.5)
                 if self.active == 0 and time.monotonic() - self.last > self.idle:
                     break
-                t = self.host.current_transport() or t
+                t = self.host.current_transport() or t  # type: ignore[attr-defined]
         finally:
             server.close()
             with contextlib.suppress(OSError):
                 if os.stat(self.path).st_ino == ino:
                     self.path.unlink()
-            await self.host.aclose()
+            await self.host.aclose()  # type: ignore[attr-defined]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import time
@@ -245,6 +246,45 @@ async def _tar_stream(root: Path, files: list[str]) -> AsyncIterator[bytes]:
         raise TransferError(f"local tar failed: {err.strip()}")
 
 
+# rsync's remote shell when pushing over SSH: instead of a new `ssh` (a full handshake, the
+# largest part of an incremental push), rsync's stream rides a channel of the connection this
+# process already has, through a private Unix socket served by `bifrost.holder`'s request
+# handler. rsync runs it as `python -S rsh.py SOCKET HOST rsync --server ...`.
+_RSH = """\
+import json, os, socket, struct, sys, threading
+args = sys.argv[3:]
+if args[:1] == ["-l"]:
+    args = args[2:]
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.sendall(json.dumps({"op": "run", "command": " ".join(args)}).encode() + b"\\n")
+H = struct.Struct(">cI")
+def up():
+    while True:
+        d = os.read(0, 65536)
+        s.sendall(H.pack(b"i", len(d)) + d)
+        if not d:
+            return
+threading.Thread(target=up, daemon=True).start()
+f = s.makefile("rb")
+def out(fd, d):
+    while d:
+        d = d[os.write(fd, d):]
+while True:
+    h = f.read(5)
+    if len(h) < 5:
+        sys.exit(255)
+    k, n = H.unpack(h)
+    d = f.read(n)
+    if k == b"o":
+        out(1, d)
+    elif k == b"e":
+        out(2, d)
+    elif k == b"x":
+        sys.exit(json.loads(d).get("rc", 255))
+"""
+
+
 async def _rsync(
     t: Transport, root: Path, files: list[str], dest_abs: str, shell: tuple[list[str], str]
 ) -> None:
@@ -262,6 +302,30 @@ async def _rsync(
     _, err = await proc.communicate(nul_join(files))
     if proc.returncode != 0:
         raise TransferError(f"rsync to {t.target.display} failed: {err.decode().strip()}")
+
+
+async def _rsync_tunneled(
+    host: Session, t: Transport, root: Path, files: list[str], dest_abs: str
+) -> None:
+    """rsync with its remote shell tunnelled over ``host``'s open connection (see _RSH)."""
+    import sys
+    import tempfile
+
+    from bifrost.holder import _Holder
+
+    tmp = Path(tempfile.mkdtemp(prefix="bifrost-rsh-"))  # 0700: only we reach the socket
+    try:
+        (tmp / "rsh.py").write_text(_RSH)
+        sock = tmp / "s"
+        server = await asyncio.start_unix_server(_Holder(host, sock, 0).handle, str(sock))
+        try:
+            rsh = [sys.executable, "-S", str(tmp / "rsh.py"), str(sock)]
+            await _rsync(t, root, files, dest_abs, (rsh, "bifrost:"))
+        finally:
+            server.close()
+            await server.wait_closed()
+    finally:
+        await asyncio.to_thread(shutil.rmtree, tmp, True)
 
 
 def _env_stamp(root: Path, extras: Sequence[str]) -> str | None:
@@ -438,9 +502,11 @@ async def apush(
         await capture(t, _prune_command(name), stdin=listing, check=True)
     shell = t.rsync_shell()
     use_rsync = first.strip() == "rsync=yes" and shell is not None and _has_local("rsync")
-    if use_rsync:
-        assert shell is not None
-        await _rsync(t, root, files, ws_abs, shell)
+    if use_rsync and shell is not None and not shell[0]:
+        await _rsync(t, root, files, ws_abs, shell)  # local target: no remote shell at all
+        method = "rsync"
+    elif use_rsync:
+        await _rsync_tunneled(host, t, root, files, ws_abs)
         method = "rsync"
     else:
         cmd = f'tar -xf - -C "$HOME/.bifrost/workspaces/{name}"'

@@ -294,10 +294,17 @@ class SSHTransport(Transport):
             session = cast(_Session, made)
         except (OSError, TimeoutError, asyncssh.Error) as exc:
             raise ConnectionLostError(f"connection to {self.target.display} lost: {exc}") from None
+        # The feeder runs beside the wait: a command may exit before it has read all of its
+        # stdin (rsync's server ends the protocol while its client still holds the pipe open),
+        # and waiting for stdin to end first would then wait forever.
+        feeder = asyncio.ensure_future(self._feed(chan, session, stdin))
         try:
-            await self._feed(chan, session, stdin)
             await session.closed
         finally:
+            if not feeder.done():
+                feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await feeder  # a failing stdin source (local tar) still raises here
             chan.close()
         rc = chan.get_returncode()
         if rc is None and session.error is not None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,21 @@ def test_sync_and_async_api_on_different_loops(host: Host) -> None:
     assert host.exec("echo sync-again").stdout == "sync-again\n"
     assert asyncio.run(asyncio.wait_for(from_user_loop(), 30)) == "async\n"  # a new loop
     assert host.job(host.run("true").id).wait(timeout=30).state == "succeeded"
+
+
+def test_command_that_exits_before_its_stdin_ends_returns(host: Host) -> None:
+    """rsync's server ends the protocol while its client still holds the pipe open: waiting for
+    stdin to end before waiting for the exit would wait forever."""
+    import asyncio
+
+    from bifrost._loop import run_sync
+
+    async def endless() -> AsyncIterator[bytes]:
+        yield b"x"
+        await asyncio.Event().wait()  # never ends
+        yield b""  # pragma: no cover
+
+    async def go() -> str:
+        return (await host.aexec("head -c 1", stdin=endless())).stdout
+
+    assert run_sync(asyncio.wait_for(go(), 20)) == "x"

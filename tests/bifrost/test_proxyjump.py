@@ -92,7 +92,8 @@ def test_exec_push_job_pull_through_the_jump(
         assert job.logs().splitlines() == [f"{digest}  blob.bin", "behind the jump"]
         back = h.pull(f"~/.bifrost/workspaces/{name}/blob.bin", tmp_path / "back.bin")
         assert back.read_bytes() == payload
-        assert proxy.connections >= 2  # asyncssh's and rsync's ssh both went through the jump
+        # rsync rode bifrost's own connection through the jump (the bytes above prove it)
+        assert proxy.connections >= 1
     assert h.target.ssh_destination() == f"{target.user}@127.0.0.23"
 
 
@@ -170,4 +171,5 @@ def test_proxycommand_is_used_by_bifrost_and_rsync(
         (proj / "f.txt").write_text("f\n")
         res = h.push(proj, name=workspace(h, "pc"))
         assert res.method == "rsync"
-        assert len(mark.read_text().splitlines()) == 2  # rsync's ssh went through it too
+        # rsync rode the same connection (one relayed connection in all), not a new ssh
+        assert len(mark.read_text().splitlines()) == 1
