@@ -96,3 +96,37 @@ def test_readme_command_stops_at_once_naming_what_to_install(tmp_path: Path) -> 
     assert len(lines) == 1, lines
     assert "openssh-client rsync tmux zsh" in lines[0]
     assert "error" not in lines[0].lower()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the install path runs apt-get as root")
+def test_readme_command_installs_what_is_missing_then_runs(tmp_path: Path) -> None:
+    """The install path for real: rsync, tmux, zsh and the ssh client are missing from PATH, a
+    stand-in apt-get "installs" them (links to this machine's binaries), the run goes on."""
+    import shutil
+
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    (bare / "env").symlink_to(shutil.which("env") or "/usr/bin/env")
+    log = tmp_path / "apt.log"
+    tools = {t: shutil.which(t) for t in ("ssh", "ssh-keygen", "rsync", "tmux", "zsh")}
+    ln = shutil.which("ln") or "/bin/ln"
+    links = "\n".join(f'{ln} -sf "{p}" "{bare}/{t}"' for t, p in tools.items() if p)
+    fake = bare / "apt-get"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> "{log}"\ncase "$1" in install) {links};; esac\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": str(bare)}
+    env.pop(NO_INSTALL_ENV, None)
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_readme.py"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "installing system packages for the tests: openssh-client rsync tmux zsh" in r.stderr
+    calls = log.read_text().splitlines()
+    assert calls[0] == "update -qq"
+    assert calls[1].startswith("install -y -qq --no-install-recommends openssh-client rsync")
