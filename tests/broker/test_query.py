@@ -326,3 +326,19 @@ def test_gpu_name_typo_gets_a_did_you_mean() -> None:
     # Names the catalog does not know are still fine (new GPUs, providers' own spellings).
     assert parse("gpu=B300").where == Cmp("gpu_type", "==", "B300")
     assert parse("gpu='Quantum Q1'").where == Cmp("gpu_type", "==", "Quantum Q1")
+
+
+def test_ir_imports_neither_builder_nor_parser() -> None:
+    """The IR is the bottom layer: builder and parser import it, never the other way round."""
+    import ast
+    import inspect
+
+    from broker.query import ir
+
+    tree = ast.parse(inspect.getsource(ir))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | {
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+    }
+    assert not {
+        m for m in imported if m.startswith(("broker.query.builder", "broker.query.parser"))
+    }
