@@ -146,3 +146,15 @@ def test_one_capacity_vocabulary_for_every_adapter() -> None:
     # Money problems are not capacity: trying the next offer would not help.
     assert not is_capacity_message("Insufficient balance to deploy this pod")
     assert issubclass(NoCapacityError, Exception)
+
+
+def test_adapter_helpers_are_defined_once() -> None:
+    """One Wire base, one capacity vocabulary, one CPU-only offer, one stock rank."""
+    root = Path(__file__).resolve().parents[2] / "broker"
+    for mod in (root / "providers").glob("*.py"):
+        text = mod.read_text()
+        if mod.name != "base.py":
+            assert "class _Wire" not in text and "_CAPACITY_PHRASES" not in text, mod.name
+            assert 'gpu_type="CPU only"' not in text, mod.name
+    assert "_STOCK_RANK = {" not in (root / "query" / "evaluate.py").read_text()
+    assert "return Instance(" not in (root / "providers" / "vast.py").read_text()
