@@ -157,4 +157,5 @@ def test_adapter_helpers_are_defined_once() -> None:
             assert "class _Wire" not in text and "_CAPACITY_PHRASES" not in text, mod.name
             assert 'gpu_type="CPU only"' not in text, mod.name
     assert "_STOCK_RANK = {" not in (root / "query" / "evaluate.py").read_text()
-    assert "return Instance(" not in (root / "providers" / "vast.py").read_text()
+    for mod in ("vast.py", "lambdalabs.py"):  # the create tail, shared
+        assert "created_instance(" in (root / "providers" / mod).read_text()
