@@ -16,6 +16,7 @@ import os
 import re
 import shlex
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -583,6 +584,12 @@ class Launch:
                 "BROKER_MASTER_PORT": str(self._master_port()),
             }
         )
+        if node.local and not self._bootstrap(node):
+            # `local` is this machine and nothing was synced: the job's `python` is the one
+            # broker runs under (its environment has the project's dependencies).
+            env["PATH"] = os.pathsep.join(
+                [str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)]
+            )
         if n > 1 or t.engine == "torchrun":
             nproc = t.nproc_per_node or max(gpus, 1)
             env.update(

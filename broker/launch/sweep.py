@@ -62,6 +62,10 @@ class Sweep(BaseModel):
     @classmethod
     def of_tasks(cls, name: str, tasks: Sequence[Task], *, max_parallel: int = 4) -> Sweep:
         """A sweep over tasks built in Python (each may rent something different)."""
+        if not _NAME.match(name):
+            raise TaskError(
+                f"sweep name {name!r} is not usable: use 1-63 letters, digits, '.', '_' or '-'"
+            )
         names = [t.name for t in tasks]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:

@@ -75,7 +75,9 @@ def known_models() -> str:
 
 def resolve_model(key: str) -> ModelSpec:
     """A config by number, name or HF id, or any other hub id (then --min-vram is needed)."""
-    spec = get_spec(key) if key.strip() else None
+    if not key.strip():
+        raise BadInput(f"--model is empty; choose one of: {known_models()}, or an owner/name id")
+    spec = get_spec(key)
     if spec is not None:
         return spec
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", key.strip()):
@@ -131,7 +133,10 @@ def build_task(spec: ModelSpec, a: argparse.Namespace) -> Task:
             raise BadInput(f"{flag} must be a number > 0, got {x}")
     try:
         if a.ttl is not None:
-            parse_ttl(a.ttl)
+            try:
+                parse_ttl(a.ttl)
+            except BrokerError as e:
+                raise BadInput(f"--ttl: {e}") from None
         out_rel = f"experiments/outlier_features/results/{slug(spec)}"
         argv = run_args(spec, a, out_rel)
         run_script.validate(run_script.build_parser().parse_args(argv), root=ROOT)

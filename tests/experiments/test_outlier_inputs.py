@@ -6,6 +6,7 @@ rejected on the laptop, with exit 2 and a message that says what would be right.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import stat
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from broker import GPUClient
+from broker.launch import LaunchStore
 from experiments.outlier_features import compare, deploy, deploy_sweep, run
 from experiments.outlier_features.analysis import cross_batch
 from experiments.outlier_features.extract import ActivationStats
@@ -101,7 +102,7 @@ def test_cross_batch_with_one_batch_has_no_jaccard() -> None:
         (["--ttl", "banana"], "--ttl"),
         (["--ready-timeout", "-1"], "--ready-timeout must be a number > 0"),
         (["--min-vram", "-5"], "--min-vram must be a number > 0"),
-        (["--max-price", "nan"], "--max-price must be >= 0"),
+        (["--max-price", "nan"], "--max-price must be a number > 0"),
         (["--seq-len", "1"], "--seq-len must be >= 2"),
     ],
 )
@@ -124,17 +125,19 @@ def test_deploy_model_names(env: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert "--min-vram GB" in capsys.readouterr().err
     spec = deploy.resolve_model("allenai/OLMoE-1B-7B-0125-Instruct")
     assert spec.family == "unknown" and spec.hf_id == "allenai/OLMoE-1B-7B-0125-Instruct"
-    with GPUClient(providers=["local"]) as c:
-        plan = deploy.plan_deploy(c, spec, deploy.DeployOptions(
-            model=spec.id, min_vram_gb=40, gpu_count=2, min_cpu_ram_gb=64))
-    assert plan.gpu_count == 2 and "vram>=40GB" in plan.query and "ram>=64GB" in plan.query
+    parser = argparse.ArgumentParser()
+    deploy.add_deploy_flags(parser)
+    args = parser.parse_args(["--min-vram", "40", "--gpu-count", "2", "--min-cpu-ram", "64"])
+    task = deploy.build_task(spec, args)
+    query = task.resources.query_text()
+    assert task.resources.gpus == 2 and "vram>=40" in query and "ram>=64" in query
     # A real model runs with --device cuda: no silent CPU fallback on a rented box.
-    argv = deploy._run_args(spec, deploy.DeployOptions(model=spec.id), "out")
+    argv = deploy.run_args(spec, args, "out")
     assert argv[argv.index("--device") + 1] == "cuda"
     assert argv[argv.index("--corpus") + 1] == "auto"
-    assert deploy._extras(spec, deploy.DeployOptions(model=spec.id)) == ("experiments", "fineweb")
+    assert task.extras == ["experiments", "fineweb"]
     tiny = deploy.resolve_model("tiny-moe")
-    targv = deploy._run_args(tiny, deploy.DeployOptions(model="tiny-moe"), "out")
+    targv = deploy.run_args(tiny, parser.parse_args([]), "out")
     assert targv[targv.index("--device") + 1] == "auto"
     assert targv[targv.index("--corpus") + 1] == "packaged"
 
@@ -150,13 +153,12 @@ def test_a_job_that_rejects_its_input_is_bad_input_and_not_retried(
                             "--num-sequences", "4", "--seq-len", "64", "--corpus", str(short)])
     out = capsys.readouterr().out
     assert rc == 1, out
-    record = json.loads((env / "sweeps" / "outlier-short" / "sweep.json").read_text())
-    [attempt] = record["outcomes"]["tiny-moe"]["attempts"]
-    assert attempt["exit_code_deploy"] == 2 and attempt["status"] == "bad_input"
-    # The cause is on the error's first line (the table shows only that line).
-    first = attempt["error"].splitlines()[0]
-    assert "exit code 2" in first and "corpus has" in first
-    assert "retrying" not in out
+    [rec] = LaunchStore.default(os.environ["BROKER_STATE_DIR"]).of_sweep("outlier-short")
+    # Exit 2 is the job's own verdict on its input: never retried on another box.
+    assert rec.exit_code == 2 and rec.state == "failed" and rec.attempts == 1
+    assert "exit code 2" in (rec.error or "")
+    assert "corpus has" in (env / "tiny-moe" / "job.log").read_text()
+    assert "retry" not in out
     assert all(not e.is_open for e in journal())
 
 
@@ -165,11 +167,11 @@ def test_sweep_refuses_bad_flags_before_launching(env: Path, journal: Journal,
     rc = deploy_sweep.main(["--provider", "local", "--models", "tiny-moe", "-y",
                             "--results-dir", str(env), "--corpus", "/nonexistent/c.txt"])
     assert rc == 2
-    assert "existing text file" in capsys.readouterr().out
+    assert "existing text file" in capsys.readouterr().err
     rc = deploy_sweep.main(["--provider", "local", "--models", "tiny-moe", "-y",
                             "--results-dir", str(env), "--sweep-id", "../../x"])
     assert rc == 2
-    assert "--sweep-id '../../x'" in capsys.readouterr().out
+    assert "'../../x' is not usable" in capsys.readouterr().err
     assert journal() == [] and not env.exists()
 
 
