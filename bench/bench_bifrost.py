@@ -2,10 +2,15 @@
 
     uv run python bench/bench_bifrost.py            # writes bench/results/bifrost.json
 
-1. per-command latency on a reused connection vs a fresh `ssh host cmd` each time
-2. push of a 2,000-file project vs plain rsync: first time and after a one-file change
-3. `exec true` on 32 hosts vs 1 host, against plain asyncssh on the same sshds, with the client's
+1. the CLI: `bifrost exec HOST true` (a new process per call, the host's connection holder
+   warm) vs a fresh `ssh HOST true` and vs OpenSSH ControlMaster (`ssh -S ctl HOST true`),
+   interleaved in rounds; plus `bifrost status` (the asyncio path through the holder)
+2. per-command latency of the API on a reused connection vs a fresh `ssh host cmd` each time
+3. push of a 2,000-file project vs plain rsync: first time and after a one-file change
+4. `exec true` on 32 hosts vs 1 host, against plain asyncssh on the same sshds, with the client's
    and the sshds' CPU time per command (all "hosts" share this machine's cores)
+
+    uv run python bench/bench_bifrost.py --skip-fanout   # 1-3 only
 """
 
 from __future__ import annotations
@@ -160,7 +165,76 @@ def fanout(servers: list[SSHServer]) -> dict[str, object]:
     }
 
 
+def _holder_ready(host: Host) -> bool:
+    from bifrost import holder
+    from bifrost.hostkeys import KnownHosts
+
+    path = holder.socket_path(host.target, host.identity_file, KnownHosts().path)
+    return path is not None and holder._connect_sync(path) is not None
+
+
+def cli_vs_ssh(srv: SSHServer, ssh: list[str], home: str, rounds: int = 6, per: int = 5) -> dict:
+    """Median wall time of a whole CLI call (new process each time) against fresh ssh and
+    OpenSSH ControlMaster, interleaved so load drift hits all three alike."""
+    exe = Path(sys.executable).with_name("bifrost")
+    cli = [str(exe)] if exe.exists() else [sys.executable, "-m", "bifrost.cli"]
+    key = str(srv.client_key)
+    bifrost_exec = [*cli, "exec", "-i", key, srv.target, "true"]
+    ctl = f"{home}/cm-%C"
+    master = [*ssh[:-1], "-o", "ControlMaster=yes", "-o", f"ControlPath={ctl}",
+              "-o", "ControlPersist=120", "-fN", ssh[-1]]  # fmt: skip
+    subprocess.run(master, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)  # fmt: skip
+    cm = [*ssh[:-1], "-o", "ControlMaster=no", "-o", f"ControlPath={ctl}", ssh[-1], "true"]
+    # As installed: Python caches compiled modules after the first run. (This sandbox sets
+    # PYTHONDONTWRITEBYTECODE=1, which would recompile bifrost's modules on every call, ~35 ms.)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["BIFROST_HOLD"] = "1"
+
+    def run(argv: list[str]) -> None:
+        subprocess.run(argv, check=True, env=env, stdin=subprocess.DEVNULL)
+
+    run(bifrost_exec)  # first call: direct, and starts the holder
+    probe = Host(srv.target, identity_file=key)
+    deadline = time.monotonic() + 30
+    while not _holder_ready(probe) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    run(bifrost_exec)  # warm-up through the holder
+    job = subprocess.run([*cli, "run", "-i", key, srv.target, "true"], env=env, check=True,
+                         capture_output=True, text=True).stdout.strip()  # fmt: skip
+    status = [*cli, "status", "-i", key, srv.target, job]
+    times: dict[str, list[float]] = {"bifrost_exec": [], "ssh_fresh": [], "ssh_controlmaster": [],
+                                     "bifrost_status": []}  # fmt: skip
+    for _ in range(rounds):
+        times["bifrost_exec"] += timed(lambda: run(bifrost_exec), per)
+        times["ssh_fresh"] += timed(lambda: run([*ssh, "true"]), per)
+        times["ssh_controlmaster"] += timed(lambda: run(cm), per)
+        times["bifrost_status"] += timed(
+            lambda: subprocess.run(status, check=True, env=env, capture_output=True), per
+        )
+    subprocess.run([*ssh[:-1], "-o", f"ControlPath={ctl}", "-O", "exit", ssh[-1]],
+                   capture_output=True)  # fmt: skip
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        **{f"{k}_median_s": v for k, v in med.items()},
+        "ratio_exec_vs_fresh_ssh": med["bifrost_exec"] / med["ssh_fresh"],
+        "ratio_exec_vs_controlmaster": med["bifrost_exec"] / med["ssh_controlmaster"],
+        "ratio_status_vs_fresh_ssh": med["bifrost_status"] / med["ssh_fresh"],
+        "python_startup_median_s": statistics.median(
+            timed(lambda: run([sys.executable, "-c", "pass"]), 10)
+        ),
+        "calls_per_measure": rounds * per,
+        "cli": " ".join(cli[-2:] if len(cli) > 1 else [Path(cli[0]).name]),
+    }
+
+
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--skip-fanout", action="store_true")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bifrost.json"))
+    opts = ap.parse_args()
     home = tempfile.mkdtemp(prefix="bifrost-bench-home-")
     os.environ["BIFROST_HOME"] = home
     results: dict[str, object] = {
@@ -180,6 +254,8 @@ def main() -> None:
                f"{srv.user}@127.0.0.1"]  # fmt: skip
         host = Host(srv.target, identity_file=key)
         host.exec("true")  # connect + pin the key
+        results["cli"] = cli_vs_ssh(srv, ssh, home)
+        print("cli", results["cli"], flush=True)
         reused = timed(lambda: host.exec("true"), 20)
         fresh = timed(lambda: subprocess.run([*ssh, "true"], check=True), 10)
         results["latency"] = {
@@ -211,9 +287,15 @@ def main() -> None:
         )
         first_b = timed(lambda: host.push(proj, name="benchproj"), 1)[0]
         first_r = timed(plain, 1)[0]
-        (proj / "pkg0" / "mod0.py").write_text("# changed\n")
-        again_b = statistics.median(timed(lambda: host.push(proj, name="benchproj"), 3))
-        again_r = statistics.median(timed(plain, 3))
+        again_b_all: list[float] = []
+        again_r_all: list[float] = []
+        for i in range(5):  # interleaved: one file changed before each pair
+            (proj / "pkg0" / "mod0.py").write_text(f"# changed {i}\n")
+            again_b_all += timed(lambda: host.push(proj, name="benchproj"), 1)
+            (proj / "pkg0" / "mod0.py").write_text(f"# changed again {i}\n")
+            again_r_all += timed(plain, 1)
+        again_b = statistics.median(again_b_all)
+        again_r = statistics.median(again_r_all)
         results["push_2000_files"] = {
             "bifrost_first_s": first_b, "rsync_first_s": first_r, "ratio_first": first_b / first_r,
             "bifrost_one_change_s": again_b, "rsync_one_change_s": again_r,
@@ -222,6 +304,9 @@ def main() -> None:
         print("push", results["push_2000_files"], flush=True)
         host.close()
 
+    if opts.skip_fanout:
+        _write(results, Path(opts.out))
+        return
     a = SSHServer(run_as=run_as, listen=[f"127.0.0.{i}" for i in range(2, 18)]).start()
     b = SSHServer(run_as=run_as, listen=[f"127.0.0.{i}" for i in range(18, 34)]).start()
     try:
@@ -230,10 +315,15 @@ def main() -> None:
     finally:
         a.stop()
         b.stop()
+    _write(results, Path(opts.out))
+
+
+def _write(results: dict[str, object], out: Path) -> None:
     results["loadavg_end"] = os.getloadavg()
-    out = Path(__file__).parent / "results" / "bifrost.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(out)
     print("wrote", out)
 
 
