@@ -1,0 +1,212 @@
+"""`broker launch` and `broker sweep` against the RunPod simulator (real HTTP; pods are real sshd).
+
+Each test runs real `broker` processes. Covers: a task end to end (outputs pulled, pod terminated
+at the provider, exit code mirrored); a sweep of 4 tasks at --max-parallel 2 with one failing,
+then --retry-failed running only that one; a sweep process killed with SIGKILL mid-way, then
+resumed: nothing runs twice and nothing leaks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bifrost.testing.sshd import keygen
+from broker.journal import Journal
+from broker.launch import LaunchStore
+from broker.testing import RunPodSimulator
+
+KEY = "sim-launch-key-0123456789"
+BROKER = [str(Path(sys.executable).parent / "broker")]
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0, reason="simulated pods log in as root only when the tests run as root"
+)
+
+
+@pytest.fixture(scope="module")
+def sim(bifrost_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunPodSimulator, Path]]:
+    key = tmp_path_factory.mktemp("launch-key") / "id_ed25519"
+    keygen(key)
+    with RunPodSimulator(api_key=KEY) as s:
+        yield s, key
+
+
+@pytest.fixture
+def env(sim: tuple[RunPodSimulator, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[RunPodSimulator]:
+    s, key = sim
+    monkeypatch.setenv("RUNPOD_API_KEY", KEY)
+    monkeypatch.setenv("RUNPOD_API_URL", s.url)
+    monkeypatch.setenv("SSH_KEY_PATH", str(key))
+    monkeypatch.setenv("BROKER_PROVIDERS", "runpod")
+    monkeypatch.chdir(tmp_path)
+    yield s
+    s.clear_faults()
+    for p in s.pods(include_terminated=False):
+        s.terminate_pod(p.id)
+
+
+@pytest.fixture
+def uniq() -> Iterator[str]:
+    """A name prefix no other test (or earlier run) uses; its remote workspaces are removed after."""
+    prefix = f"lt{secrets.token_hex(3)}"
+    yield prefix
+    ws = Path("/root/.bifrost/workspaces")
+    for p in ws.glob(f"{prefix}*") if ws.is_dir() else []:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in Path("/root/.broker/setup").glob(f"{prefix}*") if Path("/root/.broker/setup").is_dir() else []:
+        p.unlink(missing_ok=True)
+
+
+def project(tmp: Path) -> Path:
+    p = tmp / "proj"
+    p.mkdir(exist_ok=True)
+    (p / "job.sh").write_text(
+        'echo "rank=$BROKER_NODE_RANK gpus=$BROKER_GPUS_PER_NODE"\n'
+        'mkdir -p out && nvidia-smi -L > out/gpus.txt\n'
+        'exit "${EXIT_WITH:-0}"\n'
+    )
+    return p
+
+
+def broker(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*BROKER, *args], capture_output=True, text=True, timeout=timeout,
+                          env=os.environ.copy())
+
+
+def live(sim: RunPodSimulator) -> list[str]:
+    return [p.id for p in sim.pods(include_terminated=False)]
+
+
+def entries() -> list:
+    return Journal.default(Path(os.environ["BROKER_STATE_DIR"])).all_entries()
+
+
+def test_launch_on_the_simulator_end_to_end(env: RunPodSimulator, tmp_path: Path, uniq: str) -> None:
+    project(tmp_path)
+    task = tmp_path / "t.yaml"
+    task.write_text(yaml.safe_dump({
+        "name": f"{uniq}-one",
+        "resources": {"query": "gpu~A100 !spot", "gpus": 2, "ttl": "1h", "max_price": 10},
+        "workdir": "proj", "run": "bash job.sh", "env": {"EXIT_WITH": "5"}, "outputs": ["out"],
+    }))
+    r = broker("launch", str(task), "-y", "--results", str(tmp_path / "res"), "--json")
+    assert r.returncode == 5, r.stderr
+    data = json.loads(r.stdout)
+    assert data["provider"] == "runpod" and data["exit_code"] == 5 and data["state"] == "failed"
+    assert data["plan"]["offers"][0]["gpu_count"] == 2
+    out = tmp_path / "res" / f"{uniq}-one"
+    assert (out / "out" / "gpus.txt").read_text().count("A100") == 2
+    assert "rank=0 gpus=2" in (out / "job.log").read_text()
+    assert live(env) == []  # terminated and confirmed gone at the provider
+    [entry] = entries()
+    assert not entry.is_open and entry.status == "terminated"
+    assert "terminated, confirmed gone" in r.stderr
+
+
+def test_paid_launch_without_a_terminal_needs_yes(env: RunPodSimulator, tmp_path: Path, uniq: str) -> None:
+    project(tmp_path)
+    task = tmp_path / "t.yaml"
+    task.write_text(yaml.safe_dump({"name": f"{uniq}-ask", "workdir": "proj", "run": "true",
+                                    "resources": {"query": "gpu~A100 !spot"}}))
+    r = subprocess.run([*BROKER, "launch", str(task)], capture_output=True, text=True,
+                       stdin=subprocess.DEVNULL, timeout=60)
+    assert r.returncode == 2 and "pass -y" in r.stderr
+    assert live(env) == [] and entries() == []
+
+
+def sweep_file(tmp: Path, name: str, gate: Path, count: Path) -> Path:
+    """Four tasks; task 3 fails until ``gate`` exists; each run appends to ``count``."""
+    spec = tmp / "sweep.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": name,
+        "max_parallel": 2,
+        "task": {
+            "name": name + "-{{ i }}",
+            "resources": {"query": "gpu~A100 !spot", "gpus": 1, "ttl": "1h"},
+            "workdir": "proj",
+            "run": (
+                f"echo {{{{ i }}}} >> {count}; "
+                f"if [ {{{{ i }}}} = 3 ] && [ ! -f {gate} ]; then exit 3; fi; "
+                f"while [ -f {gate}.hold ]; do sleep 0.1; done; bash job.sh"
+            ),
+            "outputs": ["out"],
+        },
+        "matrix": {"i": [1, 2, 3, 4]},
+    }))
+    return spec
+
+
+def test_sweep_of_four_with_one_failure_then_retry_failed(env: RunPodSimulator, tmp_path: Path, uniq: str) -> None:
+    project(tmp_path)
+    gate, count = tmp_path / "gate", tmp_path / "count"
+    spec = sweep_file(tmp_path, uniq, gate, count)
+    dry = broker("sweep", str(spec), "--dry-run", "--json")
+    assert dry.returncode == 0 and len(json.loads(dry.stdout)["tasks"]) == 4 and entries() == []
+    r = broker("sweep", str(spec), "-y", "--results", str(tmp_path / "res"), "--json")
+    assert r.returncode == 1, r.stderr
+    res = json.loads(r.stdout)
+    assert {row["task"]: row["state"] for row in res["rows"]} == {
+        f"{uniq}-1": "succeeded", f"{uniq}-2": "succeeded", f"{uniq}-3": "failed",
+        f"{uniq}-4": "succeeded"}
+    assert res["leaked"] == [] and live(env) == []
+    assert len({e.name for e in entries()}) == 4 and all(e.sweep == uniq for e in entries())
+    # Never more than two boxes at once (--max-parallel 2 from the file).
+    pods = sorted(env.pods(include_terminated=True), key=lambda p: p.created_at)
+    far = timedelta(days=1)
+    assert max(sum(1 for q in pods if q.created_at <= p.created_at < (q.terminated_at or p.created_at + far)) for p in pods) <= 2
+
+    gate.touch()
+    r = broker("sweep", str(spec), "-y", "--retry-failed", "--results", str(tmp_path / "res"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert sorted(count.read_text().split()) == ["1", "2", "3", "3", "4"]  # only task 3 again
+    assert json.loads(r.stdout)["leaked"] == [] and live(env) == []
+    for i in (1, 2, 3, 4):
+        assert (tmp_path / "res" / f"{uniq}-{i}" / "out" / "gpus.txt").exists()
+
+
+def test_sweep_killed_mid_way_then_resumed_runs_nothing_twice(env: RunPodSimulator, tmp_path: Path, uniq: str) -> None:
+    project(tmp_path)
+    gate, count = tmp_path / "gate", tmp_path / "count"
+    gate.touch()
+    hold = Path(f"{gate}.hold")
+    hold.touch()  # jobs wait here, so the sweep is mid-way when we kill it
+    spec = sweep_file(tmp_path, uniq, gate, count)
+    proc = subprocess.Popen([*BROKER, "sweep", str(spec), "-y", "--results", str(tmp_path / "res")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=os.environ.copy())
+    store = LaunchStore.default(os.environ["BROKER_STATE_DIR"])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        running = [r for r in store.of_sweep(uniq) if r.state == "running" and r.job_ids]
+        if len(running) == 2:
+            break
+        time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("two tasks never reached their jobs: " + (proc.communicate()[0] or ""))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert len(live(env)) == 2  # left billing by the kill: the resume must pick them up
+    hold.unlink()
+    r = broker("sweep", str(spec), "-y", "--results", str(tmp_path / "res"), "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(r.stdout)
+    assert all(row["state"] == "succeeded" for row in res["rows"])
+    assert res["leaked"] == [] and live(env) == []
+    # Each task's job ran exactly once: the two killed mid-run were re-attached, not restarted.
+    assert sorted(count.read_text().split()) == ["1", "2", "3", "4"]
+    assert len({e.name for e in entries()}) == 4
+    assert all(not e.is_open for e in entries())
