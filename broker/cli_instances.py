@@ -83,8 +83,12 @@ def entry_dict(e: JournalEntry) -> dict[str, Any]:
     return d
 
 
-def instances_table(entries: list[JournalEntry]) -> Table:
-    """provider, id, name, GPU, market, status, age, $/h, cost so far, TTL left."""
+def instances_table(
+    entries: list[JournalEntry], doing: dict[str, dict[str, Any]] | None = None
+) -> Table:
+    """provider, id, name, GPU, market, status, age, $/h, cost so far, TTL left (and, when a
+    `broker launch` used the box, the task and its state)."""
+    doing = {k: v for k, v in (doing or {}).items() if any(e.name == k for e in entries)}
     t = Table(header_style="bold")
     for col, just in [
         ("provider", "left"),
@@ -99,6 +103,8 @@ def instances_table(entries: list[JournalEntry]) -> Table:
         ("TTL left", "right"),
     ]:
         t.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
+    if doing:
+        t.add_column("task", overflow="fold")
     now = utcnow()
     for e in entries:
         ttl = e.ttl_left(now) if e.is_open else None  # a closed box has no TTL left
@@ -118,7 +124,7 @@ def instances_table(entries: list[JournalEntry]) -> Table:
             status += (
                 f" [red](holder {holder})[/red]" if holder == "dead" else " [red](abandoned)[/red]"
             )
-        t.add_row(
+        row = [
             e.provider,
             e.instance_id or "-",
             e.name,
@@ -129,7 +135,12 @@ def instances_table(entries: list[JournalEntry]) -> Table:
             "-" if e.price_per_hour is None else f"{e.price_per_hour:.3f}",
             f"{e.cost_so_far(now):.2f}",
             ttl_s,
-        )
+        ]
+        if doing:
+            d = doing.get(e.name)
+            row.append(f"{d['task']}: {d['state']}" + (f" (job {d['job']})" if d["job"] else "")
+                       if d else "-")
+        t.add_row(*row)
     return t
 
 
@@ -428,13 +439,16 @@ def _list(include_all: bool, refresh: bool, sweep: str | None, as_json: bool) ->
         entries = client.instances(include_closed=include_all, refresh=refresh)
         if sweep is not None:
             entries = [e for e in entries if e.sweep == sweep]
+        from broker.launch.records import activity
+
+        doing = activity(client.settings.state_dir)
         if as_json:
-            _dump([entry_dict(e) for e in entries])
+            _dump([entry_dict(e) | {"launch": doing.get(e.name)} for e in entries])
             return
         if not entries:
             out.print("no instances" + ("" if include_all else " (use --all for past ones)"))
             return
-        _wide().print(instances_table(entries))
+        _wide().print(instances_table(entries, doing))
         total = sum(e.price_per_hour or 0 for e in entries if e.is_open)
         err.print(
             f"{sum(1 for e in entries if e.is_open)} open, ${total:.2f}/h; "

@@ -507,6 +507,36 @@ class GPUClient(QueryFields):
             else:
                 log.warning("terminated %s: its TTL had passed", entry.name)
 
+    def launch(
+        self,
+        task: Any,
+        *,
+        results_dir: str = "results",
+        keep: bool = False,
+        detach: bool = False,
+        on_event: Callable[[str, str], None] | None = None,
+        on_log: Callable[[str], None] | None = None,
+    ) -> Any:
+        """Run a :class:`broker.launch.Task` (or a task file's path) end to end: rent, push,
+        set up, run, follow, pull ``outputs`` into ``<results_dir>/<task name>/``, terminate.
+
+        Returns a :class:`broker.launch.LaunchResult` whose ``exit_code`` is the job's; raises
+        :class:`broker.launch.LaunchError` when the launch itself fails (after cleaning up).
+        See ``docs/launch.md``.
+        """
+        from pathlib import Path
+
+        from broker.launch import Launch, Task, load_task
+
+        if isinstance(task, str | Path):
+            task = load_task(task)
+        if not isinstance(task, Task):
+            raise ConfigError("launch() takes a broker.launch.Task or the path of a task file")
+        run = Launch(
+            self, task, results_dir=results_dir, keep=keep, on_event=on_event, on_log=on_log
+        )
+        return run.run(detach=detach)
+
     def reconcile(self, providers: Sequence[str] | None = None) -> ReconcileReport:
         """Find orphans (billing, held by nobody), ghosts (journal only), foreign instances
         (named by another journal) and pending creates; changes nothing."""

@@ -235,3 +235,30 @@ class LaunchStore:
             for name in r.instances:
                 out[name] = r
         return out
+
+
+def activity(state_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """What each instance (by journal name) is doing for a launch: task, sweep, state, job.
+
+    Empty when no launch ever ran (the records file is not created just to look)."""
+    path = Path(state_dir) / "launches.sqlite"
+    if not path.exists():
+        return {}
+    try:
+        store = LaunchStore(path)
+    except ConfigError:
+        return {}
+    try:
+        out: dict[str, dict[str, Any]] = {}
+        for name, r in store.by_instance().items():
+            out[name] = {
+                "task": r.name,
+                "sweep": r.sweep,
+                "state": r.state,
+                "job": r.job_ids[r.instances.index(name)]
+                if name in r.instances and r.instances.index(name) < len(r.job_ids)
+                else None,
+            }
+        return out
+    finally:
+        store.close()

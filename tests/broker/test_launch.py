@@ -217,6 +217,12 @@ def test_detach_then_attach_from_a_new_process(proj: Path) -> None:
     assert entry.is_open  # the box outlives the launching process, as asked
     rec = LaunchStore.default(os.environ["BROKER_STATE_DIR"]).latest("hello")
     assert rec is not None and rec.state == "detached" and rec.job_ids
+    # `instances list` says what the box is doing.
+    listed = broker("instances", "list", "--json")
+    [row] = json.loads(listed.stdout)
+    assert row["launch"] == {"task": "hello", "sweep": None, "state": "detached", "job": rec.job_ids[0]}
+    table = broker("instances", "list")
+    assert "hello: detached" in table.stdout
     flag.touch()
     r = broker("launch", "--attach", "hello", "--results", str(proj / "results"))
     assert r.returncode == 0, r.stdout + r.stderr
@@ -278,3 +284,19 @@ def test_sweep_on_local_with_status_and_leak_check(proj: Path) -> None:
     assert {row["task"]: row["exit_code"] for row in json.loads(st.stdout)["rows"]} == {
         "t-1": 0, "t-2": 0, "t-3": 3}
     assert all(not e.is_open and e.sweep == "loc" for e in journal_entries())
+
+
+def test_launch_from_python_with_gpuclient(proj: Path) -> None:
+    from broker import GPUClient
+
+    events: list[tuple[str, str]] = []
+    lines: list[str] = []
+    task = Task(name="pyapi", workdir=str(proj / "proj"), run="bash job.sh", outputs=["out:."],
+                resources={"providers": ["local"]})
+    with GPUClient(providers=["local"]) as c:
+        result = c.launch(task, results_dir=str(proj / "r"), on_event=lambda s, d: events.append((s, d)),
+                          on_log=lines.append)
+    assert result.exit_code == 0 and result.state == "succeeded"
+    assert (proj / "r" / "pyapi" / "answer.txt").read_text() == "42\n"  # "out:." = contents
+    assert [s for s, _ in events][:1] == ["plan"] and ("terminate" in [s for s, _ in events])
+    assert "task=pyapi rank=0 nodes=1" in lines
