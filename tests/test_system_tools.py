@@ -83,7 +83,15 @@ def test_readme_command_stops_at_once_naming_what_to_install(tmp_path: Path) -> 
     bare.mkdir()
     env = {**os.environ, "PATH": str(bare), NO_INSTALL_ENV: "1"}
     r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_readme.py"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_readme.py::test_readme_opens_with_two_commands",
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -117,7 +125,15 @@ def test_readme_command_installs_what_is_missing_then_runs(tmp_path: Path) -> No
     env = {**os.environ, "PATH": str(bare)}
     env.pop(NO_INSTALL_ENV, None)
     r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_readme.py"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_readme.py::test_readme_opens_with_two_commands",
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
