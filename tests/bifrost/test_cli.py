@@ -157,15 +157,17 @@ def test_api_rejects_bad_timeout_and_empty_job() -> None:
 
 
 # -- argv rule (issue 17 item 4) and option parsing stopping at the command (issue 19.3) --------
-def test_several_words_are_an_exact_argv(sshd: SSHServer) -> None:
+def test_several_words_are_an_exact_argv(
+    sshd: SSHServer, capsys: pytest.CaptureFixture[str]
+) -> None:
     key = str(sshd.client_key)
-    r = _cli("exec", "-i", key, sshd.target, "--", "printf", r"[%s]\n", "a b", "$HOME")
-    assert (r.returncode, r.stdout) == (0, "[a b]\n[$HOME]\n"), r.stderr
-    r = _cli("exec", "-i", key, sshd.target, "--", "sh", "-c", "echo one; exit 3")
-    assert (r.returncode, r.stdout) == (3, "one\n"), r.stderr
+    assert main(["exec", "-i", key, sshd.target, "--", "printf", r"[%s]\n", "a b", "$HOME"]) == 0
+    assert capsys.readouterr().out == "[a b]\n[$HOME]\n"
+    assert main(["exec", "-i", key, sshd.target, "--", "sh", "-c", "echo one; exit 3"]) == 3
+    assert capsys.readouterr().out == "one\n"
     # One word stays a shell command line, as typed.
-    r = _cli("exec", "-i", key, sshd.target, "echo a | tr a b")
-    assert (r.returncode, r.stdout) == (0, "b\n"), r.stderr
+    assert main(["exec", "-i", key, sshd.target, "echo a | tr a b"]) == 0
+    assert capsys.readouterr().out == "b\n"
 
 
 def test_option_parsing_stops_at_the_command(
@@ -211,10 +213,11 @@ def test_json_on_kill_pull_upload_and_plain_tables(
     assert main(["run", "-i", key, "--name", long_name, sshd.target, "sleep 300"]) == 0
     job_id = capsys.readouterr().out.strip()
     # Not a terminal: one line per job, nothing cut or wrapped, so grep finds the whole id.
-    r = _cli("jobs", "-i", key, sshd.target)
-    line = [ln for ln in r.stdout.splitlines() if job_id in ln]
-    assert len(line) == 1 and "running" in line[0] and "sleep 300" in line[0], r.stdout
-    assert "\x1b[" not in r.stdout
+    assert main(["jobs", "-i", key, sshd.target]) == 0
+    listing = capsys.readouterr().out
+    line = [ln for ln in listing.splitlines() if job_id in ln]
+    assert len(line) == 1 and "running" in line[0] and "sleep 300" in line[0], listing
+    assert "\x1b[" not in listing
     assert main(["kill", "--json", "--grace", "1", job_id]) == 0
     assert json.loads(capsys.readouterr().out) == {
         "job": job_id, "target": sshd.target, "result": "cancelled"
