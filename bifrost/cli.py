@@ -709,7 +709,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     def command(sp: Any, what: str) -> None:
         sp.add_argument(
             "command", nargs="*", metavar="COMMAND",
-            help=f"{what}: one argument is a shell command line; several are an exact argv.",
+            help=f"{what}: one argument is a shell command line, several an exact argv; "
+            "options after its first word are the command's (`--` before it also works).",
         )  # fmt: skip
 
     def env_opts(sp: Any) -> None:

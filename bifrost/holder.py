@@ -389,7 +389,12 @@ class _Holder:
             header = json.loads(await reader.readline())
             op = header.get("op")
             if op == "hello":
-                writer.write(_frame(b"x", json.dumps({"hello": True, "pid": os.getpid()}).encode()))
+                # A holder whose link just dropped (it exits within half a second) says no, so
+                # the caller connects directly instead of getting "connection lost".
+                t = self.host.current_transport()  # type: ignore[attr-defined]
+                ok = t is not None and not t.closed
+                answer = {"hello": ok, "pid": os.getpid()}
+                writer.write(_frame(b"x", json.dumps(answer).encode()))
             elif op in ("run", "exec", "home"):
                 await self._serve(op, header, reader, writer)
             await writer.drain()
