@@ -119,6 +119,9 @@ def launch(
     keep: KeepOpt = False,
     results: ResultsOpt = Path("results"),
     provider: ProviderOpt = None,
+    nodes: Annotated[
+        int | None, typer.Option("--nodes", min=1, max=64, help="Boxes for one job (torchrun).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Rent a box for TASK_FILE, push the workdir, run setup and the job, stream its log, pull
@@ -137,7 +140,8 @@ def launch(
                     raise ConfigError(
                         "missing TASK_FILE: broker launch task.yaml (or --attach NAME)"
                     )
-                task = _apply_providers(load_task(task_file, set_ or []), provider)
+                sets = [*(set_ or []), *([f"nodes={nodes}"] if nodes is not None else [])]
+                task = _apply_providers(load_task(task_file, sets), provider)
                 client = _client(task.resources.providers)
                 run = Launch(
                     client,

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -149,15 +150,19 @@ class GPUClient(QueryFields):
         self._providers: dict[str, Provider] = {}
         self._selected = list(providers) if providers is not None else None
         self._journal = journal
+        self._journal_lock = threading.Lock()
 
     @property
     def journal(self) -> Journal:
         """The instance journal (``<state dir>/journal.sqlite``), opened on first use."""
-        if self._journal is None:
-            from broker.journal import Journal
+        # One journal per client even when threads (a multi-node launch, a sweep) ask at once:
+        # two connections opening a new file together can see it locked.
+        with self._journal_lock:
+            if self._journal is None:
+                from broker.journal import Journal
 
-            self._journal = Journal.default(self.settings.state_dir)
-        return self._journal
+                self._journal = Journal.default(self.settings.state_dir)
+            return self._journal
 
     # -- providers -----------------------------------------------------------------------------
     def provider_names(self) -> list[str]:

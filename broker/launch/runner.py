@@ -200,6 +200,7 @@ class Launch:
         self.record: LaunchRecord | None = None
         self._state = _State()
         self._tail: deque[str] = deque(maxlen=20)
+        self._port: int | None = None
         self._timings: dict[str, float] = {}
         #: Every box rented by any attempt (costs add up across retries).
         self._all_created: list[ManagedInstance] = []
@@ -363,6 +364,7 @@ class Launch:
 
     def _attempt(self, plan: Plan, attempt: int, *, detach: bool) -> LaunchResult:
         self._state = _State()
+        self._port = None
         t0 = time.monotonic()
         ok = False
         interrupted = False
@@ -411,9 +413,17 @@ class Launch:
 
             return progress
 
+        offers = list(plan.offers)
+        if t.nodes > 1 and offers:
+            # Every node from the first offer's provider and region: one network, one bill.
+            first = offers[0]
+            offers = [
+                o for o in offers if o.provider == first.provider and o.region == first.region
+            ]
+
         def create_one(rank: int) -> ManagedInstance:
             inst = self.client.create(
-                plan.offers,
+                offers,
                 gpu_count=r.gpus,
                 ttl=plan.ttl,
                 max_price_per_hour=r.max_price,
@@ -604,8 +614,21 @@ class Launch:
         return env
 
     def _master_port(self) -> int:
-        port = self.task.env.get("MASTER_PORT")
-        return int(port) if port and port.isdigit() else MASTER_PORT
+        """The rendezvous port: the task's ``MASTER_PORT``, a free local port when every node
+        is this machine (several launches may share it), else the torch default 29500."""
+        if self._port is None:
+            port = self.task.env.get("MASTER_PORT")
+            if port and port.isdigit():
+                self._port = int(port)
+            elif all(n.ip in ("127.0.0.1", "::1", "localhost") for n in self._state.nodes):
+                import socket
+
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", 0))
+                    self._port = int(sock.getsockname()[1])
+            else:
+                self._port = MASTER_PORT
+        return self._port
 
     def command_for(self, node: _Node) -> str:
         """The job's command line on one node (torchrun composed when the engine says so)."""
@@ -632,6 +655,7 @@ class Launch:
 
         secrets = self.secrets()
         self._set(state="running")
+        self._master_port()  # chosen once, before the nodes start in parallel
 
         def one(node: _Node) -> None:
             node.job = node.host.run(
