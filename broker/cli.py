@@ -129,12 +129,15 @@ def offers_table(offers: list[GPUOffer]) -> Table:
         ("disk GB", "right"),
         ("$/h", "right"),
         ("$/GPU/h", "right"),
+        ("market", "left"),
         ("region", "left"),
         ("stock", "left"),
         ("age", "right"),
     ]:
         t.add_column(col, justify=just)  # type: ignore[arg-type]
     for o in offers:
+        cloud = getattr(o.cloud_type, "value", o.cloud_type) if o.cloud_type else None
+        kind = ("spot" if o.spot else "on-demand") + (f", {cloud}" if cloud else "")
         gpu = o.gpu_type if o.gpu_known else f"{o.gpu_type} [yellow](?)[/yellow]"
         if o.spot:
             gpu += " [cyan]spot[/cyan]"
@@ -148,6 +151,7 @@ def offers_table(offers: list[GPUOffer]) -> Table:
             _num(o.disk_gb, "{:.0f}"),
             f"{o.price_per_hour:.3f}",
             f"{o.price_per_gpu_hour:.3f}",
+            kind,
             o.region or o.country or "-",
             o.stock.value if o.stock else "-",
             format_duration(max(0.0, o.age_seconds)),
@@ -375,7 +379,13 @@ def _root(
     """Find and rent the cheapest GPU box that fits, across clouds."""
     # Every command that may touch instances first terminates those past their TTL, so a
     # forgotten box dies the next time anyone uses broker, even without `reap` in cron.
-    if ctx.resilient_parsing or ctx.invoked_subcommand in (None, "init", "providers"):
+    if ctx.resilient_parsing or ctx.invoked_subcommand in (None, "init"):
+        return
+    from broker.permissions import default_config_warning
+
+    if (warning := default_config_warning()) is not None:
+        err.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
+    if ctx.invoked_subcommand == "providers":
         return
     try:
         load_settings()

@@ -234,16 +234,12 @@ def _create(
     as_json: bool,
 ) -> None:
     from broker.client import build_query
-    from broker.permissions import default_config_warning
-
     if ready_timeout is not None and not math.isfinite(ready_timeout):
         raise ConfigError(f"--ready-timeout must be a number of seconds, not {ready_timeout}")
     q = build_query(query, gpu_type=gpu_type, min_vram_gb=min_vram, manufacturer=None)
     if spot is None and "spot" not in (query or "").lower():
         spot = False  # spot boxes can vanish mid-run: opt in with --spot or `spot` in the query
     client = GPUClient(providers=provider or None)
-    if (warning := default_config_warning()) is not None:
-        err.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
     ttl_s = parse_ttl(ttl if ttl is not None else client.settings.default_ttl)
     # Lines, not a spinner, when the output is not a terminal (CI logs, pipes): one per stage.
     live = out.is_terminal and err.is_terminal

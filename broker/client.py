@@ -305,7 +305,9 @@ class GPUClient(QueryFields):
     def explain(self, query: str | Expr | Query | None = None, **filters: Any) -> dict[str, Any]:
         """What a search would do: the parsed query and what each provider is asked."""
         q = build_query(query, **filters)
-        h = hints(q)
+        from broker.search import with_defaults
+
+        h = hints(with_defaults(q))
         per: list[dict[str, Any]] = []
         for n in self.provider_names():
             cls = get_provider_class(n)

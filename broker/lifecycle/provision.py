@@ -82,11 +82,15 @@ def _revalidate(provider: Provider, offer: GPUOffer, cap: float | None) -> GPUOf
             )
         if cap is not None and fresh.price_per_hour > cap:
             raise PriceLimitError(
-                f"${fresh.price_per_hour:.3f}/h is above the cap ${cap:.3f}/h",
+                f"${fresh.price_per_hour:.3f}/h is above the cap ${cap:.3f}/h "
+                "(--max-price / max_price_per_hour)",
                 provider=provider.name,
             )
         if fresh.stock is not None and fresh.stock.rank == 0:
-            raise StaleOfferError("the offer is out of stock now", provider=provider.name)
+            raise StaleOfferError(
+                str(fresh.provider_data.get("unavailable") or "the offer is out of stock now"),
+                provider=provider.name,
+            )
         return fresh
     raise StaleOfferError(
         f"offer {offer.offer_id} ({offer.gpu_count}x {offer.gpu_type}) is no longer listed",
@@ -143,7 +147,7 @@ def create(
     if not affordable:
         cheapest = min(offers, key=lambda o: o.price_per_hour)
         raise PriceLimitError(
-            f"every matching offer costs more than the cap ${cap:.2f}/h "
+            f"every matching offer costs more than the cap ${cap:.2f}/h (--max-price) "
             f"(cheapest: {cheapest.provider} {cheapest.gpu_count}x {cheapest.gpu_type} at "
             f"${cheapest.price_per_hour:.2f}/h); raise max_price_per_hour to allow it"
         )

@@ -391,3 +391,23 @@ def test_every_command_takes_json(tmp_path: Path) -> None:
     r = runner.invoke(app, ["init", "--path", str(target), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout) == {"path": str(target), "mode": "0600"}
+
+
+def test_search_table_says_spot_or_on_demand_and_the_cloud() -> None:
+    from rich.console import Console
+
+    from broker.cli import offers_table
+    from broker.types import GPUOffer
+
+    offers = [
+        GPUOffer(provider="runpod", offer_id="a", gpu_type="A100", gpu_provider_name="A100",
+                 manufacturer="nvidia", gpu_known=True, gpu_count=1, vram_gb=80,
+                 price_per_hour=1.0, spot=True, cloud_type="secure", source="test"),
+        GPUOffer(provider="runpod", offer_id="b", gpu_type="A100", gpu_provider_name="A100",
+                 manufacturer="nvidia", gpu_known=True, gpu_count=1, vram_gb=80,
+                 price_per_hour=2.0, spot=False, cloud_type="community", source="test"),
+    ]
+    console = Console(width=300, record=True)
+    console.print(offers_table(offers))
+    text = console.export_text()
+    assert "spot, secure" in text and "on-demand, community" in text

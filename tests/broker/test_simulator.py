@@ -203,13 +203,14 @@ def test_fake_nvidia_smi_forms() -> None:
 
 
 def test_search_returns_catalogue_prices(rp: RunPodProvider, sim: RunPodSimulator) -> None:
-    offers = {(o.offer_id, o.spot): o for o in rp.search(parse("gpus>=1"))}
+    # One count per query: RunPod offers 1-8 GPU configurations under one offer id.
+    offers = {(o.offer_id, o.spot): o for o in rp.search(parse("gpus=1"))}
     h100 = offers[(f"secure/{H100}", False)]
     assert h100.price_per_hour == 2.99
     assert h100.gpu_type == "H100 SXM 80GB"
     assert offers[(f"secure/{H100}", True)].price_per_hour == 1.75
     assert offers[(f"community/{RTX4090}", False)].price_per_hour == 0.34
-    two = {(o.offer_id, o.spot): o for o in rp.search(parse("gpus>=2"))}
+    two = {(o.offer_id, o.spot): o for o in rp.search(parse("gpus=2"))}
     assert two[(f"community/{A100}", False)].price_per_hour == pytest.approx(2 * 1.19)
     assert two[(f"community/{A100}", False)].gpu_count == 2
 
@@ -234,7 +235,7 @@ def test_custom_catalogue_and_settings(bifrost_home: Path, monkeypatch: pytest.M
         monkeypatch.setenv("RUNPOD_API_URL", s.url)
         monkeypatch.setenv("RUNPOD_API_KEY", "test")
         rp = RunPodProvider.from_settings(Settings())
-        offers = rp.search(parse("gpus>=1"))
+        offers = rp.search(parse("gpus=1"))
         assert sorted((o.offer_id, o.price_per_hour) for o in offers) == [
             ("community/NVIDIA RTX A6000", 0.1),
             ("community/NVIDIA RTX A6000", 0.25),
