@@ -517,10 +517,17 @@ def main(argv: list[str] | None = None) -> int:
     args = json.loads((argv or sys.argv[1:])[0])
     path = Path(args["socket"])
     with open(str(path) + ".lock", "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return 0  # another holder has it
+        # A holder that is just exiting (idle, or its link dropped) still has the lock for a
+        # moment: wait a little for it rather than leave the host without a holder.
+        deadline = time.monotonic() + 2.0
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    return 0  # another holder is alive and has it
+                time.sleep(0.05)
         host = Host(
             args["spec"], identity_file=args.get("identity"), known_hosts=Path(args["known_hosts"])
         )

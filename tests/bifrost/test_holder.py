@@ -43,6 +43,7 @@ def held(sshd: SSHServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     for pid in _holder_pids(path):
         os.kill(pid, signal.SIGCONT)
         os.kill(pid, signal.SIGKILL)
+    _poll(lambda: not _holder_pids(path))
 
 
 def _holder_pids(path: Path) -> list[int]:
