@@ -128,6 +128,10 @@ def test_nvidia_smi_parsing() -> None:
         ["exec", "-i", "/no/such/key", "root@127.0.0.1:1", "true"],
         ["exec", "user@host:²", "true"],
         ["forget", "::1:2222:zz"],
+        ["exec", "--bogus", "local", "true"],
+        ["exec", "local"],
+        ["run", "-w", "local"],
+        ["exec", "ssh -F /tmp/cfg root@h", "true"],
     ],
 )
 def test_more_bad_input_is_exit_2(args: list[str]) -> None:
