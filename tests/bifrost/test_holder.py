@@ -95,6 +95,8 @@ def test_cli_calls_share_one_held_connection(sshd: SSHServer, held: Path) -> Non
     r = _cli(sshd, "exec", sshd.target, "-e", "A=x y", "--json", 'echo "$A"; echo e >&2; exit 3')
     assert r.returncode == 3
     assert (json.loads(r.stdout)["stdout"], json.loads(r.stdout)["stderr"]) == ("x y\n", "e\n")
+    r = _cli(sshd, "exec", "--timeout", "0.5", sshd.target, "sleep 5")
+    assert r.returncode == 124 and "timed out after 0.5s" in r.stderr, r.stderr
     # Jobs started and inspected through it too: the job's shell inherited its connection.
     r = _cli(sshd, "run", sshd.target, "echo $SSH_CONNECTION")
     job = r.stdout.strip()
