@@ -126,6 +126,9 @@ def spawn(spec: str, identity: str | None, known_hosts: Path, path: Path) -> Non
                 (os.POSIX_SPAWN_OPEN, 2, log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
             ],
             setsid=True,
+            # Spawned from bifrost's loop thread, which blocks INT/TERM/HUP (see _loop): the
+            # holder must not inherit that, or a plain `kill` could not stop it.
+            setsigmask=(),
         )
 
 

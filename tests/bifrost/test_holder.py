@@ -156,3 +156,12 @@ def test_api_host_with_hold_uses_the_holder(sshd: SSHServer, held: Path) -> None
         assert job.wait(timeout=30).exit_code == 2
         assert job.logs() == "from-job\n"
         assert asyncio.run(h.ahome()).startswith("/")
+
+
+def test_holder_started_from_the_api_stops_on_sigterm(sshd: SSHServer, held: Path) -> None:
+    """The API spawns holders from bifrost's loop thread, which blocks TERM for itself."""
+    with Host(sshd.target, identity_file=sshd.client_key, hold=True) as h:
+        h.exec("true")
+    pid = _poll(lambda: _hello(held))
+    os.kill(pid, signal.SIGTERM)
+    _poll(lambda: not _holder_pids(held), timeout=10)
