@@ -457,7 +457,14 @@ class Launch:
         nodes = []
         for rank, inst in enumerate(insts):
             local = inst.target == "local"
-            ws = _ws_name(f"{t.name}-{inst.name}") if local else _ws_name(t.name)
+            # `local` boxes all share this machine; own hosts in one multi-node task may share
+            # a file system (NFS homes): one workspace per box or node, never shared.
+            if local:
+                ws = _ws_name(f"{t.name}-{inst.name}")
+            elif t.nodes > 1:
+                ws = _ws_name(f"{t.name}-node{rank}")
+            else:
+                ws = _ws_name(t.name)
             host = inst.host()
             ip = inst.ssh.host if inst.ssh is not None else "127.0.0.1"
             nodes.append(_Node(rank=rank, inst=inst, host=host, local=local, workspace=ws, ip=ip))

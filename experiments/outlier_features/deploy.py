@@ -161,9 +161,6 @@ def build_task(spec: ModelSpec, a: argparse.Namespace) -> Task:
         cap = a.max_price or (
             TINY_MAX_PRICE if spec.is_tiny else spec.max_price_per_gpu_hour * (gpus or 1)
         )
-        local = a.providers == ["local"]
-        # `local` runs in this environment (it has the extra); a rented box in its synced venv.
-        python = sys.executable if local else "python"
         minutes = estimated_minutes(spec)
         return Task(
             name=slug(spec),
@@ -183,7 +180,8 @@ def build_task(spec: ModelSpec, a: argparse.Namespace) -> Task:
                 if (a.corpus or "auto") in ("auto", "fineweb-edu") and not spec.is_tiny
                 else []
             ),
-            run=shlex.join([python, "experiments/outlier_features/run.py", *argv]),
+            # On a rented box `python` is the synced venv's; on `local`, broker's own.
+            run=shlex.join(["python", "experiments/outlier_features/run.py", *argv]),
             env={"TOKENIZERS_PARALLELISM": "false"},
             secrets=[k for k in ("HF_TOKEN",) if k in os.environ],
             outputs=[f"{out_rel}:."],
@@ -194,36 +192,32 @@ def build_task(spec: ModelSpec, a: argparse.Namespace) -> Task:
         raise BadInput(str(e)) from None
 
 
+#: The flags deploy.py and deploy_sweep.py share: (name, argparse keywords, help).
+FLAGS: list[tuple[str, dict[str, Any], str]] = [
+    ("--provider", {"action": "append", "dest": "providers"}, "cloud (repeatable); local = here"),
+    ("--gpu-filter", {}, "GPU type substring, e.g. A100 (default: the config's)"),
+    ("--gpu-count", {"type": int}, "GPUs per instance (default: the VRAM plan's)"),
+    ("--min-vram", {"type": float, "dest": "min_vram_gb"}, "GB per GPU"),
+    ("--min-cpu-ram", {"type": float, "dest": "min_cpu_ram_gb"}, "system RAM in GB"),
+    ("--max-price", {"type": float}, "instance price cap in $/h"),
+    ("--ttl", {}, "instance lifetime, e.g. 3h (default: 2x the estimate, >= 1h)"),
+    ("--disk", {"type": int, "dest": "disk_gb"}, "disk GB (default: from the config)"),
+    ("--ready-timeout", {"type": float}, "seconds to wait for SSH + GPU probe"),
+    ("--results-dir", {"type": Path, "default": DEFAULT_RESULTS}, "results: <this>/<model>/"),
+    ("--keep-running", {"action": "store_true"}, "leave the box up at the end"),
+    ("--retries", {"type": int, "default": 1}, "new boxes after a lost or full one"),
+    ("--yes", {"action": "store_true"}, "rent without asking"),
+    ("--num-sequences", {"type": int}, "passed to run.py"),
+    ("--seq-len", {"type": int}, "passed to run.py"),
+    ("--corpus", {}, "passed to run.py: auto, packaged, fineweb-edu or a file"),
+    ("--device", {"default": "auto"}, "passed to run.py: auto, cpu, cuda"),
+]
+
+
 def add_deploy_flags(p: argparse.ArgumentParser) -> None:
-    """The flags deploy.py and deploy_sweep.py share."""
-    p.add_argument(
-        "--provider",
-        action="append",
-        dest="providers",
-        metavar="NAME",
-        help="cloud to rent from (repeatable); `local` runs on this machine",
-    )
-    p.add_argument("--gpu-filter", help="GPU type substring, e.g. A100 (default: the config's)")
-    p.add_argument("--gpu-count", type=int, help="GPUs per instance (default: the VRAM plan's)")
-    p.add_argument("--min-vram", type=float, dest="min_vram_gb", help="GB per GPU")
-    p.add_argument("--min-cpu-ram", type=float, dest="min_cpu_ram_gb", help="system RAM in GB")
-    p.add_argument("--max-price", type=float, help="instance price cap in $/h")
-    p.add_argument("--ttl", help="instance lifetime, e.g. 3h (default: 2x the estimate, >= 1h)")
-    p.add_argument("--disk", type=int, dest="disk_gb", help="disk GB (default: from the config)")
-    p.add_argument("--ready-timeout", type=float, help="seconds to wait for SSH + GPU probe")
-    p.add_argument(
-        "--results-dir",
-        type=Path,
-        default=DEFAULT_RESULTS,
-        help="results go to <results-dir>/<model>/ (default: %(default)s)",
-    )
-    p.add_argument("--keep-running", action="store_true", help="leave the box up at the end")
-    p.add_argument("--retries", type=int, default=1, help="new boxes after a lost/full one")
-    p.add_argument("-y", "--yes", action="store_true", help="rent without asking")
-    p.add_argument("--num-sequences", type=int, help="passed to run.py")
-    p.add_argument("--seq-len", type=int, help="passed to run.py")
-    p.add_argument("--corpus", help="passed to run.py: auto, packaged, fineweb-edu or a file")
-    p.add_argument("--device", default="auto", help="passed to run.py: auto, cpu, cuda")
+    """Add :data:`FLAGS` to a parser."""
+    for name, kw, text in FLAGS:
+        p.add_argument(*(["-y", name] if name == "--yes" else [name]), help=text, **kw)
 
 
 def main(argv: list[str] | None = None) -> int:

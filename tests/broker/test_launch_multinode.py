@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -181,3 +182,36 @@ def test_a_node_whose_job_fails_stops_the_others_and_names_the_node(env: RunPodS
     # Node 0's job was stopped, not left to sleep out its 120 s.
     log0 = (tmp_path / "res" / f"fail1-{os.getpid()}" / "job-node-0.log").read_text()
     assert "waiting" in log0
+
+
+@pytestmark_sim
+def test_two_node_torchrun_on_own_hosts_through_the_ssh_provider(
+    sshd_many: list, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    srv = sshd_many[0]  # "hosts" 127.0.0.2 … behind one sshd and one client key
+    monkeypatch.setenv("BROKER_SSH_HOSTS", json.dumps(srv.targets()[:2]))
+    monkeypatch.setenv("SSH_KEY_PATH", str(srv.client_key))
+    monkeypatch.setenv("BROKER_PROVIDERS", "ssh")
+    monkeypatch.chdir(tmp_path)
+    project(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.2", 0))
+        port = s.getsockname()[1]
+    name = f"own-{os.getpid()}"
+    task = torchrun_task(tmp_path, name)
+    data = yaml.safe_load(task.read_text())
+    data["env"]["MASTER_PORT"] = str(port)
+    task.write_text(yaml.safe_dump(data))
+    r = broker("launch", str(task), "--results", str(tmp_path / "res"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = tmp_path / "res" / name
+    assert json.loads((res / "node-0" / "out" / "sum.json").read_text()) == {"sum": 3.0, "world": 2}
+    env1 = json.loads((res / "node-1" / "out" / "env-1.json").read_text())
+    ips = env1["BROKER_NODE_IPS"].split("\n")
+    assert sorted(ips) == ["127.0.0.2", "127.0.0.3"] and env1["MASTER_ADDR"] == ips[0]
+    assert env1["MASTER_PORT"] == str(port)
+    assert len(entries()) == 2 and all(not e.is_open for e in entries())
+    for rank in (0, 1):
+        shutil.rmtree(Path.home() / ".bifrost" / "workspaces" / f"{name}-node{rank}", ignore_errors=True)
