@@ -69,6 +69,10 @@ class Cancelled(KeyboardInterrupt):
 class _Retryable(Exception):
     """Start over on a new box: no capacity, preempted, or lost."""
 
+    def __init__(self, message: str, *, capacity: bool = False) -> None:
+        super().__init__(message)
+        self.capacity = capacity
+
 
 class Plan(BaseModel):
     """What a launch will rent and roughly what it will cost (``--dry-run`` prints this)."""
@@ -335,7 +339,20 @@ class Launch:
                         f"{e}; gave up after {attempts} attempt(s) (retries.max = "
                         f"{self.task.retries.max})"
                     ) from None
-                self._event("retry", f"{e}; attempt {attempts + 1} of {self.task.retries.max + 1}")
+                # Capacity comes back with time (and offers that just failed sit out broker's
+                # cooldown): wait before renting again; a lost box is replaced at once.
+                wait = (
+                    min(self.client.settings.capacity_cooldown_s, 30.0 * attempts)
+                    if e.capacity
+                    else 0.0
+                )
+                self._event(
+                    "retry",
+                    f"{e}; attempt {attempts + 1} of {self.task.retries.max + 1}"
+                    + (f" in {wait:.0f}s" if wait else ""),
+                )
+                if wait and self.cancel.wait(wait):
+                    raise Cancelled("cancelled") from None
                 plan_now = None
             except LaunchError as e:
                 self._finish_state(e.state, error=str(e))
@@ -448,7 +465,7 @@ class Launch:
             insts = [create_one(0)] if t.nodes == 1 else self._create_all(create_one)
         except (NoCapacityError, ProvisionError) as e:
             if self._only_capacity(e):
-                raise _Retryable(f"no capacity: {e}") from None
+                raise _Retryable(f"no capacity: {e}", capacity=True) from None
             raise LaunchError(f"could not rent a box for {t.name!r}: {e}") from None
         except ConfigError:
             raise
@@ -509,6 +526,8 @@ class Launch:
     def _only_capacity(e: BrokerError) -> bool:
         if isinstance(e, NoCapacityError):
             return True
+        if not getattr(e, "attempts", None) and "failed for capacity recently" in str(e):
+            return True  # every offer is sitting out its capacity cooldown
         attempts = getattr(e, "attempts", None) or []
         reasons = [getattr(a, "error_type", None) or "" for a in attempts]
         return bool(reasons) and all("Capacity" in str(x) or "Stale" in str(x) for x in reasons)

@@ -210,3 +210,32 @@ def test_sweep_killed_mid_way_then_resumed_runs_nothing_twice(env: RunPodSimulat
     assert sorted(count.read_text().split()) == ["1", "2", "3", "4"]
     assert len({e.name for e in entries()}) == 4
     assert all(not e.is_open for e in entries())
+
+
+def test_no_capacity_rents_again_up_to_retries(env: RunPodSimulator, tmp_path: Path, uniq: str) -> None:
+    project(tmp_path)
+    task = tmp_path / "t.yaml"
+    task.write_text(yaml.safe_dump({
+        "name": f"{uniq}-cap", "workdir": "proj", "run": "bash job.sh", "outputs": ["out"],
+        "resources": {"query": "gpu~A100 !spot", "gpus": 1, "ttl": "1h", "n_offers": 1},
+        "retries": 1,
+    }))
+    # No cooldown: the retry may ask the same offer again at once.
+    os.environ["BROKER_CAPACITY_COOLDOWN"] = "0"
+    env.fail_capacity(n=1)
+    try:
+        r = broker("launch", str(task), "-y", "--json", "--results", str(tmp_path / "res"))
+    finally:
+        del os.environ["BROKER_CAPACITY_COOLDOWN"]
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["attempts"] == 2 and data["state"] == "succeeded"
+    assert "retry: no capacity" in r.stderr
+    assert live(env) == []
+    # With the default cooldown the second try waits for the offer's cooldown (cut short here
+    # by its own limit: retries 1 -> one wait); we only check it says so and gives up cleanly.
+    env.fail_capacity(n=2)
+    r = broker("launch", str(task), "-y", "--json", "--results", str(tmp_path / "res"),
+               "--set", "retries=0")
+    assert r.returncode == 4 and "gave up after 1 attempt(s)" in r.stderr
+    assert live(env) == []
