@@ -33,7 +33,7 @@ import stat
 import struct
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from bifrost.errors import ConnectionLostError
@@ -237,6 +237,10 @@ def _lock_held(path: Path) -> bool:
 
 
 # -- asynchronous client: a Transport whose commands run on the holder's connection ------------
+class _Unavailable(Exception):
+    """The holder could not be reached; no part of the request was sent."""
+
+
 async def aopen(host: Host) -> Transport | None:
     """A :class:`HolderTransport` for ``host`` when its holder answers; otherwise None (and a
     holder is started for the next call)."""
@@ -253,7 +257,9 @@ async def aopen(host: Host) -> Transport | None:
                 kind, payload = await _read_frame(reader)
             writer.close()
             if kind == b"x" and json.loads(payload).get("hello"):
-                return HolderTransport(host.target, path, host.known_hosts.path)
+                return HolderTransport(
+                    host.target, path, host.known_hosts.path, fallback=host._open_direct
+                )
         except (OSError, TimeoutError, ValueError, EOFError, asyncio.IncompleteReadError):
             pass  # stale (a new holder is started below) or hung (left to its idle timeout)
     if not _lock_held(path):
@@ -269,16 +275,36 @@ async def _read_frame(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
 class HolderTransport(Transport):
     """Commands run on the holder's SSH connection (one Unix-socket stream per command)."""
 
-    def __init__(self, target: Target, path: Path, known_hosts: Path) -> None:
+    def __init__(
+        self,
+        target: Target,
+        path: Path,
+        known_hosts: Path,
+        *,
+        fallback: Callable[[], Awaitable[Transport]] | None = None,
+    ) -> None:
         self.target = target
         self._path = path
         self._known_hosts = known_hosts
         self._dead = False
         self._home: str | None = None
+        # A direct connection, opened when the holder is gone before a request was sent (it
+        # idled out between two calls of a long-lived Host) and for file transfers.
+        self._fallback = fallback
+        self._direct: Transport | None = None
 
     @property
     def closed(self) -> bool:
-        return self._dead
+        if self._direct is not None:
+            return self._direct.closed
+        return self._dead and self._fallback is None
+
+    async def _via_direct(self) -> Transport:
+        if self._fallback is None:
+            raise ConnectionLostError(f"the connection holder for {self.target.display} is gone")
+        if self._direct is None or self._direct.closed:
+            self._direct = await self._fallback()
+        return self._direct
 
     async def _request(
         self,
@@ -291,9 +317,9 @@ class HolderTransport(Transport):
 
         try:
             reader, writer = await asyncio.open_unix_connection(str(self._path))
-        except OSError as exc:
+        except OSError:
             self._dead = True
-            raise ConnectionLostError(f"connection holder unavailable: {exc}") from None
+            raise _Unavailable from None
 
         async def feed() -> None:
             if isinstance(stdin, bytes):
@@ -342,21 +368,36 @@ class HolderTransport(Transport):
         on_stderr: OutputSink | None = None,
         merge_stderr: bool = False,
     ) -> int:
-        answer = await self._request(
-            {"op": "run", "command": command, "merge": merge_stderr}, stdin, on_stdout, on_stderr
-        )
-        return int(answer["rc"])
+        if not self._dead:
+            try:
+                answer = await self._request(
+                    {"op": "run", "command": command, "merge": merge_stderr},
+                    stdin, on_stdout, on_stderr,
+                )  # fmt: skip
+                return int(answer["rc"])
+            except _Unavailable:
+                pass  # nothing was sent: safe to run it directly instead
+        direct = await self._via_direct()
+        return await direct.run(
+            command, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr,
+            merge_stderr=merge_stderr,
+        )  # fmt: skip
 
     async def home(self) -> str:
         if self._home is None:
-            self._home = str((await self._request({"op": "home"}))["home"])
+            try:
+                if self._dead:
+                    raise _Unavailable
+                self._home = str((await self._request({"op": "home"}))["home"])
+            except _Unavailable:
+                self._home = await (await self._via_direct()).home()
         return self._home
 
     async def put(self, local: Path, remote: str, *, progress: Progress | None = None) -> None:
-        raise ConnectionLostError("file transfers do not go through a connection holder")
+        await (await self._via_direct()).put(local, remote, progress=progress)
 
     async def get(self, remote: str, local: Path, *, progress: Progress | None = None) -> None:
-        raise ConnectionLostError("file transfers do not go through a connection holder")
+        await (await self._via_direct()).get(remote, local, progress=progress)
 
     def rsync_shell(self) -> tuple[list[str], str] | None:
         from bifrost.transport.openssh import ssh_argv
@@ -366,6 +407,9 @@ class HolderTransport(Transport):
 
     async def close(self) -> None:
         self._dead = True
+        self._fallback = None
+        if self._direct is not None:
+            await self._direct.close()
 
 
 # -- the holder process ------------------------------------------------------------------------

@@ -112,6 +112,9 @@ class Host:
                 via = await holder.aopen(self)
                 if via is not None:
                     return via
+        return await self._open_direct()
+
+    async def _open_direct(self) -> Transport:
         from bifrost.transport.ssh import open_transport
 
         return await open_transport(

@@ -165,3 +165,19 @@ def test_holder_started_from_the_api_stops_on_sigterm(sshd: SSHServer, held: Pat
     pid = _poll(lambda: _hello(held))
     os.kill(pid, signal.SIGTERM)
     _poll(lambda: not _holder_pids(held), timeout=10)
+
+
+def test_a_long_lived_host_outlives_its_holder(sshd: SSHServer, held: Path, tmp_path: Path) -> None:
+    """A holder that idles out (here: is killed) between two calls of one Host: the next call
+    connects directly instead of failing; file transfers always go directly."""
+    with Host(sshd.target, identity_file=sshd.client_key, hold=True) as h:
+        h.exec("true")  # direct; starts a holder
+    pid = _poll(lambda: _hello(held))
+    with Host(sshd.target, identity_file=sshd.client_key, hold=True) as h:
+        via = h.exec("echo $SSH_CONNECTION").stdout.split()[1]
+        os.kill(pid, signal.SIGKILL)
+        _poll(lambda: not _holder_pids(held))
+        after = h.exec("echo $SSH_CONNECTION").stdout.split()[1]
+        assert after != via
+        (tmp_path / "up.txt").write_text("up")
+        assert h.upload(tmp_path / "up.txt", "~/bf-holder-up.txt").endswith("bf-holder-up.txt")
