@@ -31,6 +31,10 @@ class Host:
     >>> with Host("root@1.2.3.4:22022") as box:          # doctest: +SKIP
     ...     print(box.exec("nvidia-smi -L").stdout)
 
+    ``hold=True`` shares one SSH connection between processes through a per-host holder
+    process (what the CLI does; see ``bifrost.holder``). One connection is kept per event
+    loop, so the synchronous methods and your own loop can use the same Host in turn.
+
     For asyncio code the coroutines behind the facade are public: ``aexec``, ``ahome``,
     ``atransport``, ``areconnect``, ``aretrying`` and ``aclose`` (``run``, ``push``, ``pull``
     and the others have no coroutine twin on ``Host``; see ``bifrost.jobs.astart``,
