@@ -279,3 +279,37 @@ def test_ssh_key_path_is_honoured_and_remembered(
     monkeypatch.setenv("SSH_KEY_PATH", "/no/such/key")
     assert main(["exec", sshd.target, "true"]) == 2
     assert "SSH_KEY_PATH=/no/such/key: no such key file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "target", "command", "opts"),
+    [
+        (["exec", "root@a:22,root@b:22", "nvidia-smi", "-L"], "root@a:22,root@b:22",
+         ["nvidia-smi", "-L"], {}),
+        (["run", "h", "python", "train.py", "-w", "x"], "h", ["python", "train.py", "-w", "x"],
+         {"workspace": None}),
+        (["run", "h", "-w", "proj", "python", "train.py", "-w", "x"], "h",
+         ["python", "train.py", "-w", "x"], {"workspace": "proj"}),
+        (["run", "-f", "h", "--", "-w"], "h", ["-w"], {"follow": True}),
+        (["exec", "-e", "A=1", "h", "--json", "ls", "--json"], "h", ["ls", "--json"],
+         {"json": True, "env": ["A=1"]}),
+        (["exec", "--timeout=5", "h", "--", "x"], "h", ["x"], {"timeout": 5.0}),
+    ],
+)  # fmt: skip
+def test_option_parsing_stops_at_the_first_command_word(
+    argv: list[str], target: str, command: list[str], opts: dict[str, object]
+) -> None:
+    from bifrost.cli import _parse, build_parser, split_command
+
+    ns = _parse(argv)
+    assert (ns.target, ns.command) == (target, command)
+    for k, v in opts.items():
+        assert getattr(ns, k) == v
+    # exec's fast parse and argparse agree
+    if argv[0] == "exec":
+        sub = build_parser("exec")._subparsers._group_actions[0].choices["exec"]  # type: ignore[union-attr]
+        at = split_command(sub, argv[1:], 1)
+        full = sub.parse_intermixed_args(argv[1:][:at])
+        rest = argv[1:][at:]
+        full.command = rest[1:] if rest[:1] == ["--"] else rest
+        assert vars(full) | {"func": None} == vars(ns) | {"func": None}
