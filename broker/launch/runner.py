@@ -204,6 +204,9 @@ class Launch:
         self.record: LaunchRecord | None = None
         self._state = _State()
         self._tail: deque[str] = deque(maxlen=20)
+        #: Seconds between provider checks while a job runs (preemption, a lost box).
+        self.provider_poll_s = float(os.environ.get("BROKER_PROVIDER_POLL", "15"))
+        self.cancel_reason: str | None = None
         self._port: int | None = None
         self._timings: dict[str, float] = {}
         #: Every box rented by any attempt (costs add up across retries).
@@ -382,6 +385,7 @@ class Launch:
     def _attempt(self, plan: Plan, attempt: int, *, detach: bool) -> LaunchResult:
         self._state = _State()
         self._port = None
+        self.cancel_reason = None
         t0 = time.monotonic()
         ok = False
         interrupted = False
@@ -746,9 +750,7 @@ class Launch:
         failed: tuple[int, JobStatus] | None = None
         try:
             if len(nodes) == 1:
-                assert nodes[0].job is not None
-                st = self._wait_job(nodes[0].job, stream_to=self._line if self.stream else None)
-                statuses[0] = st
+                statuses[0] = self._follow_one(nodes[0])
             else:
                 statuses, failed = self._follow_many()
         except BifrostError as e:
@@ -797,6 +799,47 @@ class Launch:
             result.failed_node = failed[0]
         return result
 
+    def _provider_check_due(self, last: list[float]) -> bool:
+        now = time.monotonic()
+        if now - last[0] < self.provider_poll_s:
+            return False
+        last[0] = now
+        return True
+
+    def _gone_nodes(self) -> list[_Node]:
+        """Nodes whose box the provider reports terminated or stopped (preempted, lost)."""
+        return [n for n in self._state.nodes if self._box_gone(n)]
+
+    def _follow_one(self, node: _Node) -> JobStatus:
+        """Follow one job while asking the provider every ``provider_poll_s`` whether the box
+        still exists: a preempted or lost box ends the follow at once (and is retried), even
+        when its SSH would keep a follower waiting."""
+        assert node.job is not None
+        job = node.job
+        box: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                box["status"] = self._wait_job(job, stream_to=self._line if self.stream else None)
+            except BaseException as e:
+                box["error"] = e
+
+        follower = threading.Thread(target=work, name="broker-follow", daemon=True)
+        follower.start()
+        last = [time.monotonic()]
+        while follower.is_alive():
+            follower.join(0.2)
+            if not follower.is_alive():
+                break
+            if self.cancel.is_set():
+                raise Cancelled("cancelled")
+            if self._provider_check_due(last) and self._gone_nodes():
+                raise _Retryable(f"box {node.inst.name} was preempted or lost during the run")
+        if "error" in box:
+            raise box["error"]
+        status: JobStatus = box["status"]
+        return status
+
     def _follow_many(self) -> tuple[dict[int, JobStatus], tuple[int, JobStatus] | None]:
         """Stream rank 0 with a ``[node 0]`` prefix; poll the others; stop all when one fails."""
         nodes = self._state.nodes
@@ -836,7 +879,13 @@ class Launch:
 
         with ThreadPoolExecutor(max_workers=len(nodes), thread_name_prefix="broker-watch") as pool:
             futures = [pool.submit(stream0)] + [pool.submit(watch, n) for n in nodes[1:]]
+            last = [time.monotonic()]
             while not all(f.done() for f in futures):
+                gone = self._gone_nodes() if self._provider_check_due(last) else []
+                if gone:
+                    # A box preempted or lost mid-run: the job cannot finish; stop the rest.
+                    stop.set()
+                    self.cancel_reason = f"node {gone[0].rank}'s box {gone[0].inst.name} was lost"
                 if stop.is_set() or self.cancel.is_set():
                     # One node failed (or we are cancelled): stop the others' jobs, which
                     # ends rank 0's follow and the watchers.
@@ -848,8 +897,14 @@ class Launch:
                     break
                 time.sleep(0.1)
             for f in futures:
-                f.result()
+                if self.cancel_reason:
+                    with contextlib.suppress(Exception):  # the lost box's follower errs
+                        f.result()
+                else:
+                    f.result()
         self._check_cancel()
+        if self.cancel_reason:
+            raise _Retryable(self.cancel_reason)
         return statuses, (failed[0] if failed else None)
 
     def _box_gone(self, node: _Node) -> bool:

@@ -239,3 +239,33 @@ def test_no_capacity_rents_again_up_to_retries(env: RunPodSimulator, tmp_path: P
                "--set", "retries=0")
     assert r.returncode == 4 and "gave up after 1 attempt(s)" in r.stderr
     assert live(env) == []
+
+
+def test_a_preempted_box_is_replaced_and_the_job_rerun(env: RunPodSimulator, tmp_path: Path, uniq: str) -> None:
+    project(tmp_path)
+    count = tmp_path / "count"
+    task = tmp_path / "t.yaml"
+    task.write_text(yaml.safe_dump({
+        "name": f"{uniq}-pre", "workdir": "proj", "outputs": ["out"], "retries": 1,
+        # The first run waits to be preempted; the second (on a new box) finishes.
+        "run": f"echo run >> {count}; [ $(wc -l < {count}) -ge 2 ] || sleep 120; bash job.sh",
+        "resources": {"query": "gpu~A100 !spot", "gpus": 1, "ttl": "1h"},
+    }))
+    proc = subprocess.Popen([*BROKER, "launch", str(task), "-y", "--json", "--results",
+                             str(tmp_path / "res")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "BROKER_PROVIDER_POLL": "1"})
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if line.startswith("run: job "):
+            break
+    while not count.exists():
+        time.sleep(0.05)
+    [pod] = env.pods(include_terminated=False)
+    env.preempt(pod.id)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
+    data = json.loads(out)
+    assert data["attempts"] == 2 and data["state"] == "succeeded"
+    assert count.read_text().count("run") == 2
+    assert live(env) == [] and all(not e.is_open for e in entries())
