@@ -222,6 +222,10 @@ def classify_command(block: Block, offset: int, command: str) -> Check:
         return check(
             "skip", "installs uv and this project's environment (the one tests run in)", "none"
         )
+    if "|" in words:  # `cmd | grep x`: the command is what the docs promise works
+        words = words[: words.index("|")]
+    if words[:1] == ["source"]:
+        return check("skip", "loads shell completion into your shell", "none")
     env, words = _strip_env(words)
     words = _strip_uv_run(words)
     if not words:
