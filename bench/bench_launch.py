@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import secrets
 import shutil
 import statistics
@@ -59,12 +60,8 @@ def project(root: Path) -> Path:
 
 
 def task(name: str, nodes: int | None = None) -> dict[str, object]:
-    """The trivial task; with ``nodes``, a bring-up task: `nodes: N`, `run: true`, no workdir.
-
-    (No push for the multi-node runs: the simulator's pods share this machine's /root, so N
-    nodes pushing one workspace name race on the same files, which no real cluster of separate
-    disks would; see the notes in the results.)
-    """
+    """The trivial task; with ``nodes``, a bring-up task: `nodes: N`, `run: true`, no workdir
+    (the figure is the time to every node ready, before any push)."""
     if nodes is not None:
         return {"name": name, "nodes": nodes, "run": "true",
                 "resources": {"query": QUERY, "gpus": 1, "ttl": "1h"}}  # fmt: skip
@@ -85,13 +82,19 @@ def busy_cpu_s() -> float:
 
 
 BUSY: dict[str, list[float]] = {}  # label -> fraction of all cores busy during each call
+CPU: dict[str, list[float]] = {}  # label -> CPU seconds of our children during each call
+
+
+def children_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def broker(
     args: list[str], cwd: Path, timeout: float = 300, label: str | None = None
 ) -> tuple[float, dict]:
     """Run one `broker ...` process; its wall time and its --json result."""
-    c = busy_cpu_s()
+    c, k = busy_cpu_s(), children_cpu_s()
     t = time.perf_counter()
     r = subprocess.run(
         [BROKER, *args, "--json"],
@@ -104,6 +107,7 @@ def broker(
     wall = time.perf_counter() - t
     if label:
         BUSY.setdefault(label, []).append(round((busy_cpu_s() - c) / wall / CPUS, 2))
+        CPU.setdefault(label, []).append(round(children_cpu_s() - k, 2))
     if r.returncode != 0:
         raise SystemExit(f"broker {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
     return wall, json.loads(r.stdout)
@@ -306,6 +310,21 @@ def cli_startup_median(n: int = 5) -> float:
     return med(walls)
 
 
+def _head() -> str:
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                       capture_output=True, text=True)  # fmt: skip
+    return r.stdout.strip()
+
+
+def _dirty() -> list[str]:
+    """Modified code under broker/ and bifrost/ when the run starts (the CLI runs the tree)."""
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "broker", "bifrost"],
+                       capture_output=True, text=True)  # fmt: skip
+    return [line[3:] for line in r.stdout.splitlines()]
+
+
 def _write(results: dict[str, object], out: Path) -> None:
     results["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     out.parent.mkdir(exist_ok=True)
@@ -357,6 +376,8 @@ def main() -> None:
         os.environ.pop(k, None)
     t_start = time.perf_counter()
     results: dict[str, object] = {
+        "commit_start": _head(),
+        "uncommitted_code_at_start": _dirty(),
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus",
         "cpu_count": os.cpu_count(),
         "python": sys.version.split()[0],
@@ -403,6 +424,11 @@ def main() -> None:
                 "meaning": "share of all cores busy (every process on the machine) per call",
                 **{k: {"median": med(v), "samples": v} for k, v in BUSY.items()},
             }
+            results["cpu_s_per_call"] = {
+                "meaning": "CPU seconds of this script's reaped children during each call: the "
+                "`broker` process, plus the sshd (and its sessions) of every pod it terminated",
+                **{k: {"median": med(v), "samples": v} for k, v in CPU.items()},
+            }
     finally:
         for d in [
             *(REMOTE_HOME / ".bifrost" / "workspaces").glob(f"{tag}*"),
@@ -411,6 +437,7 @@ def main() -> None:
             shutil.rmtree(d, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
     results["bench_wall_s"] = round(time.perf_counter() - t_start, 1)
+    results["commit_end"] = _head()  # differs if the tree changed under the run
     _table(results)
     _write(results, Path(opts.out))
 
