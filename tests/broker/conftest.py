@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from broker.testing import RunPodSimulator
 
 _KEYS = (
     "RUNPOD_API_KEY",
@@ -32,3 +36,44 @@ def isolated_broker_env(
     monkeypatch.setenv("BROKER_STATE_DIR", str(home / "state"))
     monkeypatch.setenv("BROKER_ENV_FILE", str(home / "no.env"))  # no developer's .env
     yield home
+
+
+# -- the RunPod simulator, for the modules that drive real creates -----------------------------
+
+SIM_KEY = "sim-test-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def user_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The SSH key broker logs in with (every simulated pod accepts it)."""
+    from bifrost.testing.sshd import keygen
+
+    path = tmp_path_factory.mktemp("sim-key") / "id_ed25519"
+    keygen(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sim(bifrost_home: Path) -> Iterator[RunPodSimulator]:
+    """One simulator per test module (a test that moves its clock uses its own)."""
+    from broker.testing import RunPodSimulator
+
+    with RunPodSimulator(api_key=SIM_KEY) as s:
+        yield s
+
+
+@pytest.fixture
+def env(
+    sim: RunPodSimulator, user_key: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[RunPodSimulator]:
+    """Point broker at the simulator with our key; leave no pod or fault for the next test."""
+    monkeypatch.setenv("RUNPOD_API_KEY", SIM_KEY)
+    monkeypatch.setenv("RUNPOD_API_URL", sim.url)
+    monkeypatch.setenv("SSH_KEY_PATH", str(user_key))
+    monkeypatch.setenv("BROKER_PROVIDERS", "runpod")
+    yield sim
+    sim.clear_faults()
+    sim.release_late()
+    for p in sim.pods(include_terminated=False):
+        sim.terminate_pod(p.id)
+    sim.clear_requests()

@@ -13,19 +13,16 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from bifrost.testing.sshd import keygen
 from broker.journal import Journal
 from broker.testing import RunPodSimulator
 
 pytest.importorskip("torch", reason="the multi-node job runs torch.distributed (experiments extra)")
 
-KEY = "sim-multinode-key-0123456789"
 VENV_BIN = str(Path(sys.executable).parent)
 BROKER = [str(Path(VENV_BIN) / "broker")]
 
@@ -109,26 +106,11 @@ pytestmark_sim = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def sim(bifrost_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunPodSimulator, Path]]:
-    key = tmp_path_factory.mktemp("mn-key") / "id_ed25519"
-    keygen(key)
-    with RunPodSimulator(api_key=KEY) as s:
-        yield s, key
-
-
 @pytest.fixture
-def env(sim: tuple[RunPodSimulator, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[RunPodSimulator]:
-    s, key = sim
-    for k, v in {"RUNPOD_API_KEY": KEY, "RUNPOD_API_URL": s.url, "SSH_KEY_PATH": str(key),
-                 "BROKER_PROVIDERS": "runpod"}.items():
-        monkeypatch.setenv(k, v)
+def sim_env(env: RunPodSimulator, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> RunPodSimulator:
     monkeypatch.chdir(tmp_path)
     project(tmp_path)
-    yield s
-    s.clear_faults()
-    for p in s.pods(include_terminated=False):
-        s.terminate_pod(p.id)
+    return env
 
 
 def live(sim: RunPodSimulator) -> list[str]:
@@ -136,20 +118,20 @@ def live(sim: RunPodSimulator) -> list[str]:
 
 
 @pytestmark_sim
-def test_two_node_torchrun_on_the_simulator(env: RunPodSimulator, tmp_path: Path) -> None:
+def test_two_node_torchrun_on_the_simulator(sim_env: RunPodSimulator, tmp_path: Path) -> None:
     name = f"ddp-{os.getpid()}"
     task = torchrun_task(tmp_path, name, query="gpu~A100 !spot", gpus=1, ttl="1h")
     r = broker("launch", str(task), "-y", "--results", str(tmp_path / "res"))
     assert r.returncode == 0, r.stdout + r.stderr
     check_allreduce(tmp_path / "res" / name)
     assert "[node 0]" in r.stdout or (tmp_path / "res" / name / "job-node-0.log").exists()
-    pods = env.pods(include_terminated=True)
-    assert len(pods) == 2 and live(env) == []
+    pods = sim_env.pods(include_terminated=True)
+    assert len(pods) == 2 and live(sim_env) == []
 
 
 @pytestmark_sim
-def test_a_node_that_never_becomes_ready_fails_the_launch_and_leaks_nothing(env: RunPodSimulator, tmp_path: Path) -> None:
-    env.ssh_never_up(n=1, mode="refuse")
+def test_a_node_that_never_becomes_ready_fails_the_launch_and_leaks_nothing(sim_env: RunPodSimulator, tmp_path: Path) -> None:
+    sim_env.ssh_never_up(n=1, mode="refuse")
     task = tmp_path / "t.yaml"
     task.write_text(yaml.safe_dump({
         "name": f"never-{os.getpid()}", "nodes": 2, "workdir": "proj", "run": "touch ran-here",
@@ -160,12 +142,12 @@ def test_a_node_that_never_becomes_ready_fails_the_launch_and_leaks_nothing(env:
     assert r.returncode == 4, r.stdout + r.stderr
     assert "did not come up" in r.stderr and "node" in r.stderr
     assert "run:" not in r.stderr  # no job started anywhere
-    assert live(env) == []
+    assert live(sim_env) == []
     assert all(not e.is_open for e in entries()) and len(entries()) >= 2
 
 
 @pytestmark_sim
-def test_a_node_whose_job_fails_stops_the_others_and_names_the_node(env: RunPodSimulator, tmp_path: Path) -> None:
+def test_a_node_whose_job_fails_stops_the_others_and_names_the_node(sim_env: RunPodSimulator, tmp_path: Path) -> None:
     task = tmp_path / "t.yaml"
     task.write_text(yaml.safe_dump({
         "name": f"fail1-{os.getpid()}", "nodes": 2, "workdir": "proj",
@@ -177,7 +159,7 @@ def test_a_node_whose_job_fails_stops_the_others_and_names_the_node(env: RunPodS
     data = json.loads(r.stdout)
     assert data["failed_node"] == 1 and "node 1" in data["error"]
     assert "node 1's job" in r.stderr
-    assert live(env) == []
+    assert live(sim_env) == []
     assert all(not e.is_open for e in entries())
     # Node 0's job was stopped, not left to sleep out its 120 s.
     log0 = (tmp_path / "res" / f"fail1-{os.getpid()}" / "job-node-0.log").read_text()

@@ -23,12 +23,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bifrost.testing.sshd import keygen
 from broker.journal import Journal
 from broker.launch import LaunchStore
 from broker.testing import RunPodSimulator
 
-KEY = "sim-launch-key-0123456789"
 BROKER = [str(Path(sys.executable).parent / "broker")]
 
 pytestmark = pytest.mark.skipif(
@@ -36,26 +34,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def sim(bifrost_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunPodSimulator, Path]]:
-    key = tmp_path_factory.mktemp("launch-key") / "id_ed25519"
-    keygen(key)
-    with RunPodSimulator(api_key=KEY) as s:
-        yield s, key
-
-
-@pytest.fixture
-def env(sim: tuple[RunPodSimulator, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[RunPodSimulator]:
-    s, key = sim
-    monkeypatch.setenv("RUNPOD_API_KEY", KEY)
-    monkeypatch.setenv("RUNPOD_API_URL", s.url)
-    monkeypatch.setenv("SSH_KEY_PATH", str(key))
-    monkeypatch.setenv("BROKER_PROVIDERS", "runpod")
+@pytest.fixture(autouse=True)
+def _cwd(env: RunPodSimulator, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
-    yield s
-    s.clear_faults()
-    for p in s.pods(include_terminated=False):
-        s.terminate_pod(p.id)
 
 
 @pytest.fixture

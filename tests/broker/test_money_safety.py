@@ -13,14 +13,12 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from bifrost.testing.sshd import keygen
 from broker import GPUClient, load_settings
 from broker.cli import app
 from broker.errors import AmbiguousCreateError, BudgetExceededError, ProvisionError
@@ -28,7 +26,7 @@ from broker.journal import Journal
 from broker.testing import RunPodSimulator
 from broker.types import utcnow
 
-KEY = "sim-money-key-0123456789"
+KEY = "sim-test-key-0123456789"  # the conftest simulator's key
 DEPLOY = "podFindAndDeployOnDemand"
 BROKER = str(Path(sys.executable).parent / "broker")
 runner = CliRunner()
@@ -36,35 +34,6 @@ runner = CliRunner()
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="simulated pods log in as root only when the tests run as root"
 )
-
-
-@pytest.fixture(scope="module")
-def user_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("money-key") / "id_ed25519"
-    keygen(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def sim(bifrost_home: Path) -> Iterator[RunPodSimulator]:
-    with RunPodSimulator(api_key=KEY) as s:
-        yield s
-
-
-@pytest.fixture
-def env(
-    sim: RunPodSimulator, user_key: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[RunPodSimulator]:
-    monkeypatch.setenv("RUNPOD_API_KEY", KEY)
-    monkeypatch.setenv("RUNPOD_API_URL", sim.url)
-    monkeypatch.setenv("SSH_KEY_PATH", str(user_key))
-    monkeypatch.setenv("BROKER_PROVIDERS", "runpod")
-    yield sim
-    sim.clear_faults()
-    sim.release_late()
-    for p in sim.pods(include_terminated=False):
-        sim.terminate_pod(p.id)
-    sim.clear_requests()
 
 
 def live_pods(sim: RunPodSimulator) -> list[str]:
