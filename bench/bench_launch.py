@@ -317,6 +317,28 @@ def _head() -> str:
     return r.stdout.strip()
 
 
+def _noise_note(r: dict) -> None:
+    """Say in the notes when the figures look noisy: the load or the spread of the samples."""
+    lv, sw, mn = r["launch_vs_by_hand"], r["sweep_8_vs_1"], r["multinode_bringup"]
+    lists = {
+        "broker launch": lv["samples"]["broker_launch_s"],
+        "by hand": [h["total_s"] for h in lv["samples"]["by_hand_s"]],
+        **{f"sweep of {k}": v for k, v in sw["samples_s"].items()},
+        **{f"nodes={k} all ready": v["all_ready_samples_s"] for k, v in mn.items()
+           if isinstance(v, dict)},
+    }  # fmt: skip
+    spread = {k: round(max(v) / min(v), 2) for k, v in lists.items() if v and min(v) > 0}
+    r["sample_spread_max_over_min"] = spread
+    load = max(r["loadavg_start"][0], r["loadavg_end"][0])
+    wide = {k: v for k, v in spread.items() if v > 1.3}
+    if load > CPUS or wide:
+        r["notes"].append(
+            f"noisy: 1-minute load average up to {load} on {CPUS} cores (shared machine)"
+            + (f"; samples spread more than 1.3x (max/min) in: {', '.join(wide)}" if wide else "")
+            + "; ratios near a target can land on either side of it from run to run"
+        )
+
+
 def _dirty() -> list[str]:
     """Modified code under broker/ and bifrost/ when the run starts (the CLI runs the tree)."""
     root = Path(__file__).resolve().parent.parent
@@ -326,7 +348,6 @@ def _dirty() -> list[str]:
 
 
 def _write(results: dict[str, object], out: Path) -> None:
-    results["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     out.parent.mkdir(exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
@@ -438,6 +459,8 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     results["bench_wall_s"] = round(time.perf_counter() - t_start, 1)
     results["commit_end"] = _head()  # differs if the tree changed under the run
+    results["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    _noise_note(results)
     _table(results)
     _write(results, Path(opts.out))
 
