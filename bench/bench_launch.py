@@ -21,6 +21,7 @@ root (so this must run as root). Every `broker` call is a new process, as users 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -451,11 +452,15 @@ def main() -> None:
                 **{k: {"median": med(v), "samples": v} for k, v in CPU.items()},
             }
     finally:
+        # What the pods (this machine's /root) kept: workspaces, their push state, by-hand dirs.
         for d in [
             *(REMOTE_HOME / ".bifrost" / "workspaces").glob(f"{tag}*"),
+            *(REMOTE_HOME / ".bifrost" / "state").glob(f"{tag}*"),
             *(REMOTE_HOME / "bench-hw").glob(f"{tag}*"),
         ]:
             shutil.rmtree(d, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (REMOTE_HOME / "bench-hw").rmdir()  # only when empty
         shutil.rmtree(tmp, ignore_errors=True)
     results["bench_wall_s"] = round(time.perf_counter() - t_start, 1)
     results["commit_end"] = _head()  # differs if the tree changed under the run
