@@ -194,6 +194,7 @@ def test_two_node_torchrun_on_own_hosts_through_the_ssh_provider(
     ips = env1["BROKER_NODE_IPS"].split("\n")
     assert sorted(ips) == ["127.0.0.2", "127.0.0.3"] and env1["MASTER_ADDR"] == ips[0]
     assert env1["MASTER_PORT"] == str(port)
-    assert len(entries()) == 2 and all(not e.is_open for e in entries())
+    # Both nodes may reach for the same first host; the loser's attempt is journaled too.
+    assert len(entries()) >= 2 and all(not e.is_open for e in entries())
     for rank in (0, 1):
         shutil.rmtree(Path.home() / ".bifrost" / "workspaces" / f"{name}-node{rank}", ignore_errors=True)
