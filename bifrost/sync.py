@@ -519,7 +519,9 @@ async def apush(
     )
     await capture(
         t,
-        f"cat > {state}/manifest.json.tmp && mv -f {state}/manifest.json.tmp {state}/manifest.json",
+        # $$: a temp name of this shell's own, so two pushes sharing a home never collide.
+        f"cat > {state}/manifest.json.tmp.$$ && mv -f {state}/manifest.json.tmp.$$ "
+        f"{state}/manifest.json",
         stdin=manifest.encode(),
         check=True,
     )
