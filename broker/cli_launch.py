@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -293,9 +294,11 @@ def sweep(
             sw.task.setdefault("resources", {})["providers"] = list(provider)
         client = _client(provider)
         tasks = sw.tasks()
-        plans: list[tuple[Task, Plan]] = []
-        for t in tasks:
-            plans.append((t, Launch(client, t).plan()))
+        # Plans in parallel: each is a search across every provider (seconds each on clouds).
+        store = LaunchStore.default(client.settings.state_dir)
+        with ThreadPoolExecutor(max_workers=min(8, len(tasks))) as pool:
+            found = list(pool.map(lambda t: Launch(client, t, store=store).plan(), tasks))
+        plans: list[tuple[Task, Plan]] = list(zip(tasks, found, strict=True))
         total = sum(p.est_cost or 0 for _, p in plans)
         if as_json and dry_run:
             _dump(
