@@ -27,9 +27,9 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file (python experiments/outlier_features/deploy.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from broker import BrokerError, ConfigError, F, GPUClient, parse_ttl
-from broker.launch import Launch, LaunchError, Task
-from broker.signals import exit_code, interrupts_as_keyboard
+from broker import BrokerError, F, parse_ttl
+from broker.launch import Task
+from broker.launch.script import launch_task
 from experiments.common.io import atomic_write_json
 from experiments.outlier_features import run as run_script
 from experiments.outlier_features.configs import (
@@ -229,45 +229,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = resolve_model(a.model)
         task = build_task(spec, a)
-        client = GPUClient(providers=a.providers)
-        run = Launch(
-            client,
-            task,
-            results_dir=a.results_dir,
-            keep=a.keep_running,
-            on_event=lambda s, d: print(f"{s}: {d}", flush=True),
-            on_log=lambda line: print(f"  | {line}", flush=True),
-        )
-        plan = run.plan()
-        if a.dry_run or not plan.offers:
-            print(f"{spec.id} {spec.name}: {plan.summary()}")
-        if not plan.offers:
-            print(
-                f"error: no offer for {spec.id} (query {plan.query!r}, cap "
-                f"${task.resources.max_price:g}/h) {'; '.join(plan.errors)}",
-                file=sys.stderr,
-            )
-            return EXIT_NO_OFFER
-        if a.dry_run:
-            return EXIT_OK
-        free = all(o.price_per_hour == 0 for o in plan.offers)
-        if not (a.yes or free) and (not sys.stdin.isatty() or input("rent it? [y/N] ") != "y"):
-            print("error: not confirmed (pass -y)", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        with interrupts_as_keyboard():
-            result = run.run(plan)
-    except (BadInput, ConfigError) as e:
+    except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except LaunchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except BrokerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt as e:
-        print(f"interrupted ({e or 'Ctrl-C'}): cleaned up", file=sys.stderr)
-        return exit_code(e)
+    code, result = launch_task(
+        task,
+        providers=a.providers,
+        yes=a.yes,
+        dry_run=a.dry_run,
+        results_dir=a.results_dir,
+        keep=a.keep_running,
+    )
+    if result is None:
+        return code
     record = result.model_dump(mode="json") | {
         "status": result.state,
         "model": spec.id,
@@ -277,11 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     if result.results_dir:
         atomic_write_json(Path(result.results_dir) / "deploy.json", record)
     # run.py exits 2 for bad input: the same on any box, so a sweep must not rent another.
-    return (
-        EXIT_OK
-        if result.exit_code == 0
-        else (EXIT_BAD_INPUT if result.exit_code == EXIT_BAD_INPUT else EXIT_FAILED)
-    )
+    return 0 if code == 0 else (EXIT_BAD_INPUT if code == EXIT_BAD_INPUT else EXIT_FAILED)
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def test_deploy_bad_input_and_no_offer(env: Path, journal: Journal,
     # This machine has no A100 80GB: says what it searched, rents nothing.
     assert deploy.main(["--model", "01", "--provider", "local"]) == 3
     err = capsys.readouterr().err
-    assert "no offer for 01" in err and "gpu~A100" in err
+    assert "no offer for olmoe-1b-7b" in err and "gpu~A100" in err
     assert journal() == []
 
 
