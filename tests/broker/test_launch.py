@@ -300,3 +300,24 @@ def test_launch_from_python_with_gpuclient(proj: Path) -> None:
     assert (proj / "r" / "pyapi" / "answer.txt").read_text() == "42\n"  # "out:." = contents
     assert [s for s, _ in events][:1] == ["plan"] and ("terminate" in [s for s, _ in events])
     assert "task=pyapi rank=0 nodes=1" in lines
+
+
+def test_a_sweep_of_multi_node_tasks_on_local(proj: Path) -> None:
+    spec = proj / "mn-sweep.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "mn",
+        "task": {"name": "mn-{{ n }}", "nodes": 2, "resources": {"providers": ["local"]},
+                 "workdir": "proj", "run": "bash job.sh", "outputs": ["out"], "outputs_from": "all"},
+        "matrix": {"n": [1, 2]},
+    }))
+    r = broker("sweep", str(spec), "--results", str(proj / "res"), "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["rows"]
+    assert [row["state"] for row in rows] == ["succeeded", "succeeded"]
+    for n in (1, 2):
+        for rank in (0, 1):
+            assert (proj / "res" / f"mn-{n}" / f"node-{rank}" / "out" / "answer.txt").exists()
+        log = (proj / "res" / f"mn-{n}" / "job-node-1.log").read_text()
+        assert f"task=mn-{n} rank=1 nodes=2" in log
+    entries = journal_entries()
+    assert len(entries) == 4 and all(not e.is_open and e.sweep == "mn" for e in entries)
