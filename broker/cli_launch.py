@@ -7,7 +7,6 @@ terminated and confirmed gone (unless ``--keep``), then the process exits 130/14
 from __future__ import annotations
 
 import json
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,9 +20,11 @@ from broker.client import GPUClient
 from broker.errors import ConfigError
 from broker.launch.records import LaunchStore
 from broker.launch.runner import Launch, LaunchError, LaunchResult, Plan
+from broker.launch.script import confirm_rent
 from broker.launch.sweep import SweepResult, SweepRow, SweepRunner, load_sweep, sweep_status
 from broker.launch.task import Task, load_task
 from broker.signals import exit_code, interrupts_as_keyboard
+from broker.types import GPUOffer
 
 SetOpt = Annotated[
     list[str] | None,
@@ -76,15 +77,9 @@ def _apply_providers(task: Task, providers: list[str] | None) -> Task:
     return task
 
 
-def _confirm(plan: Plan, yes: bool, what: str) -> None:
-    """Ask before spending money; a non-interactive run must say -y."""
-    free = all(o.price_per_hour == 0 for o in plan.offers)
-    if yes or free:
-        return
-    if not sys.stdin.isatty():
-        raise ConfigError(f"{what} would rent paid instances: pass -y to confirm (no terminal)")
-    ttl_note = "" if plan.ttl else " (no TTL: it runs until the job ends or you terminate it)"
-    if not typer.confirm(f"Rent {plan.offer_text()}{ttl_note}?", default=False):
+def _confirm(offers: list[GPUOffer], yes: bool, what: str) -> None:
+    """Ask before spending money (a non-interactive run must say -y); no means exit 1."""
+    if not confirm_rent(offers, yes=yes, what=what, ask=lambda q: typer.confirm(q, default=False)):
         raise typer.Exit(1)
 
 
@@ -161,7 +156,10 @@ def launch(
                     if not plan.offers:
                         print_error(f"no offer matches task {task.name!r}")
                     raise typer.Exit(code)
-                _confirm(plan, yes, f"task {task.name!r}")
+                ttl_note = (
+                    "" if plan.ttl else " (no TTL: it runs until the job ends or you stop it)"
+                )
+                _confirm(plan.offers, yes, f"{plan.offer_text()}{ttl_note} for task {task.name!r}")
                 try:
                     result = run.run(plan, detach=detach)
                 except LaunchError as e:
@@ -333,10 +331,7 @@ def sweep(
         if missing and len(missing) == len(plans):
             print_error(f"no task of sweep {sw.name} has an offer")
             raise typer.Exit(3)
-        merged = _Merged()
-        for _, p in plans:
-            merged.offers.extend(p.offers)
-        _confirm(merged.plan(sw.name, total), yes, f"sweep {sw.name!r}")
+        _confirm([o for _, p in plans for o in p.offers], yes, f"sweep {sw.name!r}")
 
         def event(task: str, stage: str, detail: str) -> None:
             line = f"[{task}] {stage}: {detail}"
@@ -365,16 +360,6 @@ def sweep(
             raise typer.Exit(exit_code(e)) from None
         _sweep_summary(result, as_json)
         raise typer.Exit(result.exit_code)
-
-
-class _Merged:
-    """All offers of a sweep, for the one confirmation prompt."""
-
-    def __init__(self) -> None:
-        self.offers: list[Any] = []
-
-    def plan(self, name: str, total: float) -> Plan:
-        return Plan(task=name, query="", offers=self.offers, est_cost=total, ttl="per task")
 
 
 def _sweep_summary(result: SweepResult, as_json: bool) -> None:

@@ -140,7 +140,8 @@ class LaunchStore:
                 yield self._conn
                 self._conn.execute("COMMIT")
             except sqlite3.Error as e:
-                self._conn.execute("ROLLBACK") if self._conn.in_transaction else None
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
                 raise ConfigError(f"launch records at {self.path}: {e}") from None
             except BaseException:
                 if self._conn.in_transaction:
@@ -251,13 +252,12 @@ def activity(state_dir: str | Path) -> dict[str, dict[str, Any]]:
     try:
         out: dict[str, dict[str, Any]] = {}
         for name, r in store.by_instance().items():
+            rank = r.instances.index(name)  # by_instance only maps names the record holds
             out[name] = {
                 "task": r.name,
                 "sweep": r.sweep,
                 "state": r.state,
-                "job": r.job_ids[r.instances.index(name)]
-                if name in r.instances and r.instances.index(name) < len(r.job_ids)
-                else None,
+                "job": r.job_ids[rank] if rank < len(r.job_ids) else None,
             }
         return out
     finally:

@@ -373,14 +373,11 @@ class Launch:
 
     def _cost(self) -> float:
         total = 0.0
-        for inst in self._state_all_created():
+        for inst in self._all_created:
             entry = self.client.journal.get(inst.name) if inst.name else None
             if entry is not None:
                 total += entry.cost_so_far()
         return total
-
-    def _state_all_created(self) -> list[ManagedInstance]:
-        return self._all_created
 
     def _attempt(self, plan: Plan, attempt: int, *, detach: bool) -> LaunchResult:
         self._state = _State()
@@ -1045,7 +1042,8 @@ class Launch:
     def _terminate_all(self, insts: Sequence[ManagedInstance]) -> None:
         if not insts:
             return
-        self._set(state="terminating") if self.record and not self.record.final else None
+        if self.record is not None and not self.record.final:
+            self._set(state="terminating")
         errors: list[str] = []
 
         def one(inst: ManagedInstance) -> None:

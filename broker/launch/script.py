@@ -20,6 +20,7 @@ from broker.launch.runner import EXIT_BAD_INPUT, EXIT_NO_OFFER, Launch, LaunchEr
 from broker.launch.sweep import Sweep, SweepResult, SweepRunner, sweep_status
 from broker.launch.task import Task
 from broker.signals import exit_code, interrupts_as_keyboard
+from broker.types import GPUOffer
 
 Out = Callable[[str], None]
 
@@ -28,13 +29,20 @@ def _err(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _confirm(paid: bool, yes: bool, what: str) -> bool:
-    if yes or not paid:
+def confirm_rent(
+    offers: Sequence[GPUOffer], *, yes: bool, what: str, ask: Callable[[str], bool] | None = None
+) -> bool:
+    """True when renting ``what`` may go ahead: ``yes``, only free offers, or the user said so.
+
+    Without a terminal (and without ``yes``) a paid rent is a :class:`ConfigError` saying
+    "pass -y"; ``ask`` puts the question (default: ``input``)."""
+    if yes or all(o.price_per_hour == 0 for o in offers):
         return True
     if not sys.stdin.isatty():
-        _err(f"error: {what} would rent paid instances: pass -y to confirm (no terminal)")
-        return False
-    return input(f"rent {what}? [y/N] ").strip().lower() == "y"
+        raise ConfigError(f"{what} would rent paid instances: pass -y to confirm (no terminal)")
+    if ask is None:
+        return input(f"Rent {what}? [y/N] ").strip().lower() == "y"
+    return ask(f"Rent {what}?")
 
 
 def launch_task(
@@ -68,7 +76,7 @@ def launch_task(
             return EXIT_NO_OFFER, None
         if dry_run:
             return 0, None
-        if not _confirm(any(o.price_per_hour > 0 for o in plan.offers), yes, plan.offer_text()):
+        if not confirm_rent(plan.offers, yes=yes, what=plan.offer_text()):
             return EXIT_BAD_INPUT, None
         with interrupts_as_keyboard():
             result = run.run(plan)
@@ -119,8 +127,8 @@ def run_sweep(
             return EXIT_NO_OFFER, None
         if dry_run:
             return (0 if with_offer == len(tasks) else EXIT_NO_OFFER), None
-        paid = any(o.price_per_hour > 0 for p in plans for o in p.offers)
-        if not _confirm(paid, yes, f"sweep {sweep.name}"):
+        offers = [o for p in plans for o in p.offers]
+        if not confirm_rent(offers, yes=yes, what=f"sweep {sweep.name}"):
             return EXIT_BAD_INPUT, None
         runner = SweepRunner(
             client,

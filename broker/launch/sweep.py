@@ -294,7 +294,6 @@ class SweepRunner:
         self.store = store or LaunchStore.default(client.settings.state_dir)
         self.start_delay = start_delay
         self.cancel = threading.Event()
-        self._lock = threading.Lock()
 
     def _decide(self, task: Task, rec: LaunchRecord | None) -> str:
         """run | attach | skip-done | skip-failed | skip-held."""
