@@ -31,6 +31,8 @@ class ManagedInstance(Instance):
     """
 
     _client: GPUClient | None = PrivateAttr(default=None)
+    # The connection readiness logged in with, handed to the first plain host() call.
+    _ready_host: Host | None = PrivateAttr(default=None)
 
     def bind(self, client: GPUClient) -> ManagedInstance:
         """Attach the client used for refresh/terminate (returns self)."""
@@ -60,9 +62,16 @@ class ManagedInstance(Instance):
         return self.ssh.target
 
     def host(self, **options: Any) -> Host:
-        """A :class:`bifrost.Host` for this instance, logging in with the configured key."""
+        """A :class:`bifrost.Host` for this instance, logging in with the configured key.
+
+        The first call without options gets the connection the readiness check logged in
+        with (no second SSH handshake); later calls, and calls with options, open their own.
+        """
         from bifrost import Host
 
+        if not options and self._ready_host is not None:
+            ready, self._ready_host = self._ready_host, None
+            return ready
         key = self.client.settings.ssh_key_path
         if self.target != "local" and key is not None:
             options.setdefault("identity_file", key)
@@ -92,9 +101,22 @@ class ManagedInstance(Instance):
         self, timeout: float | None = None, *, on_progress: ProgressFn | None = None
     ) -> ManagedInstance:
         """Block until the box is usable (see :func:`wait_until_ready`); returns self."""
-        ready = wait_until_ready(self.client, self, timeout=timeout, on_progress=on_progress)
+        ready = wait_until_ready(
+            self.client, self, timeout=timeout, on_progress=on_progress, keep_host=self.keep_host
+        )
         self.status, self.ssh = ready.status, ready.ssh
         return self
+
+    def keep_host(self, host: Host) -> None:
+        """Hold ``host`` (a logged-in connection to this box) for the next :meth:`host` call."""
+        old, self._ready_host = self._ready_host, host
+        if old is not None:
+            old.close()
+
+    def _drop_ready_host(self) -> None:
+        if self._ready_host is not None:
+            ready, self._ready_host = self._ready_host, None
+            ready.close()
 
     def detach(self) -> ManagedInstance:
         """Let the instance outlive this process (it stays until terminated or its TTL)."""
@@ -104,6 +126,7 @@ class ManagedInstance(Instance):
 
     def terminate(self, *, wait: bool = True, timeout: float = 300.0) -> None:
         """Destroy the instance and confirm it is gone."""
+        self._drop_ready_host()
         terminate(self.client, self, wait=wait, timeout=timeout)
         self.status = InstanceStatus.TERMINATED
 

@@ -301,7 +301,11 @@ def _create_one(
                 import broker.lifecycle as pkg
 
                 ready = pkg.wait_until_ready(
-                    client, managed, timeout=opts.ready_timeout, on_progress=opts.on_progress
+                    client,
+                    managed,
+                    timeout=opts.ready_timeout,
+                    on_progress=opts.on_progress,
+                    keep_host=managed.keep_host,
                 )
             except ReadinessError as e:
                 if opts.keep_on_failure:

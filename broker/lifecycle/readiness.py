@@ -40,6 +40,7 @@ class _Run:
         self.provider: Provider = client.get_provider(inst.provider)
         self.stage = Stage.PROVIDER
         self.last = ""
+        self.defaults: tuple[float, int] | None = None  # the login host's own connect settings
 
     def progress(self, detail: str) -> None:
         if self.on_progress is not None and detail != self.last:
@@ -142,12 +143,11 @@ def _stage_login(run: _Run, ep: SSHEndpoint) -> Host:
     key = run.client.settings.ssh_key_path
 
     def step() -> Host | Retry:
-        host = Host(
-            ep.target,
-            identity_file=key,
-            connect_timeout=max(1.0, min(15.0, run.deadline.left)),
-            retries=0,
-        )
+        host = Host(ep.target, identity_file=key)
+        # Under the deadline, one try per poll; a host handed on afterwards gets the defaults
+        # back (see wait_until_ready).
+        run.defaults = (host.connect_timeout, host.retries)
+        host.connect_timeout, host.retries = max(1.0, min(15.0, run.deadline.left)), 0
         try:
             host.exec("true", timeout=max(1.0, min(30.0, run.deadline.left)))
             return host
@@ -199,8 +199,13 @@ def wait_until_ready(
     *,
     timeout: float | None = None,
     on_progress: ProgressFn | None = None,
+    keep_host: Callable[[Host], None] | None = None,
 ) -> Instance:
     """Walk the readiness stages under one deadline; return the instance as last seen.
+
+    ``keep_host`` receives the logged-in :class:`bifrost.Host` of a ready box (its connection
+    still open, its own connect settings back) instead of it being closed, so the caller's
+    next command needs no second SSH handshake; the caller then owns (and closes) it.
 
     Raises :class:`ReadinessError` naming the stage that did not finish.
     """
@@ -216,10 +221,17 @@ def wait_until_ready(
         assert cur.ssh is not None
         _stage_tcp(run, cur.ssh)
         host = _stage_login(run, cur.ssh)
+    kept = False
     try:
         _stage_probe(run, host, cur)
+        run.stage = Stage.READY
+        run.progress("ready")
+        if keep_host is not None:
+            if run.defaults is not None:
+                host.connect_timeout, host.retries = run.defaults
+            keep_host(host)
+            kept = True
     finally:
-        host.close()
-    run.stage = Stage.READY
-    run.progress("ready")
+        if not kept:
+            host.close()
     return cur

@@ -105,6 +105,12 @@ class RunPodSimulator(FaultsMixin, PodsMixin, GraphQLMixin):
     ``127.0.0.1:<sshd port>`` for private port 22. These three are plain attributes and may be
     changed between calls; the fault methods override them per pod.
 
+    Pods log in as this machine's user, so by default their bash sessions read that user's
+    ``~/.bashrc`` like any SSH session here. ``shell_rc=False`` skips it (bash treats the session
+    as a nested shell), as on a stock image whose ``.bashrc`` returns at once for non-interactive
+    shells: benchmarks use it so a developer's rc files (``pyenv init`` forks hundreds of
+    processes) are not billed to every simulated session.
+
     Faults: in every fault method ``n`` is how many matching requests (or new pods) it affects,
     and ``n=None`` means every one until :meth:`clear_faults`. Pending faults of different kinds
     combine (a pod can both publish its ports late and never start sshd).
@@ -126,6 +132,7 @@ class RunPodSimulator(FaultsMixin, PodsMixin, GraphQLMixin):
         account_public_key: str | None = None,
         cpu_only: bool = False,
         client_balance: float = 100.0,
+        shell_rc: bool = True,
     ) -> None:
         self._api_key = api_key if isinstance(api_key, SecretStr) else SecretStr(api_key)
         self._port = port
@@ -136,6 +143,7 @@ class RunPodSimulator(FaultsMixin, PodsMixin, GraphQLMixin):
         self.account_public_key = account_public_key
         self.cpu_only = cpu_only
         self.client_balance = client_balance
+        self.shell_rc = shell_rc
         self._lock = threading.RLock()
         self._pods: dict[str, _Pod] = {}
         self._requests: list[RequestRecord] = []
@@ -282,6 +290,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--startup-delay", type=float, default=0.0, help="seconds before sshd starts")
     p.add_argument("--port-delay", type=float, default=0.0, help="seconds before ports appear")
     p.add_argument("--cpu-only", action="store_true", help="pods show no GPUs")
+    p.add_argument(
+        "--no-shell-rc", action="store_true", help="pods' SSH sessions skip the user's ~/.bashrc"
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log every request")
     args = p.parse_args(argv)
     logging.basicConfig(
@@ -295,6 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         startup_delay=args.startup_delay,
         port_delay=args.port_delay,
         cpu_only=args.cpu_only,
+        shell_rc=not args.no_shell_rc,
     )
     done = threading.Event()
 

@@ -251,3 +251,43 @@ def test_unreachable_provider_blocks_no_ghost_verdict(env: RunPodSimulator) -> N
         env.clear_faults()
         c.terminate(inst)
     assert live_pods(env) == []
+
+
+def test_the_readiness_login_is_the_first_host_connection(
+    env: RunPodSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """create() logs in once: the first inst.host() gets that connection (no second SSH
+    handshake), with the Host's own reconnect settings; terminate closes an unused one."""
+    import bifrost.transport.ssh as ssh_transport
+    from bifrost import Host
+
+    opened: list[str] = []
+    real_open = ssh_transport.open_transport
+
+    async def counting_open(target, **kw):  # type: ignore[no-untyped-def]
+        opened.append(target.display)
+        return await real_open(target, **kw)
+
+    monkeypatch.setattr(ssh_transport, "open_transport", counting_open)
+    defaults = Host("root@127.0.0.1:22")
+    with GPUClient() as c:
+        with c.create("gpu~A100 !spot", gpu_count=1, ttl="1h") as inst:
+            assert len(opened) == 1  # the readiness login
+            host = inst.host()
+            assert host.current_transport() is not None  # already connected
+            want = (defaults.retries, defaults.connect_timeout)
+            assert (host.retries, host.connect_timeout) == want
+            assert host.exec("nvidia-smi -L").stdout.count("A100") == 1
+            assert host.exec("echo $SSH_CLIENT").ok
+            assert len(opened) == 1  # both commands went over the readiness connection
+            other = inst.host()  # the next caller opens its own
+            assert other is not host and other.current_transport() is None
+            other.exec("true")
+            assert len(opened) == 2
+            host.close()
+            other.close()
+        with c.create("gpu~A100 !spot", gpu_count=1, ttl="1h") as unused:
+            kept = unused._ready_host
+            assert kept is not None and kept.current_transport() is not None
+        assert kept.current_transport() is None  # terminate closed the unused connection
+    assert live_pods(env) == []

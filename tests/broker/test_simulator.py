@@ -594,3 +594,30 @@ def test_late_deploy_appears_after_the_client_gave_up(
     found = rp.find_by_name("broker-late-1")
     assert found is not None and found.instance_id == pod_id
     rp.terminate(pod_id)
+
+
+@needs_root
+def test_shell_rc_off_sessions_see_exactly_the_pods_path(
+    sim: RunPodSimulator, rp: RunPodProvider, user_key: tuple[Path, str]
+) -> None:
+    """shell_rc=False: the login shell reads no ~/.bashrc of this machine's user (whatever it
+    puts on PATH), as on a stock image; pods created before the switch keep their setting."""
+    from broker.testing.sim.catalogue import SYSTEM_PATH
+
+    sim.shell_rc = False
+    try:
+        inst = deploy(rp, "broker-norc0001")
+    finally:
+        sim.shell_rc = True
+    ready = running(rp, inst.instance_id)
+    assert ready.ssh is not None
+    try:
+        with Host(ready.ssh.target, identity_file=user_key[0]) as box:
+            # bifrost puts ~/.local/bin first (where uv lands); then only what the pod set.
+            local, pod_bin, rest = box.exec('printf %s "$PATH"').stdout.split(":", 2)
+            assert local == box.exec('printf %s "$HOME/.local/bin"').stdout
+            assert pod_bin.endswith(f"/{inst.instance_id}/bin")
+            assert rest == SYSTEM_PATH
+            assert box.exec("nvidia-smi -L").stdout.count(H100) == 1
+    finally:
+        rp.terminate(inst.instance_id)

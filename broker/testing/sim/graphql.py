@@ -536,6 +536,7 @@ class GraphQLMixin(SimState):
                 port_delay=(
                     overrides.port_delay if overrides.port_delay is not None else self.port_delay
                 ),
+                shell_rc=self.shell_rc,
                 holds_gpus=True,
             )
             pod.running_at = self._mono() + max(0.0, self.provision_delay)

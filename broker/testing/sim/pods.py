@@ -185,6 +185,7 @@ class _Pod:
     ssh_mode: SshMode
     startup_delay: float
     port_delay: float
+    shell_rc: bool = True  # the simulator's setting when the pod was deployed
     desired: str = "CREATED"
     last_change: str = ""
     running_at: float = 0.0  # simulator clock (monotonic + offset)
@@ -465,6 +466,9 @@ class PodsMixin(SimState):
             "RUNPOD_GPU_COUNT": str(pod.gpu_count),
             "RUNPOD_PUBLIC_IP": "127.0.0.1",
         }
+        if not pod.shell_rc:
+            # bash reads ~/.bashrc for an SSH command only as a top-level shell (SHLVL < 2).
+            env["SHLVL"] = "1"
         for k, v in pod.env.items():
             if k not in env and _ENV_NAME.match(k) and _ENV_VALUE.match(v):
                 env[k] = v

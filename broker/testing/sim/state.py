@@ -46,6 +46,7 @@ class SimState:
     _closing: threading.Event
     _dir: Path | None
     _real_nvidia_smi: bool
+    shell_rc: bool
 
     # -- implemented by the facade or another part ----------------------------------------------
     def now(self) -> datetime:
