@@ -8,10 +8,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from bifrost.session import Session
 
-_QUERY = (
+_QUERY_GPUS = (
     "if ! command -v nvidia-smi >/dev/null 2>&1; then echo BIFROST_NO_NVIDIA_SMI; exit 0; fi; "
     "nvidia-smi --query-gpu=index,uuid,name,memory.used,memory.total,utilization.gpu "
-    "--format=csv,noheader,nounits || exit $?; echo BIFROST_APPS; "
+    "--format=csv,noheader,nounits || exit $?"
+)
+_QUERY = (
+    _QUERY_GPUS + "; echo BIFROST_APPS; "
     "nvidia-smi --query-compute-apps=gpu_uuid,pid,process_name,used_memory "
     "--format=csv,noheader,nounits 2>/dev/null || true"
 )
@@ -84,11 +87,11 @@ def parse_nvidia_smi(host: str, text: str) -> GPUReport:
     return GPUReport(host, True, gpus)
 
 
-async def agpus(host: Session) -> GPUReport:
+async def agpus(host: Session, *, processes: bool = True) -> GPUReport:
     """Coroutine behind :meth:`bifrost.Host.gpus`."""
     from bifrost.exec import run_command
 
-    result, _ = await run_command(await host.atransport(), _QUERY)
+    result, _ = await run_command(await host.atransport(), _QUERY if processes else _QUERY_GPUS)
     if result.exit_code != 0:
         msg = (result.stderr or result.stdout).strip().splitlines()
         return GPUReport(

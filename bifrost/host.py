@@ -355,11 +355,15 @@ class Host:
 
         return run_sync(aupload(self, Path(local), remote, progress=progress))
 
-    def gpus(self) -> GPUReport:
-        """nvidia-smi's view of this box (``available`` is False when there is no NVIDIA GPU)."""
+    def gpus(self, *, processes: bool = True) -> GPUReport:
+        """nvidia-smi's view of this box (``available`` is False when there is no NVIDIA GPU).
+
+        ``processes=False`` skips the per-GPU process list: one nvidia-smi call instead of two
+        (each can take a few hundred milliseconds on a real box), as readiness checks want.
+        """
         from bifrost.gpus import agpus
 
-        return run_sync(agpus(self))
+        return run_sync(agpus(self, processes=processes))
 
 
 def connect(target: str | Target, **options: object) -> Host:

@@ -172,7 +172,7 @@ def _stage_probe(run: _Run, host: Host, cur: Instance) -> None:
         offer = run.inst.offer or cur.offer
         want = offer.gpu_count if offer is not None else (run.inst.gpu_count or 0)
         if want > 0:
-            report = host.gpus()
+            report = host.gpus(processes=False)
             if not report.available:
                 raise run.fail(f"expected {want} GPU(s), found none: {report.message}")
             if len(report.gpus) != want:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -113,6 +114,37 @@ def test_nvidia_smi_parsing() -> None:
     assert r.available and len(r.gpus) == 2
     assert r.gpus[0].memory_used_mib == 1234 and r.gpus[0].utilization_pct == 97
     assert r.gpus[0].processes[0].pid == 4242 and not r.gpus[1].processes
+
+
+def test_gpus_without_processes_calls_nvidia_smi_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Readiness probes ask for the GPU list only: one nvidia-smi call, not two."""
+    calls = tmp_path / "calls"
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text(
+        "#!/bin/sh\n"
+        f'echo "$1" >> {calls}\n'
+        'case "$1" in\n'
+        "  --query-gpu=*) echo '0, GPU-aaa, NVIDIA H100 80GB HBM3, 1200, 81559, 97' ;;\n"
+        "  --query-compute-apps=*) echo 'GPU-aaa, 4242, python, 1200' ;;\n"
+        "esac\n"
+    )
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{smi.parent}:{os.environ['PATH']}")
+    with Host("local") as box:
+        full = box.gpus()
+        assert [p.pid for p in full.gpus[0].processes] == [4242]
+        assert len(calls.read_text().splitlines()) == 2
+        calls.unlink()
+        light = box.gpus(processes=False)
+    assert light.available
+    assert [(g.name, g.memory_total_mib) for g in light.gpus] == [("NVIDIA H100 80GB HBM3", 81559)]
+    assert light.gpus[0].processes == []
+    assert calls.read_text().split() == [
+        "--query-gpu=index,uuid,name,memory.used,memory.total,utilization.gpu"
+    ]
 
 
 @pytest.mark.parametrize(
