@@ -3,7 +3,14 @@
     uv run --locked python bench/bench_launch.py     # writes bench/results/launch.json
 
 The simulator runs in this process; its pods are real sshd processes on loopback that log in as
-root (so this must run as root). Every `broker` call is a new process, as users type it.
+root (so this must run as root). Every `broker` call is a new process, as users type it; the
+Python API (`GPUClient().launch(task)` in this warm process) is timed beside it.
+
+The pods run with ``shell_rc=False``: their bash sessions skip this machine's ~/.bashrc, as on a
+stock image whose .bashrc returns at once for non-interactive shells. (Root's ~/.bashrc on the
+development machine runs `pyenv init`, which forks ~300 processes per SSH session and made every
+simulated session cost ~0.1 CPU-s of the same 2 cores the client runs on; that is recorded as
+`ssh_true_with_this_machines_bashrc_s`.)
 
 1. launch overhead for a trivial task (push a 5-file project, `mkdir -p out && echo hi > out/x`,
    pull `out`, terminate): `broker launch t.yaml -y` vs the same steps by hand — the pod created
@@ -14,6 +21,7 @@ root (so this must run as root). Every `broker` call is a new process, as users 
 2. a sweep of 8 trivial tasks at `--max-parallel 8` vs a sweep of one (`broker sweep -y`).
 3. multi-node bring-up: `nodes: N` for N = 1, 2, 4, 8, wall from the start of renting to every
    node ready (the launch's own `timings_s.rent_s`), and the whole launch's wall.
+4. the same trivial launch through the Python API (`GPUClient().launch(task)`), no new process.
 
     uv run --locked python bench/bench_launch.py --reps 2 --sweep-reps 1 --node-reps 1   # smoke
 """
@@ -64,7 +72,7 @@ def task(name: str, nodes: int | None = None) -> dict[str, object]:
     """The trivial task; with ``nodes``, a bring-up task: `nodes: N`, `run: true`, no workdir
     (the figure is the time to every node ready, before any push)."""
     if nodes is not None:
-        return {"name": name, "nodes": nodes, "run": "true",
+        return {"name": name, "nodes": nodes, "run": "true", "workdir": None,
                 "resources": {"query": QUERY, "gpus": 1, "ttl": "1h"}}  # fmt: skip
     return {
         "name": name,
@@ -84,6 +92,7 @@ def busy_cpu_s() -> float:
 
 BUSY: dict[str, list[float]] = {}  # label -> fraction of all cores busy during each call
 CPU: dict[str, list[float]] = {}  # label -> CPU seconds of our children during each call
+OWN: dict[str, list[float]] = {}  # label -> CPU seconds of the `broker` process itself
 
 
 def children_cpu_s() -> float:
@@ -96,29 +105,43 @@ def broker(
 ) -> tuple[float, dict]:
     """Run one `broker ...` process; its wall time and its --json result."""
     c, k = busy_cpu_s(), children_cpu_s()
-    t = time.perf_counter()
-    r = subprocess.run(
-        [BROKER, *args, "--json"],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
-    wall = time.perf_counter() - t
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t = time.perf_counter()
+        p = subprocess.Popen(
+            [BROKER, *args, "--json"], cwd=cwd, stdout=out, stderr=err, stdin=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + timeout
+        while True:  # reaped here (not by Popen) to read this one process's own rusage
+            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                p.kill()
+                raise SystemExit(f"broker {' '.join(args)} ran past {timeout}s")
+            time.sleep(0.005)
+        wall = time.perf_counter() - t
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
     if label:
         BUSY.setdefault(label, []).append(round((busy_cpu_s() - c) / wall / CPUS, 2))
         CPU.setdefault(label, []).append(round(children_cpu_s() - k, 2))
-    if r.returncode != 0:
-        raise SystemExit(f"broker {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
-    return wall, json.loads(r.stdout)
+        # The broker process itself and what it waited for (rsync, ssh), no pod's sshd.
+        OWN.setdefault(label, []).append(round(usage.ru_utime + usage.ru_stime, 2))
+    if p.returncode != 0:
+        raise SystemExit(f"broker {' '.join(args)} exited {p.returncode}:\n{stdout}\n{stderr}")
+    return wall, json.loads(stdout)
 
 
-def launch_once(tmp: Path, name: str, nodes: int | None = None) -> tuple[float, dict]:
+def launch_once(
+    tmp: Path, name: str, nodes: int | None = None, suffix: str = ""
+) -> tuple[float, dict]:
     spec = tmp / f"{name}.yaml"
     spec.write_text(yaml.safe_dump(task(name, nodes)))
     args = ["launch", str(spec), "-y", "--results", str(tmp / "res")]
-    wall, data = broker(args, tmp, label="launch" if nodes is None else f"bring-up nodes={nodes}")
+    label = "launch" if nodes is None else f"bring-up nodes={nodes}{suffix}"
+    wall, data = broker(args, tmp, label=label)
     assert data["exit_code"] == 0, data
     assert data["state"] == "succeeded", data
     if nodes is None:
@@ -210,25 +233,50 @@ def bench_launch(tmp: Path, key: Path, tag: str, reps: int) -> dict[str, object]
     }
 
 
-def sweep_once(tmp: Path, name: str, n: int) -> tuple[float, dict]:
+def bench_api(tmp: Path, tag: str, reps: int, by_hand_median: float) -> dict[str, object]:
+    """The same trivial launch through `GPUClient().launch(task)` in this (warm) process."""
+    from broker import GPUClient
+    from broker.launch import Task
+
+    walls: list[float] = []
+    for i in range(reps + 1):  # round 0 is the warm-up
+        name = f"{tag}-a{i}"
+        spec = dict(task(name), workdir=str(tmp / "proj"))
+        t = time.perf_counter()
+        res = GPUClient().launch(Task.model_validate(spec), results_dir=str(tmp / "res"))
+        wall = time.perf_counter() - t
+        assert (res.exit_code, res.state) == (0, "succeeded"), res
+        assert (tmp / "res" / name / "out" / "x").read_text() == "hi\n"
+        if i:
+            walls.append(wall)
+        print(f"  api round {i}{' (warm-up)' if not i else ''}: {wall:.2f}s", flush=True)
+    m = med(walls)
+    return {
+        "api_launch_median_s": m,
+        "ratio_to_by_hand": round(m / by_hand_median, 3),
+        "samples_s": [round(x, 3) for x in walls],
+    }
+
+
+def sweep_once(tmp: Path, name: str, n: int, suffix: str = "") -> tuple[float, dict]:
     spec = tmp / f"{name}.yaml"
     t = task(name + "-{{ i }}")
     spec.write_text(yaml.safe_dump({"name": name, "task": t, "matrix": {"i": list(range(n))}}))
     wall, data = broker(
         ["sweep", str(spec), "-y", "--max-parallel", "8", "--results", str(tmp / "res")],
         tmp,
-        label=f"sweep of {n}",
+        label=f"sweep of {n}{suffix}",
     )
     assert data["leaked"] == [], data
     assert [r["state"] for r in data["rows"]] == ["succeeded"] * n, data
     return wall, data
 
 
-def bench_sweep(tmp: Path, tag: str, reps: int) -> dict[str, object]:
+def bench_sweep(tmp: Path, tag: str, reps: int, suffix: str = "") -> dict[str, object]:
     walls: dict[str, list[float]] = {"one": [], "eight": []}
     for i in range(reps):
-        walls["one"].append(sweep_once(tmp, f"{tag}-s1r{i}", 1)[0])
-        walls["eight"].append(sweep_once(tmp, f"{tag}-s8r{i}", 8)[0])
+        walls["one"].append(sweep_once(tmp, f"{tag}-s1r{i}", 1, suffix)[0])
+        walls["eight"].append(sweep_once(tmp, f"{tag}-s8r{i}", 8, suffix)[0])
         print(
             f"  sweep round {i}: 1 task {walls['one'][-1]:.2f}s, 8 tasks {walls['eight'][-1]:.2f}s",
             flush=True,
@@ -244,12 +292,14 @@ def bench_sweep(tmp: Path, tag: str, reps: int) -> dict[str, object]:
     }
 
 
-def bench_nodes(tmp: Path, tag: str, counts: list[int], reps: int) -> dict[str, object]:
+def bench_nodes(
+    tmp: Path, tag: str, counts: list[int], reps: int, suffix: str = ""
+) -> dict[str, object]:
     rent: dict[int, list[float]] = {n: [] for n in counts}
     wall: dict[int, list[float]] = {n: [] for n in counts}
     for i in range(reps):
         for n in counts:
-            w, data = launch_once(tmp, f"{tag}-n{n}r{i}", nodes=n)
+            w, data = launch_once(tmp, f"{tag}-n{n}r{i}", nodes=n, suffix=suffix)
             rent[n].append(float(data["timings_s"]["rent_s"]))
             wall[n].append(w)
             print(
@@ -362,6 +412,13 @@ def main() -> None:
     ap.add_argument("--sweep-reps", type=int, default=3)
     ap.add_argument("--node-reps", type=int, default=3)
     ap.add_argument("--nodes", default="1,2,4,8")
+    ap.add_argument(
+        "--boot",
+        type=float,
+        default=3.0,
+        help="also run the sweep and bring-up with pods that take this many seconds to "
+        "provision (0: skip)",
+    )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "launch.json"))
     opts = ap.parse_args()
     if os.geteuid() != 0:
@@ -409,8 +466,10 @@ def main() -> None:
         "notes": [
             "all pods are sshd processes on this machine, sharing its cores with the broker "
             "process and (on a shared machine) other users: N pods do not add hardware",
-            "pods log in as root, and root's ~/.bashrc here runs `pyenv init` in every SSH "
-            "session (see ssh_true_median_s): both broker and the by-hand sequence pay it",
+            "pods log in as root with shell_rc=False: their sessions skip this machine's "
+            "~/.bashrc, as on a stock image (root's here runs `pyenv init`: see "
+            "ssh_true_with_this_machines_bashrc_s); broker and the by-hand sequence use the "
+            "same pods",
             "by hand: the pod is created and terminated in this (already warm) Python process "
             "through GPUClient, so it pays no interpreter start-up, while every `broker` call "
             "does (see broker_cli_startup_median_s)",
@@ -418,13 +477,20 @@ def main() -> None:
         ],
     }
     try:
-        with RunPodSimulator(api_key=KEY) as sim:
+        with RunPodSimulator(api_key=KEY, shell_rc=False) as sim:
             os.environ["RUNPOD_API_URL"] = sim.url
             from broker import GPUClient
 
             with GPUClient().create(QUERY, gpu_count=1, ttl="1h", name=f"{tag}-probe") as probe:
                 assert probe.ssh is not None
                 results["ssh_true_median_s"] = ssh_true_median(key, probe.ssh.port)
+            sim.shell_rc = True  # for the record: what this machine's ~/.bashrc costs a session
+            with GPUClient().create(QUERY, gpu_count=1, ttl="1h", name=f"{tag}-rc") as probe:
+                assert probe.ssh is not None
+                results["ssh_true_with_this_machines_bashrc_s"] = ssh_true_median(
+                    key, probe.ssh.port
+                )
+            sim.shell_rc = False
             results["broker_cli_startup_median_s"] = cli_startup_median()
             print(
                 "ssh true",
@@ -435,16 +501,39 @@ def main() -> None:
             )
             print("1. launch vs by hand", flush=True)
             results["launch_vs_by_hand"] = bench_launch(tmp, key, tag, opts.reps)
+            print("1b. launch through the Python API", flush=True)
+            lv = results["launch_vs_by_hand"]
+            assert isinstance(lv, dict)
+            results["api_launch"] = bench_api(tmp, tag, opts.reps, float(lv["by_hand_median_s"]))
             print("2. sweep of 8 vs 1", flush=True)
             results["sweep_8_vs_1"] = bench_sweep(tmp, tag, opts.sweep_reps)
             print("3. multi-node bring-up", flush=True)
             counts = [int(x) for x in opts.nodes.split(",")]
             results["multinode_bringup"] = bench_nodes(tmp, tag, counts, opts.node_reps)
+            if opts.boot > 0:
+                # Pods that take time to boot, as real ones do (RunPod: tens of seconds): what
+                # the parallel bring-up and sweep are for. CPU work overlaps the waiting.
+                sim.provision_delay = opts.boot
+                sfx = f" boot {opts.boot:g}s"
+                print(f"4. with pods that boot in {opts.boot:g} s", flush=True)
+                results["boot_s"] = opts.boot
+                results["sweep_8_vs_1_booting"] = bench_sweep(
+                    tmp, f"{tag}b", opts.sweep_reps, sfx
+                )
+                results["multinode_bringup_booting"] = bench_nodes(
+                    tmp, f"{tag}b", counts, opts.node_reps, sfx
+                )
+                sim.provision_delay = 0.0
             leaked = [p.id for p in sim.pods(include_terminated=False)]
             results["pods_left_running"] = leaked
             results["machine_busy_fraction"] = {
                 "meaning": "share of all cores busy (every process on the machine) per call",
                 **{k: {"median": med(v), "samples": v} for k, v in BUSY.items()},
+            }
+            results["broker_process_cpu_s"] = {
+                "meaning": "CPU seconds of the `broker` process itself (and the rsync/ssh it "
+                "ran) per call: the client's own work, without any pod's sshd or sessions",
+                **{k: {"median": med(v), "samples": v} for k, v in OWN.items()},
             }
             results["cpu_s_per_call"] = {
                 "meaning": "CPU seconds of this script's reaped children during each call: the "
@@ -471,11 +560,21 @@ def main() -> None:
 
 
 def _table(r: dict) -> None:
-    lv, sw, mn = r["launch_vs_by_hand"], r["sweep_8_vs_1"], r["multinode_bringup"]
+    lv = r["launch_vs_by_hand"]
     print(f"\n{'measure':<44}{'value':>10}{'target':>10}  met")
     print(f"{'broker launch (median s)':<44}{lv['broker_launch_median_s']:>10.2f}")
     print(f"{'by hand: create+ssh+rsync+terminate (s)':<44}{lv['by_hand_median_s']:>10.2f}")
     print(f"{'  ratio':<44}{lv['ratio']:>10.2f}{'<= 1.5':>10}  {lv['met']}")
+    api = r["api_launch"]
+    print(f"{'GPUClient().launch (median s) / by hand':<44}"
+          f"{api['api_launch_median_s']:>6.2f}/{api['ratio_to_by_hand']:<4.2f}")  # fmt: skip
+    for key, title in (("", "instant pods"), ("_booting", f"pods booting {r.get('boot_s')}s")):
+        if f"sweep_8_vs_1{key}" in r:
+            print(f"-- {title}")
+            _table_part(r[f"sweep_8_vs_1{key}"], r[f"multinode_bringup{key}"])
+
+
+def _table_part(sw: dict, mn: dict) -> None:
     print(f"{'sweep of 1 (median s)':<44}{sw['sweep_of_1_median_s']:>10.2f}")
     print(
         f"{'sweep of 8, --max-parallel 8 (median s)':<44}"
