@@ -87,11 +87,18 @@ def parse_nvidia_smi(host: str, text: str) -> GPUReport:
     return GPUReport(host, True, gpus)
 
 
-async def agpus(host: Session, *, processes: bool = True) -> GPUReport:
+async def agpus(
+    host: Session, *, processes: bool = True, timeout: float | None = None
+) -> GPUReport:
     """Coroutine behind :meth:`bifrost.Host.gpus`."""
     from bifrost.exec import run_command
 
-    result, _ = await run_command(await host.atransport(), _QUERY if processes else _QUERY_GPUS)
+    result, timed_out = await run_command(
+        await host.atransport(), _QUERY if processes else _QUERY_GPUS, timeout=timeout
+    )
+    if timed_out:
+        # nvidia-smi hangs on a wedged driver or GPU: that box has no usable GPU.
+        return GPUReport(host.name, False, [], f"nvidia-smi did not answer within {timeout:g}s")
     if result.exit_code != 0:
         msg = (result.stderr or result.stdout).strip().splitlines()
         return GPUReport(

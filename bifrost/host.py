@@ -355,15 +355,19 @@ class Host:
 
         return run_sync(aupload(self, Path(local), remote, progress=progress))
 
-    def gpus(self, *, processes: bool = True) -> GPUReport:
+    def gpus(self, *, processes: bool = True, timeout: float | None = None) -> GPUReport:
         """nvidia-smi's view of this box (``available`` is False when there is no NVIDIA GPU).
 
         ``processes=False`` skips the per-GPU process list: one nvidia-smi call instead of two
         (each can take a few hundred milliseconds on a real box), as readiness checks want.
+        ``timeout`` (seconds) ends a hung nvidia-smi (a wedged driver): the report then says
+        no GPU is available and why.
         """
         from bifrost.gpus import agpus
 
-        return run_sync(agpus(self, processes=processes))
+        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        return run_sync(agpus(self, processes=processes, timeout=timeout))
 
 
 def connect(target: str | Target, **options: object) -> Host:

@@ -174,7 +174,7 @@ def _stage_probe(run: _Run, host: Host, cur: Instance) -> None:
         offer = run.inst.offer or cur.offer
         want = offer.gpu_count if offer is not None else (run.inst.gpu_count or 0)
         if want > 0:
-            report = host.gpus(processes=False)
+            report = host.gpus(processes=False, timeout=max(1.0, min(60.0, run.deadline.left)))
             if not report.available:
                 raise run.fail(f"expected {want} GPU(s), found none: {report.message}")
             if len(report.gpus) != want:

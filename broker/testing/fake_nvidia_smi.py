@@ -12,7 +12,8 @@ forms that probes and :mod:`bifrost.gpus` use:
 ``gpus.json``: ``{"driver_version": str, "cuda_version": str, "driver_error": bool,
 "gpus": [{"index", "uuid", "name", "memory_total_mib", "memory_used_mib", "utilization_pct",
 "compute_cap", "bus_id"}], "processes": [{"gpu_uuid", "pid", "name", "used_memory_mib"}]}``.
-``driver_error`` makes every call fail the way nvidia-smi does on a box without a working driver.
+``driver_error`` makes every call fail the way nvidia-smi does on a box without a working driver;
+``hang`` (optional) makes every call hang until killed, as on a wedged driver.
 """
 
 from __future__ import annotations
@@ -179,6 +180,10 @@ def run(argv: Sequence[str], data: dict[str, Any]) -> tuple[list[str], int]:
 def main() -> int:
     """Entry point when run as the pod's ``nvidia-smi``."""
     data = _load(Path(sys.argv[0]).resolve().with_name("gpus.json"))
+    if data.get("hang"):
+        import time
+
+        time.sleep(24 * 3600)  # a wedged driver: no answer until killed
     lines, code = run(sys.argv[1:], data)
     # The real tool prints its errors on stdout too, and callers parse that.
     text = "\n".join(lines)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -145,6 +146,30 @@ def test_gpus_without_processes_calls_nvidia_smi_once(
     assert calls.read_text().split() == [
         "--query-gpu=index,uuid,name,memory.used,memory.total,utilization.gpu"
     ]
+
+
+def test_a_hung_nvidia_smi_is_no_gpu_after_the_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nvidia-smi hangs on a wedged driver: gpus(timeout=...) reports no usable GPU, says why,
+    and leaves nothing running."""
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text(f"#!/bin/sh\necho $$ > {tmp_path / 'pid'}\nexec sleep 600\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{smi.parent}:{os.environ['PATH']}")
+    with Host("local") as box:
+        report = box.gpus(processes=False, timeout=0.5)
+        with pytest.raises(ValueError, match="timeout must be a positive number"):
+            box.gpus(timeout=0)
+    assert not report.available
+    assert report.gpus == []
+    assert report.message == "nvidia-smi did not answer within 0.5s"
+    pid = int((tmp_path / "pid").read_text())
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the kill lands asynchronously
+    assert not Path(f"/proc/{pid}").exists()
 
 
 @pytest.mark.parametrize(

@@ -92,6 +92,25 @@ def test_ssh_never_coming_up_terminates_the_instance(
         assert not j.open_entries()
 
 
+def test_a_hung_nvidia_smi_fails_the_probe_within_the_deadline(env: RunPodSimulator) -> None:
+    """A wedged driver (nvidia-smi never answers) is a box without a usable GPU: the probe gives
+    up at the readiness deadline, the box is terminated, nothing is left open."""
+    import time
+
+    env.wedge_gpus(1)
+    t = time.monotonic()
+    with GPUClient() as c, pytest.raises(ProvisionError) as e:
+        c.create("gpu~H100 !spot", gpu_count=1, n_offers=1, ready_timeout=4)
+    assert time.monotonic() - t < 20  # not a hang: the deadline holds
+    (attempt,) = e.value.attempts
+    assert attempt.error_type == "ReadinessError"
+    assert "stage 'probe'" in (attempt.error or "")
+    assert "nvidia-smi did not answer within" in (attempt.error or "")
+    assert live_pods(env) == []
+    with Journal.default(load_settings().state_dir) as j:
+        assert not j.open_entries()
+
+
 def test_budget_refusal_sends_no_create(env: RunPodSimulator) -> None:
     with GPUClient(budget=1.0) as c, pytest.raises(BudgetExceededError) as e:
         c.create("gpu~H100 !spot", gpu_count=1, ttl="3h", wait=False)

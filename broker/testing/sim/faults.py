@@ -26,6 +26,7 @@ class _PodFault:
     port_delay: float | None = None
     ssh_mode: SshMode | None = None
     visible_gpus: int | None = None
+    gpus_hang: bool | None = None
 
 
 @dataclass
@@ -154,6 +155,11 @@ class FaultsMixin(SimState):
     ) -> None:
         """The next ``n`` pods show only ``visible`` GPUs in nvidia-smi (0: like a CPU-only box)."""
         self._add_pod_fault(_PodFault(n, gpu_type_id, visible_gpus=visible))
+
+    def wedge_gpus(self, n: int | None = 1, *, gpu_type_id: str | None = None) -> None:
+        """The next ``n`` pods have a wedged driver: their nvidia-smi never answers (it hangs
+        until killed, as the real one does on a GPU that fell off the bus)."""
+        self._add_pod_fault(_PodFault(n, gpu_type_id, gpus_hang=True))
 
     def _add_pod_fault(self, fault: _PodFault) -> None:
         with self._lock:

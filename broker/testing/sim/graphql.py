@@ -537,6 +537,7 @@ class GraphQLMixin(SimState):
                     overrides.port_delay if overrides.port_delay is not None else self.port_delay
                 ),
                 shell_rc=self.shell_rc,
+                gpus_hang=bool(overrides.gpus_hang),
                 holds_gpus=True,
             )
             pod.running_at = self._mono() + max(0.0, self.provision_delay)
@@ -589,7 +590,7 @@ class GraphQLMixin(SimState):
         for f in list(self._pod_faults):
             if f.gpu_type_id is not None and f.gpu_type_id != gpu_type_id:
                 continue
-            for name in ("startup_delay", "port_delay", "ssh_mode", "visible_gpus"):
+            for name in ("startup_delay", "port_delay", "ssh_mode", "visible_gpus", "gpus_hang"):
                 if getattr(f, name) is not None:
                     setattr(merged, name, getattr(f, name))
             if f.remaining is not None:

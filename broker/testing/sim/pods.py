@@ -186,6 +186,7 @@ class _Pod:
     startup_delay: float
     port_delay: float
     shell_rc: bool = True  # the simulator's setting when the pod was deployed
+    gpus_hang: bool = False  # nvidia-smi never answers (wedge_gpus)
     desired: str = "CREATED"
     last_change: str = ""
     running_at: float = 0.0  # simulator clock (monotonic + offset)
@@ -500,6 +501,7 @@ class PodsMixin(SimState):
                     "cuda_version": CUDA_VERSION,
                     # Shadow the host's real nvidia-smi: a GPU-less pod must not see its GPUs.
                     "driver_error": not gpus,
+                    "hang": pod.gpus_hang,
                     "gpus": gpus,
                     "processes": [],
                 }
