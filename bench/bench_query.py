@@ -13,6 +13,13 @@ predicates, and both filter, sort (price ascending, then VRAM descending) and ke
 Rounds alternate between the two, so load on the machine hits both alike; the ratio of the medians
 is the figure (target ≤ 1.0, moonshot ≤ 0.5). Before timing, the script checks that both select
 exactly the same offers. Results go to ``bench/results/query.json``.
+
+Then what users type (``cli`` in the JSON): ``broker search QUERY --json`` as a new process per
+call against the RunPod simulator (real HTTP on loopback; its catalogue), beside the same search
+through the API in this warm process (``GPUClient().search``), the CLI's start-up alone
+(``broker --help``) and the start-up a gpuhunt script pays before it does anything (a new
+``python -c "import gpuhunt"``; gpuhunt's own providers call the real clouds, which this machine
+cannot reach).
 """
 
 from __future__ import annotations
@@ -129,6 +136,81 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
+CLI_QUERY = "gpu~A100 vram>=80GB manufacturer=nvidia !spot sort=price limit=20"
+CLI_ROUNDS = 7
+
+
+def bench_cli() -> dict[str, Any]:
+    """`broker search` as typed (a new process per call) beside the API, on the simulator."""
+    import subprocess
+    import tempfile
+
+    from broker import GPUClient
+    from broker.testing import RunPodSimulator
+
+    broker_bin = str(Path(sys.executable).parent / "broker")
+    key = "bench-query-key-0123456789"
+    with tempfile.TemporaryDirectory(prefix="broker-bench-query-") as tmp:
+        env = {
+            "BROKER_STATE_DIR": f"{tmp}/state",
+            "BROKER_CONFIG": f"{tmp}/config.toml",
+            "BROKER_ENV_FILE": f"{tmp}/no.env",
+            "RUNPOD_API_KEY": key,
+            "BROKER_PROVIDERS": "runpod",
+        }
+        saved = {k: os.environ.get(k) for k in [*env, "RUNPOD_API_URL"]}
+        os.environ.update(env)
+        try:
+            with RunPodSimulator(api_key=key) as sim:
+                os.environ["RUNPOD_API_URL"] = sim.url
+
+                def cli() -> None:
+                    r = subprocess.run([broker_bin, "search", CLI_QUERY, "--json"],
+                                       capture_output=True, text=True, check=True)  # fmt: skip
+                    assert json.loads(r.stdout), r.stdout
+
+                def api() -> None:
+                    with GPUClient() as c:
+                        assert c.search(CLI_QUERY).offers
+
+                def help_() -> None:
+                    subprocess.run([broker_bin, "--help"], capture_output=True, check=True)
+
+                def gpuhunt_import() -> None:
+                    subprocess.run([sys.executable, "-c", "import gpuhunt"], check=True)
+
+                runs: dict[str, list[float]] = {"cli": [], "api": [], "help": [], "gh": []}
+                fns = {"cli": cli, "api": api, "help": help_, "gh": gpuhunt_import}
+                for fn in fns.values():
+                    fn()  # warm-up: compiled-module caches, the simulator's first answer
+                for _ in range(CLI_ROUNDS):
+                    for name, fn in fns.items():
+                        runs[name].append(timed(fn))
+                with GPUClient() as c:
+                    n_offers = len(c.search("gpus>=1").offers)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    def ms(xs: list[float]) -> float:
+        return round(statistics.median(xs) * 1000, 1)
+
+    return {
+        "query": CLI_QUERY,
+        "provider": "runpod (the simulator, real HTTP on loopback)",
+        "offers_at_the_provider": n_offers,
+        "rounds": CLI_ROUNDS,
+        "broker_search_cli_median_ms": ms(runs["cli"]),
+        "gpuclient_search_api_median_ms": ms(runs["api"]),
+        "broker_help_startup_median_ms": ms(runs["help"]),
+        "python_import_gpuhunt_median_ms": ms(runs["gh"]),
+        "samples_ms": {k: [round(x * 1000, 1) for x in v] for k, v in runs.items()},
+    }
+
+
 def main() -> None:
     ours, theirs = make_offers(N)
     # Equivalence first: the same offers, in the same order, from both.
@@ -165,6 +247,7 @@ def main() -> None:
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "load_average_1m": round(os.getloadavg()[0], 2),
+        "cli": bench_cli(),
     }
     path = Path(__file__).parent / "results" / "query.json"
     path.parent.mkdir(exist_ok=True)
