@@ -239,7 +239,7 @@ def cmd_exec(a: argparse.Namespace) -> None:
     try:
         result = host.exec(
             cmd, env=envs, secrets=secrets, cwd=a.cwd, timeout=a.timeout, warn=True,
-            merge_stderr=a.merge, echo=not a.json,
+            merge_stderr=a.merge, echo=not a.json, capture=a.json,
         )  # fmt: skip
     except CommandError as exc:  # a timeout
         if a.json:
@@ -281,9 +281,10 @@ def _exec_held(
 
     def sink(stream: Any, parts: list[bytes]) -> Callable[[bytes], None]:
         def write(data: bytes) -> None:
-            parts.append(data)
-            if not a.json:
-                stream.buffer.write(data)
+            if a.json:
+                parts.append(data)  # printed in the JSON answer
+            else:
+                stream.buffer.write(data)  # streamed only: output may be larger than memory
                 stream.flush()
 
         return write

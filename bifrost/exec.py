@@ -9,7 +9,7 @@ import secrets as _secrets
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from bifrost._wire import check_env_name, env_lines, quote_path
@@ -191,14 +191,15 @@ async def kill_remote_group(
 
 
 class _Collector:
-    def __init__(self, tee: OutputSink | None) -> None:
+    def __init__(self, tee: OutputSink | None, *, keep: bool = True) -> None:
         self.parts: list[bytes] = []
         self.tee = tee
+        self.keep = keep
 
-    def __call__(self, chunk: bytes) -> None:
-        self.parts.append(chunk)
-        if self.tee is not None:
-            self.tee(chunk)
+    def __call__(self, chunk: bytes) -> Awaitable[None] | None:
+        if self.keep:
+            self.parts.append(chunk)
+        return self.tee(chunk) if self.tee is not None else None
 
     def text(self) -> str:
         return b"".join(self.parts).decode("utf-8", errors="replace")
@@ -228,8 +229,13 @@ async def run_command(
     on_stdout: OutputSink | None = None,
     on_stderr: OutputSink | None = None,
     on_timeout: Callable[[], None] | None = None,
+    capture: bool = True,
 ) -> tuple[Result, bool]:
-    """Run one command; returns (Result, timed_out). Never raises on a non-zero exit."""
+    """Run one command; returns (Result, timed_out). Never raises on a non-zero exit.
+
+    ``capture=False`` passes output to the sinks only (the Result's stdout/stderr stay empty):
+    for output that need not, or cannot, fit in memory.
+    """
     target = transport.target.display
     started = time.monotonic()
     token = _secrets.token_hex(8)
@@ -245,7 +251,7 @@ async def run_command(
         secrets_token=secrets_token,
         exec_token=None if transport.target.is_local else token,
     )  # validates every name first: a bad one must not leave a secrets file behind
-    out, err = _Collector(on_stdout), _Collector(on_stderr)
+    out, err = _Collector(on_stdout, keep=capture), _Collector(on_stderr, keep=capture)
     timed_out = False
     try:
         if secrets_token is not None:

@@ -56,6 +56,8 @@ __all__ = ["HolderTransport", "aopen", "enabled", "exec_via_holder", "socket_pat
 HELLO_TIMEOUT = 1.0  # a holder that does not answer the greeting by then is treated as hung
 DEFAULT_IDLE = 300.0
 _HDR = struct.Struct(">cI")
+#: Output bytes a holder keeps queued for a slow client before it pauses the command's channel.
+_BACKLOG = 1 << 20
 
 
 def enabled() -> bool:
@@ -470,8 +472,20 @@ class _Holder:
             while (chunk := await queue.get()) is not None:
                 yield chunk
 
+        async def drained() -> None:
+            with contextlib.suppress(Exception):  # a gone client ends the request elsewhere
+                await writer.drain()
+
         def out(kind: bytes) -> OutputSink:
-            return lambda data: writer.write(_frame(kind, data))
+            def sink(data: bytes) -> Awaitable[None] | None:
+                writer.write(_frame(kind, data))
+                # A client that reads slower than the command writes: pause the channel
+                # (the transport stops reading it) until the socket buffer has drained.
+                if writer.transport.get_write_buffer_size() > _BACKLOG:
+                    return drained()
+                return None
+
+            return sink
 
         async def work() -> dict[str, Any]:
             t = await self.host.atransport()
@@ -487,7 +501,7 @@ class _Holder:
                 t, header["command"], env=header.get("env"), secrets=header.get("secrets"),
                 cwd=header.get("cwd"), timeout=header.get("timeout"),
                 merge_stderr=bool(header.get("merge")), on_stdout=out(b"o"),
-                on_stderr=out(b"e"),
+                on_stderr=out(b"e"), capture=False,
             )  # fmt: skip
             return {"exit_code": result.exit_code, "timed_out": timed_out,
                     "duration": result.duration}  # fmt: skip

@@ -200,6 +200,7 @@ class Host:
         echo: bool = False,
         on_stdout: OutputSink | None = None,
         on_stderr: OutputSink | None = None,
+        capture: bool = True,
     ) -> Result:
         """Coroutine twin of :meth:`exec`."""
         if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
@@ -219,6 +220,7 @@ class Host:
             merge_stderr=merge_stderr,
             on_stdout=on_stdout,
             on_stderr=on_stderr,
+            capture=capture,
         )
         if timed_out:
             assert timeout is not None
@@ -241,14 +243,17 @@ class Host:
         echo: bool = False,
         on_stdout: OutputSink | None = None,
         on_stderr: OutputSink | None = None,
+        capture: bool = True,
     ) -> Result:
         """Run a shell command and wait for it.
 
         Output is streamed to ``on_stdout``/``on_stderr`` (raw bytes) or to this terminal with
-        ``echo=True``, and collected in the returned :class:`Result`. ``env`` values are quoted
-        inline; ``secrets`` go through a 0600 file (never argv). ``cwd`` may start with ``~``.
-        On ``timeout`` the remote process group is killed and :class:`CommandTimeout` raised.
-        A non-zero exit raises :class:`CommandError` (carrying the Result) unless ``warn=True``.
+        ``echo=True``, and collected in the returned :class:`Result` (not with
+        ``capture=False``, for output larger than memory: the Result's stdout/stderr are then
+        empty). ``env`` values are quoted inline; ``secrets`` go through a 0600 file (never
+        argv). ``cwd`` may start with ``~``. On ``timeout`` the remote process group is killed
+        and :class:`CommandTimeout` raised. A non-zero exit raises :class:`CommandError`
+        (carrying the Result) unless ``warn=True``.
         """
         return run_sync(
             self.aexec(
@@ -263,6 +268,7 @@ class Host:
                 echo=echo,
                 on_stdout=on_stdout,
                 on_stderr=on_stderr,
+                capture=capture,
             )
         )
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from bifrost.target import Target
 
-OutputSink = Callable[[bytes], None]
+#: Receives output chunks. A sink that cannot keep up returns an awaitable: the transport stops
+#: reading that stream (the remote command blocks on its pipe) until the awaitable is done.
+OutputSink = Callable[[bytes], Awaitable[None] | None]
 Progress = Callable[[int], None]
 StdinSource = bytes | AsyncIterator[bytes] | None
 

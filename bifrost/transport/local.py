@@ -52,7 +52,9 @@ class LocalTransport(Transport):
                 return
             while chunk := await reader.read(CHUNK):
                 if sink is not None:
-                    sink(chunk)
+                    backlog = sink(chunk)
+                    if backlog is not None:
+                        await backlog  # a slow sink: the pipe fills and the command waits
 
         async def feed() -> None:
             assert proc.stdin is not None

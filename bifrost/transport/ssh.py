@@ -12,7 +12,7 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import asyncssh
 from tenacity import (
@@ -81,11 +81,34 @@ class _Session(asyncssh.SSHClientSession[bytes]):
         self.error: Exception | None = None
         self._can_write = asyncio.Event()
         self._can_write.set()
+        self._chan: asyncssh.SSHClientChannel[bytes] | None = None
+        self._paused = False
+
+    def connection_made(self, chan: Any) -> None:
+        self._chan = cast("asyncssh.SSHClientChannel[bytes]", chan)
 
     def data_received(self, data: bytes, datatype: int | None) -> None:
         sink = self._sinks.get(datatype)
-        if sink is not None:
-            sink(data)
+        if sink is None:
+            return
+        backlog = sink(data)
+        if backlog is None:
+            return
+        # The sink is behind (a slow reader downstream): stop reading the channel, so the SSH
+        # window closes and the remote command blocks, instead of buffering without bound.
+        waiter = asyncio.ensure_future(backlog)
+        if not self._paused and self._chan is not None:
+            self._paused = True
+            self._chan.pause_reading()
+            waiter.add_done_callback(self._resume)
+
+    def _resume(self, waiter: asyncio.Future[None]) -> None:
+        self._paused = False
+        if not waiter.cancelled():
+            waiter.exception()  # retrieved: a failed drain is the sink's business
+        if self._chan is not None:
+            with contextlib.suppress(Exception):
+                self._chan.resume_reading()
 
     def eof_received(self) -> bool:
         return True  # stay half-open: the command may still be reading the stdin we send

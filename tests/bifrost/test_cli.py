@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -370,3 +371,37 @@ def test_option_parsing_stops_at_the_first_command_word(
         rest = argv[1:][at:]
         full.command = rest[1:] if rest[:1] == ["--"] else rest
         assert vars(full) | {"func": None} == vars(ns) | {"func": None}
+
+
+def test_exec_streams_output_larger_than_it_keeps(sshd: SSHServer) -> None:
+    """`bifrost exec` (direct, no holder) streams output without also keeping it: its memory
+    stays far below the output's size (--json, which prints it, is what keeps output)."""
+    import threading
+
+    size = 256 * 1024 * 1024
+    env = {**os.environ, "BIFROST_HOLD": "0"}
+    p = subprocess.Popen(
+        [sys.executable, "-m", "bifrost.cli", "exec", "-i", str(sshd.client_key), sshd.target,
+         f"head -c {size} /dev/zero"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    got = [0]
+
+    def drain() -> None:
+        assert p.stdout is not None
+        while chunk := p.stdout.read(1 << 20):
+            got[0] += len(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    peak_mib = 0.0
+    while p.poll() is None:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):  # the process's peak resident memory so far
+                    peak_mib = max(peak_mib, int(line.split()[1]) / 1024)
+        time.sleep(0.05)
+    reader.join(timeout=60)
+    assert p.returncode == 0, p.stderr.read() if p.stderr else ""
+    assert got[0] == size
+    assert 0 < peak_mib < 160, f"bifrost exec peaked at {peak_mib:.0f} MiB for {size >> 20} MiB"

@@ -181,3 +181,44 @@ def test_a_long_lived_host_outlives_its_holder(sshd: SSHServer, held: Path, tmp_
         assert after != via
         (tmp_path / "up.txt").write_text("up")
         assert h.upload(tmp_path / "up.txt", "~/bf-holder-up.txt").endswith("bf-holder-up.txt")
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_a_reader_that_stops_reading_pauses_the_remote_output(
+    sshd: SSHServer, held: Path
+) -> None:
+    """Flow control end to end: a CLI whose stdout nobody reads stops reading the holder's
+    socket; the holder then pauses the SSH channel instead of buffering the output, so its
+    memory stays flat while the remote command is held back; every byte arrives in the end."""
+    _cli(sshd, "exec", sshd.target, "true")
+    pid = _poll(lambda: _hello(held))
+    before = _rss_mib(pid)
+    size = 192 * 1024 * 1024
+    p = subprocess.Popen(
+        [sys.executable, "-m", "bifrost.cli", "exec", "-i", str(sshd.client_key), sshd.target,
+         f"head -c {size} /dev/zero"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        peak = before
+        deadline = time.monotonic() + 6  # the output takes ~1-2 s unthrottled on loopback
+        while time.monotonic() < deadline:
+            peak = max(peak, _rss_mib(pid))
+            time.sleep(0.1)
+        assert p.poll() is None  # held back by the reader, not finished
+        assert peak - before < 48, f"holder grew {peak - before:.0f} MiB with a stalled reader"
+        assert p.stdout is not None
+        got = 0
+        while chunk := p.stdout.read(1 << 20):
+            got += len(chunk)
+        assert p.wait(timeout=60) == 0
+        assert got == size
+    finally:
+        p.kill()
+        p.wait()
