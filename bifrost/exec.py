@@ -199,7 +199,7 @@ class _Collector:
     def __call__(self, chunk: bytes) -> Awaitable[None] | None:
         if self.keep:
             self.parts.append(chunk)
-        return self.tee(chunk) if self.tee is not None else None
+        return self.tee(chunk) if self.tee is not None else None  # the tee's backlog, if any
 
     def text(self) -> str:
         return b"".join(self.parts).decode("utf-8", errors="replace")

@@ -10,6 +10,7 @@ from bifrost.target import Target
 
 #: Receives output chunks. A sink that cannot keep up returns an awaitable: the transport stops
 #: reading that stream (the remote command blocks on its pipe) until the awaitable is done.
+#: Any other return value (``file.write`` returns a count) is ignored.
 OutputSink = Callable[[bytes], Awaitable[None] | None]
 Progress = Callable[[int], None]
 StdinSource = bytes | AsyncIterator[bytes] | None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import shutil
 import signal
@@ -53,7 +54,7 @@ class LocalTransport(Transport):
             while chunk := await reader.read(CHUNK):
                 if sink is not None:
                     backlog = sink(chunk)
-                    if backlog is not None:
+                    if inspect.isawaitable(backlog):
                         await backlog  # a slow sink: the pipe fills and the command waits
 
         async def feed() -> None:

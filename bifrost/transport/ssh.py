@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import re
@@ -92,8 +93,8 @@ class _Session(asyncssh.SSHClientSession[bytes]):
         if sink is None:
             return
         backlog = sink(data)
-        if backlog is None:
-            return
+        if not inspect.isawaitable(backlog):
+            return  # None, or what a plain writer returns (file.write's count)
         # The sink is behind (a slow reader downstream): stop reading the channel, so the SSH
         # window closes and the remote command blocks, instead of buffering without bound.
         waiter = asyncio.ensure_future(backlog)

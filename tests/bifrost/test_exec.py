@@ -36,6 +36,37 @@ def test_streaming_callbacks(host: Host) -> None:
     assert b"".join(chunks) == b"1\n2\n3\n"
 
 
+def test_a_plain_writer_is_a_sink_and_a_slow_sink_holds_the_command_back(host: Host) -> None:
+    """A file's write (returns a count) works as a sink; a sink that returns an awaitable
+    pauses the channel until it is done: the command's later output waits for it."""
+    import asyncio
+    import io
+
+    buf = io.BytesIO()
+    host.exec("echo plain", on_stdout=buf.write, capture=False)
+    assert buf.getvalue() == b"plain\n"
+
+    seen: list[tuple[float, bytes]] = []
+    gate: list[asyncio.Future[None]] = []
+
+    def slow(chunk: bytes) -> asyncio.Future[None] | None:
+        seen.append((time.monotonic(), chunk))
+        if len(seen) == 1:  # the first chunk: hold the channel for 1 s
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[None] = loop.create_future()
+            loop.call_later(1.0, fut.set_result, None)
+            gate.append(fut)
+            return fut
+        return None
+
+    start = time.monotonic()
+    r = host.exec("echo first; sleep 0.2; echo second", on_stdout=slow)
+    assert r.stdout == "first\nsecond\n"
+    assert gate and gate[0].done()
+    second_at = next(t for t, c in seen if b"second" in c)
+    assert second_at - start >= 1.0  # delivered only after the sink caught up
+
+
 def test_ten_mib_of_output_does_not_deadlock(host: Host) -> None:
     r = host.exec(
         "head -c 10485760 /dev/zero | tr '\\0' x; head -c 1048576 /dev/zero >&2", timeout=60
