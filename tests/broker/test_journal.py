@@ -187,3 +187,43 @@ def test_budget_sets_a_ttl_that_fits_what_is_left(tmp_path: Path) -> None:
         with pytest.raises(BudgetExceededError):
             j.record_intent(offer(2.0), budget=3.0)  # nothing left
         assert j.committed_spend() <= 3.0
+
+
+def test_threads_asking_a_new_client_for_its_journal_share_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A multi-node launch or a sweep asks one client for its journal from many threads at
+    once: exactly one journal is opened (two connections creating one new SQLite file together
+    can see it locked), and every thread gets that one."""
+    import threading
+    import time
+
+    from broker import GPUClient
+    from broker.config import Settings
+
+    opened: list[Journal] = []
+    real_default = Journal.default
+
+    def slow_default(state_dir: Path) -> Journal:
+        time.sleep(0.05)  # widen the window a racing second open would need
+        j = real_default(state_dir)
+        opened.append(j)
+        return j
+
+    monkeypatch.setattr(Journal, "default", staticmethod(slow_default))
+    client = GPUClient(Settings(state_dir=tmp_path / "state"), providers=["local"])
+    got: list[Journal] = []
+    start = threading.Barrier(8)
+
+    def ask() -> None:
+        start.wait()
+        got.append(client.journal)
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(opened) == 1
+    assert len(got) == 8 and all(j is opened[0] for j in got)
+    client.close()
