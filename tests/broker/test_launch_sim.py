@@ -222,34 +222,56 @@ def test_no_capacity_rents_again_up_to_retries(env: RunPodSimulator, tmp_path: P
     assert live(env) == []
 
 
-def test_a_preempted_box_is_replaced_and_the_job_rerun(env: RunPodSimulator, tmp_path: Path, uniq: str) -> None:
+def start_rerun_launch(tmp_path: Path, name: str) -> tuple[subprocess.Popen[str], Path, str]:
+    """A `broker launch` (retries: 1) whose first run waits to be disturbed and whose second
+    (on a new box) finishes; returns once the first run has started: the process, the file
+    counting runs, and the first job's id."""
     project(tmp_path)
     count = tmp_path / "count"
     task = tmp_path / "t.yaml"
     task.write_text(yaml.safe_dump({
-        "name": f"{uniq}-pre", "workdir": "proj", "outputs": ["out"], "retries": 1,
-        # The first run waits to be preempted; the second (on a new box) finishes.
+        "name": name, "workdir": "proj", "outputs": ["out"], "retries": 1,
         "run": f"echo run >> {count}; [ $(wc -l < {count}) -ge 2 ] || sleep 120; bash job.sh",
         "resources": {"query": "gpu~A100 !spot", "gpus": 1, "ttl": "1h"},
-    }))
+    }))  # fmt: skip
     proc = subprocess.Popen([*BROKER, "launch", str(task), "-y", "--json", "--results",
                              str(tmp_path / "res")], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "BROKER_PROVIDER_POLL": "1"})
+                            env={**os.environ, "BROKER_PROVIDER_POLL": "1"})  # fmt: skip
     assert proc.stderr is not None
+    job_id = ""
     for line in proc.stderr:
         if line.startswith("run: job "):
+            job_id = line.split()[2].rstrip(":")
             break
     while not count.exists():
         time.sleep(0.05)
-    [pod] = env.pods(include_terminated=False)
-    env.preempt(pod.id)
-    out, err = proc.communicate(timeout=240)
+    return proc, count, job_id
+
+
+def finish_rerun_launch(
+    sim: RunPodSimulator, proc: subprocess.Popen[str], count: Path
+) -> str:
+    """Wait for the launch: two attempts, succeeded, two runs, nothing left open; its stderr."""
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"hung; stderr: {err[-3000:]}") from None
     assert proc.returncode == 0, err
     data = json.loads(out)
-    assert data["attempts"] == 2 and data["state"] == "succeeded"
+    assert (data["attempts"], data["state"]) == (2, "succeeded"), data
     assert count.read_text().count("run") == 2
-    assert live(env) == [] and all(not e.is_open for e in entries())
+    assert live(sim) == [] and all(not e.is_open for e in entries())
+    return err
+
+
+def test_a_preempted_box_is_replaced_and_the_job_rerun(env: RunPodSimulator, tmp_path: Path, uniq: str) -> None:
+    proc, count, _ = start_rerun_launch(tmp_path, f"{uniq}-pre")
+    [pod] = env.pods(include_terminated=False)
+    env.preempt(pod.id)
+    finish_rerun_launch(env, proc, count)
 
 
 def test_a_rebooted_box_loses_the_job_which_is_rerun_on_a_new_box(
@@ -260,40 +282,12 @@ def test_a_rebooted_box_loses_the_job_which_is_rerun_on_a_new_box(
     rebooted box is terminated, nothing stays open."""
     from bifrost import Host
 
-    project(tmp_path)
-    count = tmp_path / "count"
-    task = tmp_path / "t.yaml"
-    task.write_text(yaml.safe_dump({
-        "name": f"{uniq}-boot", "workdir": "proj", "outputs": ["out"], "retries": 1,
-        "run": f"echo run >> {count}; [ $(wc -l < {count}) -ge 2 ] || sleep 120; bash job.sh",
-        "resources": {"query": "gpu~A100 !spot", "gpus": 1, "ttl": "1h"},
-    }))  # fmt: skip
-    proc = subprocess.Popen([*BROKER, "launch", str(task), "-y", "--json", "--results",
-                             str(tmp_path / "res")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
-    assert proc.stderr is not None
-    job_id = ""
-    for line in proc.stderr:
-        if line.startswith("run: job "):
-            job_id = line.split()[2].rstrip(":")
-            break
-    while not count.exists():
-        time.sleep(0.05)
+    proc, count, job_id = start_rerun_launch(tmp_path, f"{uniq}-boot")
     [pod] = env.pods(include_terminated=False)
     with Host(f"root@127.0.0.1:{pod.ssh_port}", identity_file=os.environ["SSH_KEY_PATH"]) as box:
         pid = box.job(job_id).status().pid
         # What a reboot leaves: the job's processes gone, the kernel's boot id a new one.
         box.exec(f"echo another-boot > ~/.bifrost/jobs/{job_id}/boot_id; kill -KILL -- -{pid}")
-    try:
-        out, err = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        raise AssertionError(f"hung; stderr: {err[-3000:]}") from None
-    assert proc.returncode == 0, err
-    data = json.loads(out)
-    assert (data["attempts"], data["state"]) == (2, "succeeded"), data
+    err = finish_rerun_launch(env, proc, count)
     assert "lost its job (lost)" in err and "rebooted" in err
-    assert count.read_text().count("run") == 2
-    assert pod.id not in live(env)
-    assert live(env) == [] and all(not e.is_open for e in entries())
+    assert not env.pod(pod.id).ssh_running  # the rebooted box was terminated
