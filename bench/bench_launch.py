@@ -40,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -110,16 +111,14 @@ def broker(
         p = subprocess.Popen(
             [BROKER, *args, "--json"], cwd=cwd, stdout=out, stderr=err, stdin=subprocess.DEVNULL
         )
-        deadline = time.monotonic() + timeout
-        while True:  # reaped here (not by Popen) to read this one process's own rusage
-            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                p.kill()
-                raise SystemExit(f"broker {' '.join(args)} ran past {timeout}s")
-            time.sleep(0.005)
+        killer = threading.Timer(timeout, p.kill)
+        killer.start()
+        # Reaped here (not by Popen) to read this one process's own rusage.
+        _, status, usage = os.wait4(p.pid, 0)
         wall = time.perf_counter() - t
+        if not killer.is_alive():
+            raise SystemExit(f"broker {' '.join(args)} ran past {timeout}s")
+        killer.cancel()
         p.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
@@ -160,20 +159,7 @@ def by_hand_once(tmp: Path, name: str, key: Path) -> dict[str, float]:
     steps["create_s"] = t1 - t0
     assert inst.ssh is not None
     e = inst.ssh
-    opts = [
-        "-p",
-        str(e.port),
-        "-i",
-        str(key),
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "StrictHostKeyChecking=no",
-        "-o",
-        "UserKnownHostsFile=/dev/null",
-        "-o",
-        "LogLevel=ERROR",
-    ]
+    opts = ssh_opts(key, e.port)
     dest = f"{e.user}@{e.host}"
     rsh = " ".join(["ssh", *opts])
     remote = f"bench-hw/{name}"
@@ -324,25 +310,16 @@ def bench_nodes(
     return out
 
 
+def ssh_opts(key: Path, port: int) -> list[str]:
+    """Plain OpenSSH options for a pod: its port, the key, no prompts, no host-key pinning."""
+    return ["-p", str(port), "-i", str(key), "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "LogLevel=ERROR"]  # fmt: skip
+
+
 def ssh_true_median(key: Path, port: int, n: int = 5) -> float:
     """One plain `ssh root@pod true`: the floor every SSH session pays on this machine."""
-    argv = [
-        "ssh",
-        "-p",
-        str(port),
-        "-i",
-        str(key),
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "StrictHostKeyChecking=no",
-        "-o",
-        "UserKnownHostsFile=/dev/null",
-        "-o",
-        "LogLevel=ERROR",
-        "root@127.0.0.1",
-        "true",
-    ]
+    argv = ["ssh", *ssh_opts(key, port), "root@127.0.0.1", "true"]
     walls = []
     for _ in range(n):
         t = time.perf_counter()

@@ -144,6 +144,7 @@ def bench_cli() -> dict[str, Any]:
     """`broker search` as typed (a new process per call) beside the API, on the simulator."""
     import subprocess
     import tempfile
+    from unittest import mock
 
     from broker import GPUClient
     from broker.testing import RunPodSimulator
@@ -158,42 +159,34 @@ def bench_cli() -> dict[str, Any]:
             "RUNPOD_API_KEY": key,
             "BROKER_PROVIDERS": "runpod",
         }
-        saved = {k: os.environ.get(k) for k in [*env, "RUNPOD_API_URL"]}
-        os.environ.update(env)
-        try:
-            with RunPodSimulator(api_key=key) as sim:
-                os.environ["RUNPOD_API_URL"] = sim.url
+        # Restored afterwards (RUNPOD_API_URL too, which is set once the simulator is up).
+        with mock.patch.dict(os.environ, env), RunPodSimulator(api_key=key) as sim:
+            os.environ["RUNPOD_API_URL"] = sim.url
 
-                def cli() -> None:
-                    r = subprocess.run([broker_bin, "search", CLI_QUERY, "--json"],
-                                       capture_output=True, text=True, check=True)  # fmt: skip
-                    assert json.loads(r.stdout), r.stdout
+            def cli() -> None:
+                r = subprocess.run([broker_bin, "search", CLI_QUERY, "--json"],
+                                   capture_output=True, text=True, check=True)  # fmt: skip
+                assert json.loads(r.stdout), r.stdout
 
-                def api() -> None:
-                    with GPUClient() as c:
-                        assert c.search(CLI_QUERY).offers
-
-                def help_() -> None:
-                    subprocess.run([broker_bin, "--help"], capture_output=True, check=True)
-
-                def gpuhunt_import() -> None:
-                    subprocess.run([sys.executable, "-c", "import gpuhunt"], check=True)
-
-                runs: dict[str, list[float]] = {"cli": [], "api": [], "help": [], "gh": []}
-                fns = {"cli": cli, "api": api, "help": help_, "gh": gpuhunt_import}
-                for fn in fns.values():
-                    fn()  # warm-up: compiled-module caches, the simulator's first answer
-                for _ in range(CLI_ROUNDS):
-                    for name, fn in fns.items():
-                        runs[name].append(timed(fn))
+            def api() -> None:
                 with GPUClient() as c:
-                    n_offers = len(c.search("gpus>=1").offers)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+                    assert c.search(CLI_QUERY).offers
+
+            def help_() -> None:
+                subprocess.run([broker_bin, "--help"], capture_output=True, check=True)
+
+            def gpuhunt_import() -> None:
+                subprocess.run([sys.executable, "-c", "import gpuhunt"], check=True)
+
+            runs: dict[str, list[float]] = {"cli": [], "api": [], "help": [], "gh": []}
+            fns = {"cli": cli, "api": api, "help": help_, "gh": gpuhunt_import}
+            for fn in fns.values():
+                fn()  # warm-up: compiled-module caches, the simulator's first answer
+            for _ in range(CLI_ROUNDS):
+                for name, fn in fns.items():
+                    runs[name].append(timed(fn))
+            with GPUClient() as c:
+                n_offers = len(c.search("gpus>=1").offers)
 
     def ms(xs: list[float]) -> float:
         return round(statistics.median(xs) * 1000, 1)

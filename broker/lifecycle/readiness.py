@@ -40,7 +40,6 @@ class _Run:
         self.provider: Provider = client.get_provider(inst.provider)
         self.stage = Stage.PROVIDER
         self.last = ""
-        self.defaults: tuple[float, int] | None = None  # the login host's own connect settings
 
     def progress(self, detail: str) -> None:
         if self.on_progress is not None and detail != self.last:
@@ -144,9 +143,8 @@ def _stage_login(run: _Run, ep: SSHEndpoint) -> Host:
 
     def step() -> Host | Retry:
         host = Host(ep.target, identity_file=key)
-        # Under the deadline, one try per poll; a host handed on afterwards gets the defaults
-        # back (see wait_until_ready).
-        run.defaults = (host.connect_timeout, host.retries)
+        # Under the deadline, one try per poll; a host handed on afterwards gets Host's own
+        # defaults back (see wait_until_ready).
         host.connect_timeout, host.retries = max(1.0, min(15.0, run.deadline.left)), 0
         try:
             # Logged in once the connection is up (the key accepted); the probe that follows
@@ -229,8 +227,9 @@ def wait_until_ready(
         run.stage = Stage.READY
         run.progress("ready")
         if keep_host is not None:
-            if run.defaults is not None:
-                host.connect_timeout, host.retries = run.defaults
+            defaults = Host.__init__.__kwdefaults__ or {}
+            host.connect_timeout = defaults.get("connect_timeout", host.connect_timeout)
+            host.retries = defaults.get("retries", host.retries)
             keep_host(host)
             kept = True
     finally:
